@@ -1,0 +1,28 @@
+// CacheConfig: the shape of a KV cache and the recipe that compresses it.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace kvslim {
+
+/// What append() does with NaN or Inf in keys/values.
+enum class NonFinitePolicy {
+  kReject,  // throw Error(kNonFinite) naming layer, head, token and channel (default)
+  kAllow,   // store as given (lossy codecs may then produce NaN scales)
+};
+
+/// Shape of the cache. One KVCache holds one sequence.
+struct CacheConfig {
+  int layers = 0;            // transformer layers
+  int q_heads = 0;           // query heads per layer
+  int kv_heads = 0;          // key/value heads per layer; q_heads % kv_heads == 0 (GQA/MQA)
+  int head_dim = 0;          // channels per head
+  std::int64_t max_tokens = 0;  // most tokens one (layer, kv head) may hold; appends past it throw
+  /// Compression recipe, e.g. "f16" or "kivi:kbits=2,vbits=2,group=32,residual=128".
+  /// Grammar in kvslim/cache/recipe.h and docs/recipes.md.
+  std::string recipe = "f32";
+  NonFinitePolicy non_finite = NonFinitePolicy::kReject;
+};
+
+}  // namespace kvslim

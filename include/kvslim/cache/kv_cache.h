@@ -1,0 +1,128 @@
+// KVCache: the one interface engines use.
+//
+//   kvslim::CacheConfig cfg;
+//   cfg.layers = 32; cfg.q_heads = 32; cfg.kv_heads = 8; cfg.head_dim = 128;
+//   cfg.max_tokens = 32768;
+//   cfg.recipe = "kivi:kbits=2,vbits=2,group=32,residual=128";
+//   kvslim::KVCache cache(cfg);
+//   // per layer, per decode step or prefill chunk of n tokens:
+//   cache.append(layer, k, v);    // k, v: logical [kv_heads][n][head_dim]
+//   cache.attend(layer, q, out);  // q, out: logical [q_heads][n][head_dim]
+//
+// GQA/MQA: query head h reads kv head h / (q_heads / kv_heads); each kv head is stored once
+// and all of its query heads are processed together, so its pages are read once per call.
+// One KVCache holds one sequence. Calls on different layers may run concurrently; calls on
+// the same layer must not.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "kvslim/cache/config.h"
+#include "kvslim/tensor/tensor.h"
+
+namespace kvslim {
+
+class TokenStore;
+
+/// Optional outputs and settings of attend().
+struct AttendOptions {
+  /// If set: attention mass per kept token, layout [kv_heads][mass_stride]; entry (h, j) is
+  /// the probability token j of kv head h (in positions() order) received, summed over the
+  /// head's query heads and the call's queries. mass_stride >= tokens(layer, h) for all h.
+  float* mass = nullptr;
+  std::int64_t mass_stride = 0;
+  /// Add into `mass` instead of overwriting it.
+  bool accumulate_mass = false;
+  /// Softmax scale; 0 means 1/sqrt(head_dim).
+  float scale = 0.0f;
+};
+
+/// Dense copy of one (layer, kv head), for engines that run their own attention.
+struct DenseKV {
+  Tensor<float> k;                       // [tokens][head_dim]
+  Tensor<float> v;                       // [tokens][head_dim]
+  std::vector<std::int64_t> positions;   // [tokens]
+  std::vector<float> log_weights;        // [tokens]: 0, or ln(weight) for merged tokens
+};
+
+/// Tokens kept and bytes allocated by one (layer, kv head).
+struct HeadStats {
+  std::int64_t tokens = 0;
+  std::int64_t bytes = 0;
+};
+
+struct CacheStats {
+  int layers = 0;
+  int kv_heads = 0;
+  int head_dim = 0;
+  std::vector<HeadStats> heads;     // [layer * kv_heads + kv_head]
+  std::int64_t shared_bytes = 0;    // allocated by the cache itself, not by one head
+  std::int64_t total_bytes = 0;     // sum of heads' bytes + shared_bytes
+  std::int64_t total_tokens = 0;    // sum of heads' tokens
+  /// total_bytes * 8 / (total_tokens * head_dim * 2): bits per stored K or V value with
+  /// every byte of metadata, padding, window and bookkeeping included. 0 if empty.
+  double bits_per_value = 0.0;
+  /// 32 / bits_per_value: compression against an f32 cache holding the same tokens.
+  double ratio_vs_f32 = 0.0;
+
+  const HeadStats& head(int layer, int kv_head) const { return heads[layer * kv_heads + kv_head]; }
+  std::int64_t layer_bytes(int layer) const;
+  std::int64_t layer_tokens(int layer) const;
+};
+
+class KVCache {
+ public:
+  /// Validates the config and builds every head's pipeline from the recipe. Throws Error.
+  explicit KVCache(const CacheConfig& config);
+  ~KVCache();
+  KVCache(KVCache&&) noexcept;
+  KVCache& operator=(KVCache&&) noexcept;
+  KVCache(const KVCache&) = delete;
+  KVCache& operator=(const KVCache&) = delete;
+
+  const CacheConfig& config() const noexcept;
+
+  /// Append n tokens to a layer (n = 1 for decode, n > 1 for a prefill chunk).
+  ///   k, v       logical [kv_heads][n][head_dim], innermost stride 1, any other strides
+  ///   positions  n strictly increasing positions, greater than the layer's last one;
+  ///              empty = continue from the last position + 1 (0 for the first token)
+  void append(int layer, TensorView<const float> k, TensorView<const float> v,
+              std::span<const std::int64_t> positions = {});
+
+  /// Attention of n queries against everything the layer holds.
+  ///   q    logical [q_heads][n][head_dim], innermost stride 1 (post-RoPE, unscaled)
+  ///   out  logical [q_heads][n][head_dim], innermost stride 1
+  /// The n queries are the tokens of the latest append (n <= its size): query i sees
+  /// cached tokens up to and including its own (causal within the chunk).
+  void attend(int layer, TensorView<const float> q, TensorView<float> out,
+              const AttendOptions& options = {});
+
+  /// Feed attention probabilities computed outside kvslim to the layer's scorers.
+  /// mass: [tokens(layer, kv_head)] in positions() order.
+  void observe(int layer, int kv_head, std::span<const float> mass);
+
+  /// Dense f32 copy of one head (decoded, lossy for lossy codecs).
+  DenseKV materialize(int layer, int kv_head) const;
+
+  CacheStats stats() const;
+  std::int64_t tokens(int layer, int kv_head) const;
+  std::vector<std::int64_t> positions(int layer, int kv_head) const;
+  /// Canonical chain text in force for one head, e.g. "kivi:kbits=2,vbits=2,...".
+  std::string recipe_for(int layer, int kv_head) const;
+  /// Drop every token; keep configuration and pipelines.
+  void reset();
+
+  /// Advanced: the store of one head (for policy authors and tests).
+  TokenStore& store(int layer, int kv_head);
+  const TokenStore& store(int layer, int kv_head) const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace kvslim

@@ -1,0 +1,134 @@
+// TokenStore: everything one (layer, kv head) of a cache holds.
+//
+//   index order   [ sinks | sealed pages ... | window (full precision) | special tokens ]
+//   sinks         first Codec::sinks() tokens of the sequence, f32, never evicted
+//   sealed pages  Codec::page_tokens() tokens each, encoded by the head's codec
+//   window        newest tokens in f32: KIVI's residual plus the not-yet-complete group, and
+//                 the tokens of the latest append (sealing is deferred to the next append,
+//                 so a prefill chunk attends to its own tokens in full precision)
+//   specials      weighted f32 tokens (merged tokens, compensation tokens): a special token
+//                 of weight w adds ln(w) to its logit, i.e. counts as w identical tokens
+//
+// Positions are kept apart from slots (run-length coded: consecutive positions cost one
+// run) so eviction never confuses RoPE positions. Policy authors read tokens through this
+// class; engines normally use KVCache only.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "kvslim/cache/memory.h"
+#include "kvslim/cache/recipe.h"
+
+namespace kvslim {
+
+namespace kernels {
+struct KernelTable;
+}
+
+/// Scratch buffers for attention, reused across calls (one per thread).
+struct AttendWorkspace {
+  std::vector<float> q, out;            // gathered query rows and outputs [nq][d] (KVCache)
+  std::vector<float> m, l, s;           // online softmax state [nq], [nq]; logits [nq][block]
+  std::vector<float> probs, block_max;  // only when attention mass is requested
+  std::vector<std::int64_t> block_start;
+};
+
+class TokenStore {
+ public:
+  /// pipeline must outlive the store.
+  TokenStore(int head_dim, const Pipeline* pipeline);
+  ~TokenStore();
+  TokenStore(const TokenStore&) = delete;
+  TokenStore& operator=(const TokenStore&) = delete;
+
+  int head_dim() const noexcept { return d_; }
+  const Pipeline& pipeline() const noexcept { return *pipeline_; }
+  const Codec& codec() const noexcept { return *pipeline_->codec; }
+
+  /// Tokens held, all segments.
+  std::int64_t size() const noexcept { return sinks_ + sealed_tokens() + window_ + specials(); }
+  std::int64_t sink_count() const noexcept { return sinks_; }
+  std::int64_t sealed_tokens() const noexcept {
+    return static_cast<std::int64_t>(pages_.size()) * page_tokens_;
+  }
+  std::int64_t window_count() const noexcept { return window_; }
+  std::int64_t specials() const noexcept { return static_cast<std::int64_t>(special_w_.size()); }
+  /// Bytes this store has allocated (all containers).
+  std::int64_t bytes() const noexcept { return counter_.bytes; }
+  /// Position of every token, in index order.
+  std::vector<std::int64_t> positions() const;
+  /// Last appended position, or -1 if nothing was appended since reset.
+  std::int64_t last_position() const noexcept { return last_pos_; }
+  /// Tokens in the most recent append (the queries attend() may causally mask).
+  std::int64_t last_append_count() const noexcept { return last_append_; }
+  /// Per-token importance maintained by the pipeline's scorers (empty if it has none).
+  std::span<float> importance() noexcept { return {importance_.data(), importance_.size()}; }
+  std::span<const float> importance() const noexcept { return {importance_.data(), importance_.size()}; }
+
+  /// Append n tokens. k, v: row i at k + i*k_stride (d contiguous floats). pos: n strictly
+  /// increasing positions, all greater than last_position() (checked by KVCache).
+  void append(const kernels::KernelTable& kt, const float* k, std::int64_t k_stride, const float* v,
+              std::int64_t v_stride, std::int64_t n, const std::int64_t* pos);
+
+  /// Add a weighted full-precision token (merge / compensation). weight >= 1 counts it as
+  /// `weight` identical tokens in the softmax.
+  void add_special(const float* k, const float* v, float weight, std::int64_t position);
+
+  /// Decode every token into k, v: [size()][d]; log_weights (may be null): [size()], 0 for
+  /// ordinary tokens and ln(w) for specials.
+  void materialize(const kernels::KernelTable& kt, float* k, float* v, float* log_weights) const;
+
+  /// Attention for nq query rows over every segment with one online softmax.
+  ///   q      [nq][d] f32 rows, pre-scaled by the softmax scale
+  ///   nquery queries per query head: row r is query (r % nquery) of the chunk; query i sees
+  ///          the window up to token (window - nquery + i) (causal within the latest chunk)
+  ///   out    [nq][d] contiguous: the normalized attention output of each row
+  ///   mass   null, or [size()]: += attention probability each token received, summed
+  ///          over all rows
+  /// Scratch comes from ws (grown on first use, reused after): O(nq * (d + page)) floats,
+  /// plus O(nq * size()) only when mass is requested.
+  void attend(const kernels::KernelTable& kt, const float* q, int nq, int nquery, float* out, float* mass,
+              AttendWorkspace& ws) const;
+
+  /// Drop everything; keep the pipeline.
+  void reset();
+
+ private:
+  struct PosRun {
+    std::int64_t first;
+    std::int64_t count;
+  };
+  using Bytes = std::vector<std::byte, TrackedAllocator<std::byte>>;
+  using Floats = std::vector<float, TrackedAllocator<float>>;
+
+  void seal_ready(const kernels::KernelTable& kt);
+  void grow_window(std::int64_t rows);
+  void push_position(std::int64_t p);
+  const std::byte* page(std::size_t i) const noexcept { return pages_[i].data(); }
+
+  int d_;
+  const Pipeline* pipeline_;
+  int page_tokens_;
+  std::int64_t page_bytes_;
+  int residual_;
+  int sink_target_;
+  ByteCounter counter_;
+
+  Floats sink_k_, sink_v_;  // [sinks][d]
+  std::int64_t sinks_ = 0;
+  std::vector<Bytes, TrackedAllocator<Bytes>> pages_;
+  Floats win_k_, win_v_;  // [window capacity][d]
+  std::int64_t window_ = 0;
+  Floats special_k_, special_v_, special_w_;  // [n][d], [n][d], [n] (ln weight)
+  std::vector<std::int64_t, TrackedAllocator<std::int64_t>> special_pos_;
+  std::vector<PosRun, TrackedAllocator<PosRun>> runs_;
+  Floats importance_;
+  std::int64_t last_pos_ = -1;
+  std::int64_t last_append_ = 0;
+};
+
+}  // namespace kvslim

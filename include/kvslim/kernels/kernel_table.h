@@ -1,0 +1,90 @@
+// Internal: the per-ISA kernel table. Kernels are plain functions over pointers and sizes:
+// noexcept, no allocation, no printing. One table per ISA lives in its own namespace and
+// translation unit (src/kernels/<isa>/); the scalar table is complete and is the test oracle.
+//
+// Conventions for every kernel below:
+//   d      head_dim (any value >= 1; 64/128/256 may be specialized)
+//   q      [nq][d] f32 query rows, already multiplied by the softmax scale 1/sqrt(d)
+//   s, p   [nq][ntok] f32 logits / probabilities, row stride ntok
+//   o      [nq][d] f32 attention accumulators
+//   f16/bf16 values are raw uint16 bit patterns
+//
+// KIVI page layout (see docs/formats.md):
+//   keys   per-channel asymmetric quantization over the page's ntok tokens:
+//          kscale[d], kzero[d] (f16), kcodes[ntok][row_bytes(d, kbits)]
+//   values per-token asymmetric quantization over groups of vgroup channels:
+//          vscale[ntok][d / vgroup], vzero[ntok][d / vgroup] (f16),
+//          vcodes[ntok][row_bytes(d, vbits)]
+//   A code row packs d codes LSB-first as a bit stream (code c occupies bits
+//   [c*bits, (c+1)*bits) of the row), padded to a whole byte.
+// Quantization rule (bit-exact across ISAs): over a group with min mn and max mx,
+//   zero  = f16(mn)                       (round to nearest even)
+//   scale = f16((mx - zero) / qmax)       qmax = 2^bits - 1
+//   inv   = scale > 0 ? 1 / scale : 0     (f32 division)
+//   code  = clamp(nearbyint((x - zero) * inv), 0, qmax)   (ties to even)
+//   x'    = code * scale + zero
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace kvslim::kernels {
+
+/// Bytes of one packed code row of d codes at `bits` bits.
+constexpr int row_bytes(int d, int bits) noexcept { return (d * bits + 7) / 8; }
+
+struct KernelTable {
+  const char* name;
+
+  // --- dtype conversion (round to nearest even; exact inverse) ---
+  void (*f32_to_f16)(const float* src, std::uint16_t* dst, std::size_t n) noexcept;
+  void (*f16_to_f32)(const std::uint16_t* src, float* dst, std::size_t n) noexcept;
+  void (*f32_to_bf16)(const float* src, std::uint16_t* dst, std::size_t n) noexcept;
+  void (*bf16_to_f32)(const std::uint16_t* src, float* dst, std::size_t n) noexcept;
+
+  // --- dense pages: k, v are [ntok][d] contiguous ---
+  // s[r][j] = dot(q[r], k[j])
+  void (*scores_f32)(const float* q, int nq, const float* k, int ntok, int d, float* s) noexcept;
+  void (*scores_f16)(const float* q, int nq, const std::uint16_t* k, int ntok, int d, float* s) noexcept;
+  void (*scores_bf16)(const float* q, int nq, const std::uint16_t* k, int ntok, int d, float* s) noexcept;
+  // o[r][c] += sum_j p[r][j] * v[j][c]
+  void (*accum_f32)(const float* p, int nq, const float* v, int ntok, int d, float* o) noexcept;
+  void (*accum_f16)(const float* p, int nq, const std::uint16_t* v, int ntok, int d, float* o) noexcept;
+  void (*accum_bf16)(const float* p, int nq, const std::uint16_t* v, int ntok, int d, float* o) noexcept;
+
+  // --- online softmax over one block of logits ---
+  // Per row r: mnew = max(m[r], max_j s[r][j]); o[r] *= exp(m[r] - mnew);
+  // l[r] = l[r] * exp(m[r] - mnew) + sum_j exp(s[r][j] - mnew); s[r][j] = exp(s[r][j] - mnew);
+  // m[r] = mnew. Logits of -inf (masked tokens) give probability 0; a row whose m stays
+  // -inf is left with p = 0 and o, l unchanged.
+  void (*softmax_block)(float* s, int nq, int ntok, float* m, float* l, float* o, int d) noexcept;
+
+  // --- KIVI (layout and rounding rule above) ---
+  void (*kivi_quant_keys)(const float* k, int ntok, int d, int bits, std::uint16_t* scale,
+                          std::uint16_t* zero, std::uint8_t* codes) noexcept;
+  void (*kivi_quant_values)(const float* v, int ntok, int d, int bits, int vgroup,
+                            std::uint16_t* scale, std::uint16_t* zero, std::uint8_t* codes) noexcept;
+  void (*kivi_dequant_keys)(const std::uint16_t* scale, const std::uint16_t* zero,
+                            const std::uint8_t* codes, int ntok, int d, int bits, float* k) noexcept;
+  void (*kivi_dequant_values)(const std::uint16_t* scale, const std::uint16_t* zero,
+                              const std::uint8_t* codes, int ntok, int d, int bits, int vgroup,
+                              float* v) noexcept;
+  // s[r][j] = dot(q[r], dequant(k[j])), computed on the codes: the per-channel scale is
+  // folded into the query and the zero point into one constant per row.
+  void (*kivi_scores)(const float* q, int nq, const std::uint16_t* scale, const std::uint16_t* zero,
+                      const std::uint8_t* codes, int ntok, int d, int bits, float* s) noexcept;
+  // o[r][c] += sum_j p[r][j] * dequant(v[j][c]), computed on the codes.
+  void (*kivi_accum)(const float* p, int nq, const std::uint16_t* scale, const std::uint16_t* zero,
+                     const std::uint8_t* codes, int ntok, int d, int bits, int vgroup, float* o) noexcept;
+};
+
+/// The table for an ISA, or nullptr if its kernels were not built into this library.
+const KernelTable* table_for(int isa) noexcept;
+/// The table of the active ISA (see kvslim/cpu/isa.h). Resolved once; cheap to call.
+const KernelTable& active();
+
+namespace scalar {
+extern const KernelTable kTable;
+}
+
+}  // namespace kvslim::kernels

@@ -1,0 +1,162 @@
+// The four policy interfaces a recipe chain is built from, and the stage registry.
+//
+//   Scorer          per-token importance (accumulated attention, key L2 norm, ...)
+//   EvictionPolicy  which tokens leave the cache, or are demoted to a cheaper codec (MiKV)
+//                   or folded into a compensation token (RazorAttention)
+//   MergePolicy     within-head token merging (KVMerger) or cross-layer merging (MiniCache)
+//   Codec           how a page of tokens is stored and how attention reads it
+//
+// docs/architecture.md shows how each published method maps onto these. Policies are
+// immutable after construction and shared across heads; per-head state (scores, masks) lives
+// in the TokenStore they are handed.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+namespace kvslim {
+
+namespace kernels {
+struct KernelTable;
+}
+class TokenStore;
+
+/// Key=value parameters of one recipe stage. Every key a factory reads is marked used;
+/// keys left unused after the factory returns are reported as unknown.
+class StageParams {
+ public:
+  StageParams(std::string stage, std::vector<std::pair<std::string, std::string>> kv);
+
+  /// Integer parameter in [lo, hi]; `def` if absent. Throws Error naming stage, key, value.
+  int get_int(std::string_view key, int def, int lo, int hi);
+  /// Float parameter in [lo, hi].
+  double get_double(std::string_view key, double def, double lo, double hi);
+  /// String parameter (any value).
+  std::string get_string(std::string_view key, std::string def);
+  bool has(std::string_view key) const;
+  /// Throws Error(kRecipe) listing the keys nobody read, and the keys that are known.
+  void check_all_used(const std::vector<std::string>& known) const;
+  const std::string& stage() const noexcept { return stage_; }
+
+ private:
+  const std::string* find(std::string_view key);
+  std::string stage_;
+  std::vector<std::pair<std::string, std::string>> kv_;
+  std::vector<bool> used_;
+};
+
+/// How a page of tokens is stored. A codec encodes `page_tokens()` tokens at a time, from
+/// full-precision rows, and provides the two halves of attention over its format: logits
+/// q.k for every token of a page, and the probability-weighted sum of the page's values.
+/// Attention never decodes a page into a buffer; decode() exists for materialize() and tests.
+class Codec {
+ public:
+  virtual ~Codec() = default;
+  /// Canonical recipe text of this stage ("kivi:kbits=2,vbits=2,group=32,...").
+  virtual std::string describe() const = 0;
+  /// Tokens per sealed page (the quantization group along tokens).
+  virtual int page_tokens() const = 0;
+  /// Newest tokens kept in full precision beyond the unsealed remainder (KIVI's R).
+  virtual int residual() const = 0;
+  /// First tokens of a sequence kept in full precision forever (attention sinks).
+  virtual int sinks() const = 0;
+  /// Encoded bytes of one full page at this head_dim.
+  virtual std::size_t page_bytes(int head_dim) const = 0;
+  /// Throws Error if rows cannot be encoded faithfully (e.g. outside the f16 range).
+  virtual void check_rows(const float* k, const float* v, int ntok, int d) const = 0;
+  /// k, v: [ntok][d] contiguous, ntok == page_tokens(). page: page_bytes(d) bytes.
+  virtual void encode(const kernels::KernelTable& kt, const float* k, const float* v, int ntok,
+                      int d, std::byte* page) const = 0;
+  /// Inverse of encode (lossy): k, v [ntok][d].
+  virtual void decode(const kernels::KernelTable& kt, const std::byte* page, int ntok, int d,
+                      float* k, float* v) const = 0;
+  /// s[r][j] = q[r] . k_j for the page's tokens; q [nq][d] (pre-scaled), s [nq][ntok].
+  virtual void scores(const kernels::KernelTable& kt, const std::byte* page, int ntok, int d,
+                      const float* q, int nq, float* s) const = 0;
+  /// o[r][c] += sum_j p[r][j] v_j[c]; p [nq][ntok], o [nq][d].
+  virtual void accumulate(const kernels::KernelTable& kt, const std::byte* page, int ntok, int d,
+                          const float* p, int nq, float* o) const = 0;
+};
+
+/// Per-token importance. Scores live in TokenStore::importance(), one float per kept token,
+/// in the store's token order, and follow tokens through eviction and merging.
+class Scorer {
+ public:
+  virtual ~Scorer() = default;
+  virtual std::string describe() const = 0;
+  /// True if the scorer consumes attention mass (from attend() or observe()).
+  virtual bool needs_attention() const = 0;
+  /// Tokens [first, first + count) of the store were just appended; k is [count][d].
+  virtual void on_append(TokenStore& store, std::int64_t first, std::int64_t count,
+                         const float* k) const = 0;
+  /// mass[j] = attention the store's token j received in one attend()/observe() call,
+  /// summed over the kv head's query heads and the call's queries.
+  virtual void on_attention(TokenStore& store, std::span<const float> mass) const = 0;
+};
+
+/// What happens to tokens an eviction policy selects.
+enum class EvictAction {
+  kDrop,        // removed (H2O, StreamingLLM, L2-norm)
+  kDemote,      // re-encoded with the policy's low-precision codec (MiKV)
+  kCompensate,  // folded into the head's compensation token (RazorAttention)
+};
+
+/// Chooses which tokens leave full service. Runs after every append (so the budget holds at
+/// every decode step) and reads the store's importance scores and positions.
+class EvictionPolicy {
+ public:
+  virtual ~EvictionPolicy() = default;
+  virtual std::string describe() const = 0;
+  virtual EvictAction action() const = 0;
+  /// Most tokens the head may hold at full service after enforcement.
+  virtual std::int64_t budget() const = 0;
+  /// Append the store indices of tokens to evict/demote to `victims` (any order).
+  virtual void select(const TokenStore& store, std::vector<std::int64_t>& victims) const = 0;
+  /// For kDemote: the codec demoted tokens are stored with; null otherwise.
+  virtual const Codec* demote_codec() const { return nullptr; }
+};
+
+/// Merges tokens within one head (KVMerger) — or, for cross-layer policies, a head with the
+/// same head of the previous layer (MiniCache). Merged tokens become weighted special
+/// tokens in the store: a token standing for n originals adds ln(n) to its logit.
+class MergePolicy {
+ public:
+  virtual ~MergePolicy() = default;
+  virtual std::string describe() const = 0;
+  /// True if merge_layers() is the entry point rather than merge().
+  virtual bool cross_layer() const = 0;
+  /// Within-head merging, called after eviction at each append.
+  virtual void merge(TokenStore& store) const = 0;
+  /// Cross-layer merging of `upper` (layer l) with `lower` (layer l-1), called once both
+  /// layers have appended the same tokens.
+  virtual void merge_layers(TokenStore& lower, TokenStore& upper) const = 0;
+};
+
+/// Stage kinds, in chain order.
+enum class StageKind { kScorer = 0, kEviction = 1, kMerge = 2, kCodec = 3 };
+const char* stage_kind_name(StageKind k) noexcept;
+
+/// A built stage: exactly one of the pointers is set, matching kind.
+struct BuiltStage {
+  StageKind kind;
+  std::shared_ptr<const Scorer> scorer;
+  std::shared_ptr<const EvictionPolicy> eviction;
+  std::shared_ptr<const MergePolicy> merge;
+  std::shared_ptr<const Codec> codec;
+};
+
+/// A factory reads its parameters (head_dim is given so it can validate groups).
+using StageFactory = std::function<BuiltStage(StageParams& params, int head_dim)>;
+
+/// Register a stage under `name` (replaces an existing registration). Engines use this to
+/// plug in their own policies; recipes can then name them.
+void register_stage(const std::string& name, StageKind kind, StageFactory factory);
+
+}  // namespace kvslim

@@ -1,0 +1,46 @@
+// A seeded generator of LLM-like keys, values and queries, for the shapes and traits the
+// small real models lack: head_dim 64/128, thousands of tokens, a few key outlier channels
+// 10-20x the median channel, RoPE, an attention sink on the first tokens and a heavy-tailed
+// (Zipf-like) distribution of attention over the rest. Deterministic for a given seed on
+// every platform (own PRNG, no std:: distributions).
+//
+// Real recordings remain the judge of quality; this is for scale, shapes and speed.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace kvslim::testing {
+
+struct SyntheticOptions {
+  int q_heads = 32;
+  int kv_heads = 8;
+  int head_dim = 128;
+  int tokens = 4096;
+  std::uint64_t seed = 1;
+  int outlier_channels = 4;      // key channels (in RoPE pairs) with large magnitude
+  float outlier_scale = 15.0f;   // their magnitude relative to the median channel
+  int sink_tokens = 1;           // first tokens that act as attention sinks
+  float sink_strength = 9.0f;    // logit of the sink token (after the 1/sqrt(d) scale)
+  float zipf_exponent = 1.1f;    // popularity of heavy-hitter tokens ~ 1 / rank^s
+  int targets_per_query = 8;     // heavy hitters each query looks at
+  float focus = 7.0f;            // logit a query gives each of its targets
+  float rope_theta = 10000.0f;   // RoPE base, half-split (Hugging Face) layout
+};
+
+struct SyntheticLayer {
+  int q_heads = 0, kv_heads = 0, head_dim = 0, tokens = 0;
+  std::vector<float> k;  // [kv_heads][tokens][head_dim], post-RoPE
+  std::vector<float> v;  // [kv_heads][tokens][head_dim]
+  std::vector<float> q;  // [q_heads][tokens][head_dim], post-RoPE
+  std::vector<int> outlier_channels;  // key channels that carry outliers
+
+  const float* k_head(int h) const { return k.data() + static_cast<std::size_t>(h) * tokens * head_dim; }
+  const float* v_head(int h) const { return v.data() + static_cast<std::size_t>(h) * tokens * head_dim; }
+  const float* q_head(int h) const { return q.data() + static_cast<std::size_t>(h) * tokens * head_dim; }
+};
+
+/// Generate one layer; `layer` perturbs the seed so layers differ.
+SyntheticLayer generate_layer(const SyntheticOptions& options, int layer = 0);
+
+}  // namespace kvslim::testing

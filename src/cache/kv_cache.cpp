@@ -1,0 +1,317 @@
+#include "kvslim/cache/kv_cache.h"
+
+#include <cmath>
+#include <cstring>
+
+#include "check.h"
+#include "kvslim/cache/recipe.h"
+#include "kvslim/cache/token_store.h"
+#include "kvslim/cpu/isa.h"
+#include "kvslim/kernels/kernel_table.h"
+#include "kvslim/policy/policy.h"
+
+namespace kvslim {
+
+std::int64_t CacheStats::layer_bytes(int layer) const {
+  std::int64_t b = 0;
+  for (int h = 0; h < kv_heads; ++h) b += head(layer, h).bytes;
+  return b;
+}
+std::int64_t CacheStats::layer_tokens(int layer) const {
+  std::int64_t t = 0;
+  for (int h = 0; h < kv_heads; ++h) t += head(layer, h).tokens;
+  return t;
+}
+
+struct KVCache::Impl {
+  CacheConfig cfg;
+  const kernels::KernelTable* kt = nullptr;
+  // Pipelines are built once per distinct chain and shared by the heads that use it.
+  std::vector<std::unique_ptr<Pipeline>> pipelines;
+  ByteCounter shared;
+  std::vector<TokenStore*, TrackedAllocator<TokenStore*>> stores{TrackedAllocator<TokenStore*>(&shared)};
+
+  ~Impl() {
+    TrackedAllocator<TokenStore> alloc(&shared);
+    for (TokenStore* s : stores) {
+      s->~TokenStore();
+      alloc.deallocate(s, 1);
+    }
+  }
+  TokenStore& at(int layer, int h) const { return *stores[static_cast<std::size_t>(layer) * cfg.kv_heads + h]; }
+  void check_layer(int layer) const {
+    KVSLIM_CHECK(layer >= 0 && layer < cfg.layers, ErrorCode::kOutOfRange, "layer {} is out of range [0, {})", layer,
+                 cfg.layers);
+  }
+  void check_head(int h) const {
+    KVSLIM_CHECK(h >= 0 && h < cfg.kv_heads, ErrorCode::kOutOfRange, "kv head {} is out of range [0, {})", h,
+                 cfg.kv_heads);
+  }
+};
+
+namespace {
+
+void check_view(const Layout& l, const char* what, std::int64_t heads, std::int64_t n, std::int64_t d,
+                const char* heads_name) {
+  KVSLIM_CHECK(l.rank == 3, ErrorCode::kShapeMismatch, "{} must be rank 3 [{}][tokens][head_dim], got rank {} {}",
+               what, heads_name, l.rank, l.describe());
+  KVSLIM_CHECK(l.shape[0] == heads && l.shape[2] == d && (n < 0 ? l.shape[1] >= 1 : l.shape[1] == n),
+               ErrorCode::kShapeMismatch, "{} has shape {}, expected [{}={}][{}][head_dim={}]", what, l.describe(),
+               heads_name, heads, n < 0 ? std::string("tokens>=1") : std::to_string(n), d);
+  KVSLIM_CHECK(l.strides[2] == 1, ErrorCode::kShapeMismatch,
+               "{} has head_dim stride {}, expected 1 (channels must be contiguous): {}", what, l.strides[2],
+               l.describe());
+}
+
+// One workspace per thread: attend() allocates nothing once it has warmed up.
+AttendWorkspace& workspace() {
+  thread_local AttendWorkspace ws;
+  return ws;
+}
+
+}  // namespace
+
+KVCache::KVCache(const CacheConfig& config) : impl_(std::make_unique<Impl>()) {
+  Impl& m = *impl_;
+  m.cfg = config;
+  const CacheConfig& c = m.cfg;
+  KVSLIM_CHECK(c.layers >= 1, ErrorCode::kInvalidArgument, "CacheConfig.layers = {} must be >= 1", c.layers);
+  KVSLIM_CHECK(c.kv_heads >= 1, ErrorCode::kInvalidArgument, "CacheConfig.kv_heads = {} must be >= 1", c.kv_heads);
+  KVSLIM_CHECK(c.q_heads >= 1 && c.q_heads % c.kv_heads == 0, ErrorCode::kInvalidArgument,
+               "CacheConfig.q_heads = {} must be a positive multiple of kv_heads = {}", c.q_heads, c.kv_heads);
+  KVSLIM_CHECK(c.head_dim >= 1 && c.head_dim <= 4096, ErrorCode::kInvalidArgument,
+               "CacheConfig.head_dim = {} must be in [1, 4096]", c.head_dim);
+  KVSLIM_CHECK(c.max_tokens >= 1, ErrorCode::kCapacity, "CacheConfig.max_tokens = {} must be >= 1", c.max_tokens);
+  m.kt = &kernels::active();
+
+  const RecipeSpec spec = parse_recipe(c.recipe);
+  for (const OverrideSpec& o : spec.overrides) {
+    for (const auto& [a, b] : o.layers)
+      KVSLIM_CHECK(b < c.layers, ErrorCode::kRecipe, "recipe '{}': layer {} is out of range [0, {})", c.recipe, b,
+                   c.layers);
+    for (const auto& [a, b] : o.heads)
+      KVSLIM_CHECK(b < c.kv_heads, ErrorCode::kRecipe, "recipe '{}': kv head {} is out of range [0, {})", c.recipe,
+                   b, c.kv_heads);
+  }
+  std::vector<const ChainSpec*> built_from;
+  m.stores.reserve(static_cast<std::size_t>(c.layers) * c.kv_heads);
+  TrackedAllocator<TokenStore> alloc(&m.shared);
+  for (int l = 0; l < c.layers; ++l)
+    for (int h = 0; h < c.kv_heads; ++h) {
+      const ChainSpec& chain = spec.chain_for(l, h);
+      std::size_t idx = 0;
+      while (idx < built_from.size() && built_from[idx] != &chain) ++idx;
+      if (idx == built_from.size()) {
+        auto p = std::make_unique<Pipeline>(build_pipeline(chain, c.head_dim));
+        KVSLIM_CHECK(!p->eviction && !p->merge, ErrorCode::kRecipe,
+                     "recipe '{}': eviction and merge stages parse and build, but the token store does not run "
+                     "them yet (see docs/architecture.md)",
+                     chain.text());
+        m.pipelines.push_back(std::move(p));
+        built_from.push_back(&chain);
+      }
+      TokenStore* s = alloc.allocate(1);
+      new (s) TokenStore(c.head_dim, m.pipelines[idx].get());
+      m.stores.push_back(s);
+    }
+}
+
+KVCache::~KVCache() = default;
+KVCache::KVCache(KVCache&&) noexcept = default;
+KVCache& KVCache::operator=(KVCache&&) noexcept = default;
+
+const CacheConfig& KVCache::config() const noexcept { return impl_->cfg; }
+
+void KVCache::append(int layer, TensorView<const float> k, TensorView<const float> v,
+                     std::span<const std::int64_t> positions) {
+  Impl& m = *impl_;
+  const CacheConfig& c = m.cfg;
+  m.check_layer(layer);
+  check_view(k.layout(), "k", c.kv_heads, -1, c.head_dim, "kv_heads");
+  const std::int64_t n = k.dim(1);
+  check_view(v.layout(), "v", c.kv_heads, n, c.head_dim, "kv_heads");
+  KVSLIM_CHECK(positions.empty() || static_cast<std::int64_t>(positions.size()) == n, ErrorCode::kShapeMismatch,
+               "append to layer {}: {} positions for {} tokens", layer, positions.size(), n);
+
+  // Validate everything before touching any head, so a failed append changes nothing.
+  const TokenStore& s0 = m.at(layer, 0);
+  std::vector<std::int64_t> pos(static_cast<std::size_t>(n));
+  for (std::int64_t i = 0; i < n; ++i) {
+    pos[i] = positions.empty() ? s0.last_position() + 1 + i : positions[i];
+    const std::int64_t prev = i == 0 ? s0.last_position() : pos[i - 1];
+    KVSLIM_CHECK(pos[i] > prev, ErrorCode::kPosition,
+                 "append to layer {}: position {} (token {} of {}) does not follow position {}; positions must "
+                 "strictly increase",
+                 layer, pos[i], i, n, prev);
+  }
+  for (int h = 0; h < c.kv_heads; ++h) {
+    const TokenStore& s = m.at(layer, h);
+    KVSLIM_CHECK(s.size() + n <= c.max_tokens, ErrorCode::kCapacity,
+                 "append of {} tokens to layer {} kv head {} would hold {} tokens, more than max_tokens {}", n, layer,
+                 h, s.size() + n, c.max_tokens);
+    for (std::int64_t i = 0; i < n; ++i) {
+      const float* kr = k.row(h, i);
+      const float* vr = v.row(h, i);
+      if (c.non_finite == NonFinitePolicy::kReject)
+        for (int ch = 0; ch < c.head_dim; ++ch) {
+          KVSLIM_CHECK(std::isfinite(kr[ch]), ErrorCode::kNonFinite,
+                       "append to layer {}: key of kv head {}, token {}, channel {} is {}", layer, h, i, ch, kr[ch]);
+          KVSLIM_CHECK(std::isfinite(vr[ch]), ErrorCode::kNonFinite,
+                       "append to layer {}: value of kv head {}, token {}, channel {} is {}", layer, h, i, ch,
+                       vr[ch]);
+        }
+      s.codec().check_rows(kr, vr, 1, c.head_dim);
+    }
+  }
+  for (int h = 0; h < c.kv_heads; ++h)
+    m.at(layer, h).append(*m.kt, k.row(h, 0), k.stride(1), v.row(h, 0), v.stride(1), n, pos.data());
+}
+
+void KVCache::attend(int layer, TensorView<const float> q, TensorView<float> out, const AttendOptions& options) {
+  Impl& m = *impl_;
+  const CacheConfig& c = m.cfg;
+  m.check_layer(layer);
+  check_view(q.layout(), "q", c.q_heads, -1, c.head_dim, "q_heads");
+  const std::int64_t n = q.dim(1);
+  check_view(out.layout(), "out", c.q_heads, n, c.head_dim, "q_heads");
+  const TokenStore& s0 = m.at(layer, 0);
+  KVSLIM_CHECK(n <= s0.last_append_count(), ErrorCode::kShapeMismatch,
+               "attend on layer {} with {} queries, but the latest append brought {} tokens (queries must be the "
+               "latest appended tokens)",
+               layer, n, s0.last_append_count());
+  if (options.mass) {
+    for (int h = 0; h < c.kv_heads; ++h)
+      KVSLIM_CHECK(options.mass_stride >= m.at(layer, h).size(), ErrorCode::kShapeMismatch,
+                   "attend on layer {}: mass_stride {} is smaller than the {} tokens kv head {} holds", layer,
+                   options.mass_stride, m.at(layer, h).size(), h);
+  }
+  for (int h = 0; h < c.kv_heads; ++h)
+    for (const auto& sc : m.at(layer, h).pipeline().scorers)
+      KVSLIM_CHECK(!sc->needs_attention() || (options.mass != nullptr && !options.accumulate_mass),
+                   ErrorCode::kInvalidArgument,
+                   "attend on layer {}: recipe scorer '{}' needs attention mass: pass AttendOptions.mass (not "
+                   "accumulated)",
+                   layer, sc->describe());
+  KVSLIM_CHECK(std::isfinite(options.scale) && options.scale >= 0.0f, ErrorCode::kInvalidArgument,
+               "attend: scale {} must be finite and >= 0 (0 = 1/sqrt(head_dim))", options.scale);
+  const float scale = options.scale > 0.0f ? options.scale : 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+  const int group = c.q_heads / c.kv_heads;
+  const int d = c.head_dim;
+  const int nq = group * static_cast<int>(n);
+  AttendWorkspace& ws = workspace();
+  ws.q.resize(static_cast<std::size_t>(nq) * d);
+  ws.out.resize(static_cast<std::size_t>(nq) * d);
+
+  for (int h = 0; h < c.kv_heads; ++h) {
+    // Rows of this kv head: query head (h*group + g), query i -> row g*n + i.
+    for (int g = 0; g < group; ++g)
+      for (std::int64_t i = 0; i < n; ++i) {
+        const float* src = q.row(h * group + g, i);
+        float* dst = ws.q.data() + (g * n + i) * d;
+        for (int ch = 0; ch < d; ++ch) dst[ch] = src[ch] * scale;
+      }
+    const TokenStore& s = m.at(layer, h);
+    float* mass = nullptr;
+    if (options.mass) {
+      mass = options.mass + h * options.mass_stride;
+      if (!options.accumulate_mass) std::fill(mass, mass + s.size(), 0.0f);
+    }
+    s.attend(*m.kt, ws.q.data(), nq, static_cast<int>(n), ws.out.data(), mass, ws);
+    for (int g = 0; g < group; ++g)
+      for (std::int64_t i = 0; i < n; ++i)
+        std::memcpy(out.row(h * group + g, i), ws.out.data() + (g * n + i) * d, static_cast<std::size_t>(d) * 4);
+  }
+  // Scorers that consume attention see this call's mass.
+  for (int h = 0; h < c.kv_heads; ++h) {
+    TokenStore& s = m.at(layer, h);
+    for (const auto& sc : s.pipeline().scorers)
+      if (sc->needs_attention())
+        sc->on_attention(s, {options.mass + h * options.mass_stride, static_cast<std::size_t>(s.size())});
+  }
+}
+
+void KVCache::observe(int layer, int kv_head, std::span<const float> mass) {
+  Impl& m = *impl_;
+  m.check_layer(layer);
+  m.check_head(kv_head);
+  TokenStore& s = m.at(layer, kv_head);
+  KVSLIM_CHECK(static_cast<std::int64_t>(mass.size()) == s.size(), ErrorCode::kShapeMismatch,
+               "observe on layer {} kv head {}: {} mass values for {} tokens", layer, kv_head, mass.size(), s.size());
+  for (std::size_t j = 0; j < mass.size(); ++j)
+    KVSLIM_CHECK(std::isfinite(mass[j]) && mass[j] >= 0.0f, ErrorCode::kNonFinite,
+                 "observe on layer {} kv head {}: mass[{}] = {} is not a finite non-negative value", layer, kv_head,
+                 j, mass[j]);
+  for (const auto& sc : s.pipeline().scorers)
+    if (sc->needs_attention()) sc->on_attention(s, mass);
+}
+
+DenseKV KVCache::materialize(int layer, int kv_head) const {
+  const Impl& m = *impl_;
+  m.check_layer(layer);
+  m.check_head(kv_head);
+  const TokenStore& s = m.at(layer, kv_head);
+  DenseKV out;
+  out.k = Tensor<float>({s.size(), m.cfg.head_dim});
+  out.v = Tensor<float>({s.size(), m.cfg.head_dim});
+  out.log_weights.resize(static_cast<std::size_t>(s.size()));
+  s.materialize(*m.kt, out.k.data(), out.v.data(), out.log_weights.data());
+  out.positions = s.positions();
+  return out;
+}
+
+CacheStats KVCache::stats() const {
+  const Impl& m = *impl_;
+  CacheStats st;
+  st.layers = m.cfg.layers;
+  st.kv_heads = m.cfg.kv_heads;
+  st.head_dim = m.cfg.head_dim;
+  st.heads.reserve(m.stores.size());
+  for (const TokenStore* s : m.stores) {
+    st.heads.push_back({s->size(), s->bytes()});
+    st.total_tokens += s->size();
+    st.total_bytes += s->bytes();
+  }
+  st.shared_bytes = m.shared.bytes;
+  st.total_bytes += st.shared_bytes;
+  if (st.total_tokens > 0) {
+    st.bits_per_value = static_cast<double>(st.total_bytes) * 8.0 /
+                        (static_cast<double>(st.total_tokens) * m.cfg.head_dim * 2.0);
+    st.ratio_vs_f32 = 32.0 / st.bits_per_value;
+  }
+  return st;
+}
+
+std::int64_t KVCache::tokens(int layer, int kv_head) const {
+  impl_->check_layer(layer);
+  impl_->check_head(kv_head);
+  return impl_->at(layer, kv_head).size();
+}
+
+std::vector<std::int64_t> KVCache::positions(int layer, int kv_head) const {
+  impl_->check_layer(layer);
+  impl_->check_head(kv_head);
+  return impl_->at(layer, kv_head).positions();
+}
+
+std::string KVCache::recipe_for(int layer, int kv_head) const {
+  impl_->check_layer(layer);
+  impl_->check_head(kv_head);
+  return impl_->at(layer, kv_head).pipeline().text;
+}
+
+void KVCache::reset() {
+  for (TokenStore* s : impl_->stores) s->reset();
+}
+
+TokenStore& KVCache::store(int layer, int kv_head) {
+  impl_->check_layer(layer);
+  impl_->check_head(kv_head);
+  return impl_->at(layer, kv_head);
+}
+const TokenStore& KVCache::store(int layer, int kv_head) const {
+  impl_->check_layer(layer);
+  impl_->check_head(kv_head);
+  return impl_->at(layer, kv_head);
+}
+
+}  // namespace kvslim

@@ -1,0 +1,224 @@
+// Scalar kernel table: plain C++ with no ISA assumptions. These are the reference oracles
+// (`*_ref`) that every SIMD table is tested against, so they favour obviousness over speed.
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "kvslim/kernels/kernel_table.h"
+#include "kvslim/tensor/dtype.h"
+
+namespace kvslim::kernels::scalar {
+namespace {
+
+inline unsigned get_code(const std::uint8_t* row, int c, int bits) noexcept {
+  const int bit = c * bits;
+  // A code spans at most two bytes for bits <= 8.
+  unsigned w = row[bit >> 3];
+  if ((bit & 7) + bits > 8) w |= static_cast<unsigned>(row[(bit >> 3) + 1]) << 8;
+  return (w >> (bit & 7)) & ((1u << bits) - 1u);
+}
+
+inline void put_code(std::uint8_t* row, int c, int bits, unsigned code) noexcept {
+  const int bit = c * bits;
+  const unsigned w = code << (bit & 7);
+  row[bit >> 3] = static_cast<std::uint8_t>(row[bit >> 3] | (w & 0xffu));
+  if ((bit & 7) + bits > 8) row[(bit >> 3) + 1] = static_cast<std::uint8_t>(row[(bit >> 3) + 1] | (w >> 8));
+}
+
+// The quantization rule of kernel_table.h for one group; writes scale/zero bits.
+struct GroupParams {
+  float scale, zero, inv;
+};
+inline GroupParams group_params(float mn, float mx, int bits, std::uint16_t* scale_bits,
+                                std::uint16_t* zero_bits) noexcept {
+  const float qmax = static_cast<float>((1 << bits) - 1);
+  *zero_bits = f32_to_f16(mn);
+  const float zero = f16_to_f32(*zero_bits);
+  *scale_bits = f32_to_f16((mx - zero) / qmax);
+  const float scale = f16_to_f32(*scale_bits);
+  return {scale, zero, scale > 0.0f ? 1.0f / scale : 0.0f};
+}
+inline unsigned quantize(float x, const GroupParams& g, int bits) noexcept {
+  const float qmax = static_cast<float>((1 << bits) - 1);
+  float c = std::nearbyint((x - g.zero) * g.inv);
+  c = c < 0.0f ? 0.0f : (c > qmax ? qmax : c);
+  return static_cast<unsigned>(c);
+}
+
+void f32_to_f16_ref(const float* src, std::uint16_t* dst, std::size_t n) noexcept {
+  for (std::size_t i = 0; i < n; ++i) dst[i] = f32_to_f16(src[i]);
+}
+void f16_to_f32_ref(const std::uint16_t* src, float* dst, std::size_t n) noexcept {
+  for (std::size_t i = 0; i < n; ++i) dst[i] = f16_to_f32(src[i]);
+}
+void f32_to_bf16_ref(const float* src, std::uint16_t* dst, std::size_t n) noexcept {
+  for (std::size_t i = 0; i < n; ++i) dst[i] = f32_to_bf16(src[i]);
+}
+void bf16_to_f32_ref(const std::uint16_t* src, float* dst, std::size_t n) noexcept {
+  for (std::size_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(src[i]);
+}
+
+template <class Load>
+void scores_dense(const float* q, int nq, int ntok, int d, float* s, Load load) noexcept {
+  for (int r = 0; r < nq; ++r)
+    for (int j = 0; j < ntok; ++j) {
+      float acc = 0.0f;
+      for (int c = 0; c < d; ++c) acc += q[r * d + c] * load(j, c);
+      s[r * ntok + j] = acc;
+    }
+}
+template <class Load>
+void accum_dense(const float* p, int nq, int ntok, int d, float* o, Load load) noexcept {
+  for (int r = 0; r < nq; ++r)
+    for (int j = 0; j < ntok; ++j) {
+      const float w = p[r * ntok + j];
+      if (w == 0.0f) continue;
+      for (int c = 0; c < d; ++c) o[r * d + c] += w * load(j, c);
+    }
+}
+
+void scores_f32_ref(const float* q, int nq, const float* k, int ntok, int d, float* s) noexcept {
+  scores_dense(q, nq, ntok, d, s, [&](int j, int c) { return k[j * d + c]; });
+}
+void scores_f16_ref(const float* q, int nq, const std::uint16_t* k, int ntok, int d, float* s) noexcept {
+  scores_dense(q, nq, ntok, d, s, [&](int j, int c) { return f16_to_f32(k[j * d + c]); });
+}
+void scores_bf16_ref(const float* q, int nq, const std::uint16_t* k, int ntok, int d, float* s) noexcept {
+  scores_dense(q, nq, ntok, d, s, [&](int j, int c) { return bf16_to_f32(k[j * d + c]); });
+}
+void accum_f32_ref(const float* p, int nq, const float* v, int ntok, int d, float* o) noexcept {
+  accum_dense(p, nq, ntok, d, o, [&](int j, int c) { return v[j * d + c]; });
+}
+void accum_f16_ref(const float* p, int nq, const std::uint16_t* v, int ntok, int d, float* o) noexcept {
+  accum_dense(p, nq, ntok, d, o, [&](int j, int c) { return f16_to_f32(v[j * d + c]); });
+}
+void accum_bf16_ref(const float* p, int nq, const std::uint16_t* v, int ntok, int d, float* o) noexcept {
+  accum_dense(p, nq, ntok, d, o, [&](int j, int c) { return bf16_to_f32(v[j * d + c]); });
+}
+
+void softmax_block_ref(float* s, int nq, int ntok, float* m, float* l, float* o, int d) noexcept {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  for (int r = 0; r < nq; ++r) {
+    float* row = s + static_cast<std::ptrdiff_t>(r) * ntok;
+    float bm = kNegInf;
+    for (int j = 0; j < ntok; ++j) bm = row[j] > bm ? row[j] : bm;
+    const float mnew = bm > m[r] ? bm : m[r];
+    if (mnew == kNegInf) {  // everything masked so far
+      for (int j = 0; j < ntok; ++j) row[j] = 0.0f;
+      continue;
+    }
+    const float alpha = std::exp(m[r] - mnew);  // exp(-inf) = 0 on the first block
+    float sum = 0.0f;
+    for (int j = 0; j < ntok; ++j) {
+      row[j] = std::exp(row[j] - mnew);
+      sum += row[j];
+    }
+    if (alpha != 1.0f)
+      for (int c = 0; c < d; ++c) o[r * d + c] *= alpha;
+    l[r] = l[r] * alpha + sum;
+    m[r] = mnew;
+  }
+}
+
+void kivi_quant_keys_ref(const float* k, int ntok, int d, int bits, std::uint16_t* scale,
+                         std::uint16_t* zero, std::uint8_t* codes) noexcept {
+  const int rb = row_bytes(d, bits);
+  for (int i = 0; i < ntok * rb; ++i) codes[i] = 0;
+  for (int c = 0; c < d; ++c) {
+    float mn = k[c], mx = k[c];
+    for (int j = 1; j < ntok; ++j) {
+      mn = k[j * d + c] < mn ? k[j * d + c] : mn;
+      mx = k[j * d + c] > mx ? k[j * d + c] : mx;
+    }
+    const GroupParams g = group_params(mn, mx, bits, &scale[c], &zero[c]);
+    for (int j = 0; j < ntok; ++j) put_code(codes + j * rb, c, bits, quantize(k[j * d + c], g, bits));
+  }
+}
+
+void kivi_quant_values_ref(const float* v, int ntok, int d, int bits, int vgroup, std::uint16_t* scale,
+                           std::uint16_t* zero, std::uint8_t* codes) noexcept {
+  const int rb = row_bytes(d, bits);
+  const int ng = d / vgroup;
+  for (int i = 0; i < ntok * rb; ++i) codes[i] = 0;
+  for (int j = 0; j < ntok; ++j) {
+    const float* x = v + j * d;
+    for (int g = 0; g < ng; ++g) {
+      float mn = x[g * vgroup], mx = x[g * vgroup];
+      for (int c = g * vgroup; c < (g + 1) * vgroup; ++c) {
+        mn = x[c] < mn ? x[c] : mn;
+        mx = x[c] > mx ? x[c] : mx;
+      }
+      const GroupParams gp = group_params(mn, mx, bits, &scale[j * ng + g], &zero[j * ng + g]);
+      for (int c = g * vgroup; c < (g + 1) * vgroup; ++c) put_code(codes + j * rb, c, bits, quantize(x[c], gp, bits));
+    }
+  }
+}
+
+void kivi_dequant_keys_ref(const std::uint16_t* scale, const std::uint16_t* zero, const std::uint8_t* codes,
+                           int ntok, int d, int bits, float* k) noexcept {
+  const int rb = row_bytes(d, bits);
+  for (int j = 0; j < ntok; ++j)
+    for (int c = 0; c < d; ++c)
+      k[j * d + c] = static_cast<float>(get_code(codes + j * rb, c, bits)) * f16_to_f32(scale[c]) +
+                     f16_to_f32(zero[c]);
+}
+
+void kivi_dequant_values_ref(const std::uint16_t* scale, const std::uint16_t* zero, const std::uint8_t* codes,
+                             int ntok, int d, int bits, int vgroup, float* v) noexcept {
+  const int rb = row_bytes(d, bits);
+  const int ng = d / vgroup;
+  for (int j = 0; j < ntok; ++j)
+    for (int c = 0; c < d; ++c) {
+      const int g = j * ng + c / vgroup;
+      v[j * d + c] = static_cast<float>(get_code(codes + j * rb, c, bits)) * f16_to_f32(scale[g]) +
+                     f16_to_f32(zero[g]);
+    }
+}
+
+// q.k = sum_c q_c (s_c code_c + z_c) = sum_c (q_c s_c) code_c + sum_c q_c z_c: the scale
+// moves into the query once per page and the zero point becomes one constant per row.
+void kivi_scores_ref(const float* q, int nq, const std::uint16_t* scale, const std::uint16_t* zero,
+                     const std::uint8_t* codes, int ntok, int d, int bits, float* s) noexcept {
+  const int rb = row_bytes(d, bits);
+  for (int r = 0; r < nq; ++r) {
+    float bias = 0.0f;
+    for (int c = 0; c < d; ++c) bias += q[r * d + c] * f16_to_f32(zero[c]);
+    for (int j = 0; j < ntok; ++j) {
+      float acc = 0.0f;
+      for (int c = 0; c < d; ++c)
+        acc += q[r * d + c] * f16_to_f32(scale[c]) * static_cast<float>(get_code(codes + j * rb, c, bits));
+      s[r * ntok + j] = acc + bias;
+    }
+  }
+}
+
+// o_c += sum_j p_j (s_jg code_jc + z_jg) = sum_j (p_j s_jg) code_jc + sum_j p_j z_jg.
+void kivi_accum_ref(const float* p, int nq, const std::uint16_t* scale, const std::uint16_t* zero,
+                    const std::uint8_t* codes, int ntok, int d, int bits, int vgroup, float* o) noexcept {
+  const int rb = row_bytes(d, bits);
+  const int ng = d / vgroup;
+  for (int r = 0; r < nq; ++r)
+    for (int j = 0; j < ntok; ++j) {
+      const float w = p[r * ntok + j];
+      if (w == 0.0f) continue;
+      for (int c = 0; c < d; ++c) {
+        const int g = j * ng + c / vgroup;
+        o[r * d + c] += w * (f16_to_f32(scale[g]) * static_cast<float>(get_code(codes + j * rb, c, bits)) +
+                             f16_to_f32(zero[g]));
+      }
+    }
+}
+
+}  // namespace
+
+extern const KernelTable kTable = {
+    "scalar",
+    f32_to_f16_ref, f16_to_f32_ref, f32_to_bf16_ref, bf16_to_f32_ref,
+    scores_f32_ref, scores_f16_ref, scores_bf16_ref,
+    accum_f32_ref, accum_f16_ref, accum_bf16_ref,
+    softmax_block_ref,
+    kivi_quant_keys_ref, kivi_quant_values_ref, kivi_dequant_keys_ref, kivi_dequant_values_ref,
+    kivi_scores_ref, kivi_accum_ref,
+};
+
+}  // namespace kvslim::kernels::scalar

@@ -1,0 +1,97 @@
+// KIVI (Liu et al., 2024, "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache"):
+// keys quantized per channel over a page of `group` tokens, values per token over groups of
+// `vgroup` channels, asymmetric (f16 scale + zero point), newest `residual` tokens kept in
+// full precision. Page layout (docs/formats.md):
+//   kscale[d] kzero[d] | kcodes[group][row_bytes(d,kbits)] | pad to 2 |
+//   vscale[group][d/vgroup] vzero[group][d/vgroup] | vcodes[group][row_bytes(d,vbits)]
+#include <algorithm>
+
+#include "check.h"
+#include "kvslim/kernels/kernel_table.h"
+#include "policy/codecs.h"
+
+namespace kvslim::detail {
+namespace {
+
+class KiviCodec final : public Codec {
+ public:
+  KiviCodec(int kbits, int vbits, int vgroup, PagingOptions o, int d)
+      : kbits_(kbits), vbits_(vbits), vgroup_(vgroup), o_(o) {
+    const std::size_t g = static_cast<std::size_t>(o_.group);
+    kcodes_off_ = 4u * d;
+    vscale_off_ = kcodes_off_ + g * kernels::row_bytes(d, kbits_);
+    vscale_off_ += vscale_off_ & 1u;  // f16 alignment
+    const std::size_t ng = static_cast<std::size_t>(d / vgroup_);
+    vzero_off_ = vscale_off_ + 2u * g * ng;
+    vcodes_off_ = vzero_off_ + 2u * g * ng;
+    bytes_ = vcodes_off_ + g * kernels::row_bytes(d, vbits_);
+  }
+
+  std::string describe() const override {
+    return fmt::format("kivi:kbits={},vbits={},group={},vgroup={},residual={},sinks={}", kbits_, vbits_, o_.group,
+                       vgroup_, o_.residual, o_.sinks);
+  }
+  int page_tokens() const override { return o_.group; }
+  int residual() const override { return o_.residual; }
+  int sinks() const override { return o_.sinks; }
+  std::size_t page_bytes(int /*d*/) const override { return bytes_; }
+  void check_rows(const float* k, const float* v, int ntok, int d) const override {
+    check_f16_range("kivi", k, ntok, d, "key");
+    check_f16_range("kivi", v, ntok, d, "value");
+  }
+  void encode(const kernels::KernelTable& kt, const float* k, const float* v, int ntok, int d,
+              std::byte* page) const override {
+    kt.kivi_quant_keys(k, ntok, d, kbits_, u16(page), u16(page) + d, u8(page + kcodes_off_));
+    kt.kivi_quant_values(v, ntok, d, vbits_, vgroup_, u16(page + vscale_off_), u16(page + vzero_off_),
+                         u8(page + vcodes_off_));
+  }
+  void decode(const kernels::KernelTable& kt, const std::byte* page, int ntok, int d, float* k,
+              float* v) const override {
+    kt.kivi_dequant_keys(u16(page), u16(page) + d, u8(page + kcodes_off_), ntok, d, kbits_, k);
+    kt.kivi_dequant_values(u16(page + vscale_off_), u16(page + vzero_off_), u8(page + vcodes_off_), ntok, d,
+                           vbits_, vgroup_, v);
+  }
+  void scores(const kernels::KernelTable& kt, const std::byte* page, int ntok, int d, const float* q, int nq,
+              float* s) const override {
+    kt.kivi_scores(q, nq, u16(page), u16(page) + d, u8(page + kcodes_off_), ntok, d, kbits_, s);
+  }
+  void accumulate(const kernels::KernelTable& kt, const std::byte* page, int ntok, int d, const float* p, int nq,
+                  float* o) const override {
+    kt.kivi_accum(p, nq, u16(page + vscale_off_), u16(page + vzero_off_), u8(page + vcodes_off_), ntok, d,
+                  vbits_, vgroup_, o);
+  }
+
+ private:
+  static std::uint16_t* u16(std::byte* p) { return reinterpret_cast<std::uint16_t*>(p); }
+  static const std::uint16_t* u16(const std::byte* p) { return reinterpret_cast<const std::uint16_t*>(p); }
+  static std::uint8_t* u8(std::byte* p) { return reinterpret_cast<std::uint8_t*>(p); }
+  static const std::uint8_t* u8(const std::byte* p) { return reinterpret_cast<const std::uint8_t*>(p); }
+
+  int kbits_, vbits_, vgroup_;
+  PagingOptions o_;
+  std::size_t kcodes_off_, vscale_off_, vzero_off_, vcodes_off_, bytes_;
+};
+
+int read_bits(StageParams& p, const char* key) {
+  const int b = p.get_int(key, 2, -1000000, 1000000);
+  KVSLIM_CHECK(b == 2 || b == 3 || b == 4 || b == 8, ErrorCode::kInvalidArgument,
+               "recipe stage 'kivi': {}={} is not a supported bit width (2, 3, 4 or 8)", key, b);
+  return b;
+}
+
+}  // namespace
+
+BuiltStage make_kivi_codec(StageParams& p, int head_dim) {
+  const int kbits = read_bits(p, "kbits");
+  const int vbits = read_bits(p, "vbits");
+  const int vgroup = p.get_int("vgroup", std::min(32, head_dim), 1, 1 << 16);
+  KVSLIM_CHECK(head_dim % vgroup == 0, ErrorCode::kInvalidArgument,
+               "recipe stage 'kivi': vgroup={} does not divide head_dim {}", vgroup, head_dim);
+  const PagingOptions o = read_paging(p, PagingOptions{32, 128, 0});
+  p.check_all_used({"kbits", "vbits", "group", "vgroup", "residual", "sinks"});
+  BuiltStage b{StageKind::kCodec, nullptr, nullptr, nullptr, nullptr};
+  b.codec = std::make_shared<KiviCodec>(kbits, vbits, vgroup, o, head_dim);
+  return b;
+}
+
+}  // namespace kvslim::detail

@@ -1,0 +1,84 @@
+// The stage registry: recipe names -> factories. Built-in stages are registered on first use;
+// engines add their own with register_stage().
+#include <map>
+#include <mutex>
+
+#include "check.h"
+#include "policy/codecs.h"
+#include "policy/registry.h"
+
+namespace kvslim {
+namespace {
+
+struct Entry {
+  StageKind kind;
+  StageFactory factory;
+};
+
+struct Registry {
+  std::mutex mu;
+  std::map<std::string, Entry> entries;
+
+  Registry() {
+    using detail::make_float_codec;
+    entries["f32"] = {StageKind::kCodec, [](StageParams& p, int d) { return make_float_codec(DType::kF32, p, d); }};
+    entries["f16"] = {StageKind::kCodec, [](StageParams& p, int d) { return make_float_codec(DType::kF16, p, d); }};
+    entries["bf16"] = {StageKind::kCodec, [](StageParams& p, int d) { return make_float_codec(DType::kBF16, p, d); }};
+    entries["kivi"] = {StageKind::kCodec, [](StageParams& p, int d) { return detail::make_kivi_codec(p, d); }};
+  }
+};
+
+Registry& registry() {
+  static Registry r;
+  return r;
+}
+
+}  // namespace
+
+void register_stage(const std::string& name, StageKind kind, StageFactory factory) {
+  KVSLIM_CHECK(!name.empty() && name.find_first_of(":|;[]=, ") == std::string::npos, ErrorCode::kInvalidArgument,
+               "register_stage: '{}' is not a valid stage name", name);
+  KVSLIM_CHECK(static_cast<bool>(factory), ErrorCode::kInvalidArgument, "register_stage: '{}' has no factory", name);
+  Registry& r = registry();
+  std::lock_guard<std::mutex> lock(r.mu);
+  r.entries[name] = {kind, std::move(factory)};
+}
+
+std::vector<std::pair<std::string, std::string>> registered_stages() {
+  Registry& r = registry();
+  std::lock_guard<std::mutex> lock(r.mu);
+  std::vector<std::pair<std::string, std::string>> out;
+  for (const auto& [name, e] : r.entries) out.emplace_back(name, stage_kind_name(e.kind));
+  return out;
+}
+
+namespace detail {
+
+BuiltStage build_stage(const StageSpec& spec, int head_dim) {
+  Registry& r = registry();
+  StageFactory factory;
+  StageKind kind;
+  {
+    std::lock_guard<std::mutex> lock(r.mu);
+    auto it = r.entries.find(spec.name);
+    if (it == r.entries.end()) {
+      std::string known;
+      for (const auto& [name, e] : r.entries) known += (known.empty() ? "" : ", ") + name;
+      KVSLIM_FAIL(ErrorCode::kRecipe, "unknown recipe stage '{}' (known stages: {})", spec.name, known);
+    }
+    factory = it->second.factory;
+    kind = it->second.kind;
+  }
+  StageParams params(spec.name, spec.params);
+  BuiltStage b = factory(params, head_dim);
+  KVSLIM_CHECK(b.kind == kind, ErrorCode::kInvalidArgument, "stage '{}' registered as {} but built a {}",
+               spec.name, stage_kind_name(kind), stage_kind_name(b.kind));
+  const bool ok = (kind == StageKind::kCodec && b.codec) || (kind == StageKind::kScorer && b.scorer) ||
+                  (kind == StageKind::kEviction && b.eviction) || (kind == StageKind::kMerge && b.merge);
+  KVSLIM_CHECK(ok, ErrorCode::kInvalidArgument, "stage '{}': factory returned no {}", spec.name,
+               stage_kind_name(kind));
+  return b;
+}
+
+}  // namespace detail
+}  // namespace kvslim

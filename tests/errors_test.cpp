@@ -1,0 +1,155 @@
+// Every error class of the API boundary: each test triggers one and checks the error code
+// and that the message names the bad value. A failed append must leave the cache unchanged.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <functional>
+#include <limits>
+
+#include "kvslim/kvslim.h"
+
+using namespace kvslim;
+
+namespace {
+void expect_error(const std::function<void()>& f, ErrorCode code, const std::vector<std::string>& parts) {
+  try {
+    f();
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), code) << e.what();
+    for (const auto& p : parts) EXPECT_NE(std::string(e.what()).find(p), std::string::npos) << "'" << p << "' not in: " << e.what();
+    return;
+  }
+  ADD_FAILURE() << "no kvslim::Error thrown";
+}
+
+struct Fixture {
+  CacheConfig cfg{2, 4, 2, 8, 10, "f32"};
+  KVCache cache{cfg};
+  std::vector<float> buf = std::vector<float>(4 * 16 * 8, 0.5f);
+  TensorView<const float> kv(int heads, int n, int d = 8) const { return TensorView<const float>(buf.data(), {heads, n, d}); }
+  TensorView<float> out(int heads, int n) { return TensorView<float>(buf.data(), {heads, n, 8}); }
+};
+}  // namespace
+
+TEST(Errors, ConfigValues) {
+  expect_error([] { KVCache c(CacheConfig{0, 4, 2, 8, 10, "f32"}); }, ErrorCode::kInvalidArgument, {"layers = 0"});
+  expect_error([] { KVCache c(CacheConfig{1, 6, 4, 8, 10, "f32"}); }, ErrorCode::kInvalidArgument,
+               {"q_heads = 6", "kv_heads = 4"});
+  expect_error([] { KVCache c(CacheConfig{1, 4, 2, 0, 10, "f32"}); }, ErrorCode::kInvalidArgument, {"head_dim = 0"});
+  expect_error([] { KVCache c(CacheConfig{1, 4, 2, 8, 0, "f32"}); }, ErrorCode::kCapacity, {"max_tokens = 0"});
+}
+
+TEST(Errors, ShapeAndStrideMismatch) {
+  Fixture f;
+  expect_error([&] { f.cache.append(0, f.kv(3, 1), f.kv(3, 1)); }, ErrorCode::kShapeMismatch,
+               {"k has shape [3, 1, 8]", "kv_heads=2"});
+  expect_error([&] { f.cache.append(0, f.kv(2, 1, 4), f.kv(2, 1, 4)); }, ErrorCode::kShapeMismatch, {"head_dim=8"});
+  expect_error([&] { f.cache.append(0, f.kv(2, 2), f.kv(2, 1)); }, ErrorCode::kShapeMismatch, {"v has shape [2, 1, 8]"});
+  expect_error([&] { f.cache.append(0, TensorView<const float>(f.buf.data(), {2, 8}), f.kv(2, 1)); },
+               ErrorCode::kShapeMismatch, {"rank 3", "got rank 2"});
+  Layout l = Layout::contiguous({2, 1, 8});
+  l.strides[2] = 2;
+  expect_error([&] { f.cache.append(0, TensorView<const float>(f.buf.data(), l), f.kv(2, 1)); },
+               ErrorCode::kShapeMismatch, {"head_dim stride 2, expected 1"});
+  const std::int64_t pos[1] = {0};
+  expect_error([&] { f.cache.append(0, f.kv(2, 2), f.kv(2, 2), pos); }, ErrorCode::kShapeMismatch,
+               {"1 positions for 2 tokens"});
+  f.cache.append(0, f.kv(2, 1), f.kv(2, 1));
+  expect_error([&] { f.cache.attend(0, f.kv(2, 1), f.out(4, 1)); }, ErrorCode::kShapeMismatch,
+               {"q has shape [2, 1, 8]", "q_heads=4"});
+  expect_error([&] { f.cache.attend(0, f.kv(4, 2), f.out(4, 2)); }, ErrorCode::kShapeMismatch,
+               {"2 queries", "latest append brought 1 tokens"});
+  std::vector<float> mass(1);
+  AttendOptions ao;
+  ao.mass = mass.data();
+  ao.mass_stride = 0;
+  expect_error([&] { f.cache.attend(0, f.kv(4, 1), f.out(4, 1), ao); }, ErrorCode::kShapeMismatch,
+               {"mass_stride 0 is smaller than the 1 tokens"});
+  expect_error([&] { f.cache.observe(0, 0, std::vector<float>(3)); }, ErrorCode::kShapeMismatch,
+               {"3 mass values for 1 tokens"});
+}
+
+TEST(Errors, LayerAndHeadOutOfRange) {
+  Fixture f;
+  expect_error([&] { f.cache.append(2, f.kv(2, 1), f.kv(2, 1)); }, ErrorCode::kOutOfRange, {"layer 2 is out of range [0, 2)"});
+  expect_error([&] { f.cache.append(-1, f.kv(2, 1), f.kv(2, 1)); }, ErrorCode::kOutOfRange, {"layer -1"});
+  expect_error([&] { (void)f.cache.materialize(0, 2); }, ErrorCode::kOutOfRange, {"kv head 2 is out of range [0, 2)"});
+  expect_error([&] { (void)f.cache.tokens(5, 0); }, ErrorCode::kOutOfRange, {"layer 5"});
+}
+
+TEST(Errors, NonFiniteInputsAreRejectedByDefault) {
+  Fixture f;
+  f.buf[8 * 3 + 5] = std::numeric_limits<float>::quiet_NaN();  // head 0? buf is [2][n][8]: token 3, ch 5
+  expect_error([&] { f.cache.append(0, f.kv(2, 4), f.kv(2, 4)); }, ErrorCode::kNonFinite,
+               {"key of kv head 0, token 3, channel 5 is nan"});
+  EXPECT_EQ(f.cache.tokens(0, 0), 0);  // nothing was stored
+  f.buf[8 * 3 + 5] = 0.0f;
+  f.buf[8 * 4 + 1] = std::numeric_limits<float>::infinity();  // head 1 (n=4: head stride 32), token 0
+  expect_error([&] { f.cache.append(0, f.kv(2, 4), TensorView<const float>(f.buf.data(), {2, 4, 8})); },
+               ErrorCode::kNonFinite, {"kv head 1, token 0, channel 1 is inf"});
+  EXPECT_EQ(f.cache.tokens(0, 1), 0);
+  CacheConfig allow = f.cfg;
+  allow.non_finite = NonFinitePolicy::kAllow;
+  KVCache c(allow);
+  c.append(0, f.kv(2, 4), f.kv(2, 4));  // stored as given when the engine opts in
+  EXPECT_EQ(c.tokens(0, 1), 4);
+}
+
+TEST(Errors, ValuesOutsideTheCodecRange) {
+  KVCache c(CacheConfig{1, 1, 1, 4, 10, "kivi:kbits=4,vbits=4"});
+  std::vector<float> k{1.0f, 2.0f, 1e6f, 0.0f};
+  expect_error([&] { c.append(0, TensorView<const float>(k.data(), {1, 1, 4}), TensorView<const float>(k.data(), {1, 1, 4})); },
+               ErrorCode::kInvalidArgument, {"kivi", "1000000", "channel 2", "65504"});
+  KVCache h(CacheConfig{1, 1, 1, 4, 10, "f16"});
+  expect_error([&] { h.append(0, TensorView<const float>(k.data(), {1, 1, 4}), TensorView<const float>(k.data(), {1, 1, 4})); },
+               ErrorCode::kInvalidArgument, {"f16", "exceeds the f16 range"});
+}
+
+TEST(Errors, PositionsMustIncrease) {
+  Fixture f;
+  const std::int64_t p1[2] = {5, 5};
+  expect_error([&] { f.cache.append(0, f.kv(2, 2), f.kv(2, 2), p1); }, ErrorCode::kPosition,
+               {"position 5 (token 1 of 2) does not follow position 5"});
+  const std::int64_t p2[1] = {7};
+  f.cache.append(0, f.kv(2, 1), f.kv(2, 1), p2);
+  const std::int64_t p3[1] = {3};
+  expect_error([&] { f.cache.append(0, f.kv(2, 1), f.kv(2, 1), p3); }, ErrorCode::kPosition,
+               {"position 3", "does not follow position 7"});
+}
+
+TEST(Errors, CapacityAndBudget) {
+  Fixture f;  // max_tokens 10
+  f.cache.append(0, f.kv(2, 8), f.kv(2, 8));
+  expect_error([&] { f.cache.append(0, f.kv(2, 3), f.kv(2, 3)); }, ErrorCode::kCapacity,
+               {"append of 3 tokens", "would hold 11 tokens, more than max_tokens 10"});
+  EXPECT_EQ(f.cache.tokens(0, 0), 8);
+}
+
+TEST(Errors, RecipeErrorsReachTheConstructor) {
+  expect_error([] { KVCache c(CacheConfig{1, 1, 1, 8, 10, "kivi:kbits=9"}); }, ErrorCode::kInvalidArgument,
+               {"kbits=9 is not a supported bit width"});
+  expect_error([] { KVCache c(CacheConfig{1, 1, 1, 8, 10, "h2o:budget=4 | f16"}); }, ErrorCode::kRecipe,
+               {"unknown recipe stage 'h2o'"});
+  expect_error([] { KVCache c(CacheConfig{1, 1, 1, 8, 10, "kivi:vgroup=3"}); }, ErrorCode::kInvalidArgument,
+               {"vgroup=3 does not divide head_dim 8"});
+  expect_error([] { KVCache c(CacheConfig{1, 1, 1, 8, 10, "f32:bits=3"}); }, ErrorCode::kRecipe,
+               {"unknown key 'bits'", "known keys: group, residual, sinks"});
+}
+
+TEST(Errors, IsaSelection) {
+  expect_error([] { (void)parse_isa("neon"); }, ErrorCode::kInvalidArgument, {"unknown ISA 'neon'"});
+  for (Isa isa : {Isa::kAvx2, Isa::kAvx512}) {
+    if (cpu_supports(isa) && isa_built(isa)) continue;
+    expect_error([&] { set_active_isa(isa); }, ErrorCode::kUnsupportedIsa, {isa_name(isa)});
+  }
+  set_active_isa(Isa::kScalar);
+  EXPECT_EQ(active_isa(), Isa::kScalar);
+}
+
+TEST(Errors, AttendScale) {
+  Fixture f;
+  f.cache.append(0, f.kv(2, 1), f.kv(2, 1));
+  AttendOptions ao;
+  ao.scale = std::numeric_limits<float>::infinity();
+  expect_error([&] { f.cache.attend(0, f.kv(4, 1), f.out(4, 1), ao); }, ErrorCode::kInvalidArgument, {"scale inf"});
+}

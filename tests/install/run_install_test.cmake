@@ -1,0 +1,28 @@
+# Driven by ctest: install, build the consumer against the install, run it.
+file(REMOVE_RECURSE ${PREFIX} ${CONSUMER_BUILD})
+if(NOT CONFIG)
+  set(CONFIG Release)
+endif()
+execute_process(COMMAND ${CMAKE_COMMAND} --install ${BUILD_DIR} --prefix ${PREFIX} --config ${CONFIG}
+                RESULT_VARIABLE r)
+if(r)
+  message(FATAL_ERROR "install failed: ${r}")
+endif()
+execute_process(COMMAND ${CMAKE_COMMAND} -S ${CONSUMER_SRC} -B ${CONSUMER_BUILD}
+                        -DCMAKE_PREFIX_PATH=${PREFIX} -DCMAKE_BUILD_TYPE=${CONFIG} -DCMAKE_CXX_COMPILER=${CXX}
+                RESULT_VARIABLE r)
+if(r)
+  message(FATAL_ERROR "consumer configure failed: ${r}")
+endif()
+execute_process(COMMAND ${CMAKE_COMMAND} --build ${CONSUMER_BUILD} --config ${CONFIG} RESULT_VARIABLE r)
+if(r)
+  message(FATAL_ERROR "consumer build failed: ${r}")
+endif()
+execute_process(COMMAND ${CONSUMER_BUILD}/consumer RESULT_VARIABLE r OUTPUT_VARIABLE out)
+message(STATUS "consumer said: ${out}")
+if(r)
+  message(FATAL_ERROR "consumer failed: ${r}")
+endif()
+if(NOT out MATCHES "kvslim consumer ok")
+  message(FATAL_ERROR "consumer output unexpected: ${out}")
+endif()

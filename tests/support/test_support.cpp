@@ -1,0 +1,58 @@
+#include "test_support.h"
+
+#include <cstdlib>
+#include <filesystem>
+
+namespace kvslim::test {
+
+std::string shared_dir() {
+  if (const char* env = std::getenv("KVSLIM_SHARED"); env && *env) return env;
+  return KVSLIM_SHARED_DIR;
+}
+std::string shared_path(const std::string& rel) { return shared_dir() + "/" + rel; }
+bool exists(const std::string& path) {
+  std::error_code ec;
+  return std::filesystem::exists(path, ec);
+}
+
+}  // namespace kvslim::test
+
+#include <cmath>
+#include <vector>
+
+namespace kvslim::test {
+
+void ref_attention(const float* q, const float* k, const float* v, long ntok, int d, long stride, double scale,
+                   float* out, double* probs, const float* log_w) {
+  std::vector<double> s(static_cast<std::size_t>(ntok));
+  double mx = -INFINITY;
+  for (long j = 0; j < ntok; ++j) {
+    double acc = 0.0;
+    for (int c = 0; c < d; ++c) acc += static_cast<double>(q[c]) * k[j * stride + c];
+    s[j] = acc * scale + (log_w ? log_w[j] : 0.0);
+    mx = std::max(mx, s[j]);
+  }
+  double sum = 0.0;
+  for (long j = 0; j < ntok; ++j) {
+    s[j] = std::exp(s[j] - mx);
+    sum += s[j];
+  }
+  for (int c = 0; c < d; ++c) {
+    double acc = 0.0;
+    for (long j = 0; j < ntok; ++j) acc += s[j] * v[j * stride + c];
+    out[c] = static_cast<float>(acc / sum);
+  }
+  if (probs)
+    for (long j = 0; j < ntok; ++j) probs[j] = s[j] / sum;
+}
+
+double rel_l2(const float* a, const float* b, long n) {
+  double e = 0.0, r = 0.0;
+  for (long i = 0; i < n; ++i) {
+    e += (static_cast<double>(a[i]) - b[i]) * (static_cast<double>(a[i]) - b[i]);
+    r += static_cast<double>(b[i]) * b[i];
+  }
+  return std::sqrt(e / std::max(r, 1e-300));
+}
+
+}  // namespace kvslim::test

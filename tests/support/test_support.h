@@ -1,0 +1,39 @@
+// Shared test helpers: where ../shared is, and a skip macro with a clear message.
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <string>
+
+namespace kvslim::test {
+
+/// ../shared (or $KVSLIM_SHARED if set).
+std::string shared_dir();
+/// shared_dir() + "/" + rel.
+std::string shared_path(const std::string& rel);
+/// True if the path exists.
+bool exists(const std::string& path);
+
+}  // namespace kvslim::test
+
+/// Skip the current test with a message naming the missing shared file or directory.
+#define KVSLIM_REQUIRE_SHARED(rel)                                                         \
+  do {                                                                                     \
+    const std::string kvslim_p_ = ::kvslim::test::shared_path(rel);                        \
+    if (!::kvslim::test::exists(kvslim_p_))                                                \
+      GTEST_SKIP() << "shared file missing: " << kvslim_p_                                 \
+                   << " (set KVSLIM_SHARED to the directory holding models/ and data/)";   \
+  } while (0)
+
+namespace kvslim::test {
+
+/// Exact softmax attention in double precision for one query row:
+/// out[c] = sum_j softmax_j(scale * q.k_j + log_w_j) v_j[c]; k, v are [ntok][d] rows with
+/// row stride `stride`; probs (optional) receives the ntok probabilities.
+void ref_attention(const float* q, const float* k, const float* v, long ntok, int d, long stride, double scale,
+                   float* out, double* probs = nullptr, const float* log_w = nullptr);
+
+/// Relative L2 error ||a - b|| / ||b|| over n floats.
+double rel_l2(const float* a, const float* b, long n);
+
+}  // namespace kvslim::test
