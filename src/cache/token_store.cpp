@@ -150,6 +150,7 @@ void TokenStore::materialize(const kernels::KernelTable& kt, float* k, float* v,
   const std::size_t d = static_cast<std::size_t>(d_);
   std::size_t row = 0;
   auto copy_rows = [&](const float* ks, const float* vs, std::int64_t n) {
+    if (n == 0) return;  // empty segments may have null data; memcpy forbids that
     std::memcpy(k + row * d, ks, static_cast<std::size_t>(n) * d * sizeof(float));
     std::memcpy(v + row * d, vs, static_cast<std::size_t>(n) * d * sizeof(float));
     row += static_cast<std::size_t>(n);
