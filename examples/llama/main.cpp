@@ -1,0 +1,226 @@
+// kvslim-llama: a small llama-family inference engine whose KV cache is a kvslim::KVCache.
+// Subcommands: generate (greedy text), ppl (perplexity, KLD, top-1 agreement and memory per
+// recipe against the f32 cache), dump (a recording in the data/dumps format).
+#include <charconv>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <fmt/format.h>
+
+#include "eval.h"
+#include "kvslim/error.h"
+#include "kvslim/util/json.h"
+#include "model.h"
+
+namespace {
+
+using namespace kvslim::llama;
+
+constexpr const char* kUsage = R"(usage: kvslim-llama <command> [options]
+
+commands:
+  generate --model PATH [--prompt TEXT] [--tokens N] [--recipe R]
+      Greedy generation from BOS + prompt (default: empty prompt, 256 tokens, recipe f32).
+      Prints the text on stdout and the decode speed on stderr.
+
+  ppl --model PATH --text FILE --recipe R [--recipe R2 ...] [--windows N] [--json]
+      [--no-progress]
+      Splits FILE at <|endoftext|> (BOS + encoding per stripped, non-empty piece), cuts the
+      token stream into consecutive windows of the model's context length and decodes each
+      window token by token from an empty cache, once with an f32 reference cache and once per
+      recipe. Per recipe: perplexity over all predicted tokens; dPPL = ppl/ppl_f32 - 1;
+      KLD = mean KL(p_f32 || p_recipe) of the next-token distributions (nats); top-1
+      agreement with the f32 run; KV bytes = cache.stats().total_bytes at the end of each
+      window, averaged over windows (a full window holds the whole context); ratio =
+      stats().ratio_vs_f32 at the same points, averaged; tok/s = decode forward passes per
+      second of forward() time. --windows N evaluates the first N windows (default all).
+      --json prints one JSON object per recipe per line with keys recipe, ppl, dppl_rel,
+      kld_mean, top1_agree, kv_bytes, ratio, tokens_per_s. A progress bar goes to stderr.
+
+  dump --model PATH --text FILE --offset BYTES --out DIR
+      Records the window of up to the context length of tokens starting at byte BYTES of
+      FILE (same token stream rule) in the format of data/dumps: q.f32, k.f32, k_pre.f32,
+      v.f32, attn_out.f32 (computed by an f32 KVCache), nll.f32 and meta.json.
+
+PATH is a llama2.c checkpoint (.bin, with tok*.bin beside it), a directory holding one, or a
+Hugging Face directory with config.json, model.safetensors and tokenizer.json.
+Recipes: f32, f16, bf16, kivi:kbits=K,vbits=V[,group=G,residual=R], ... (see docs/recipes.md).
+)";
+
+/// Thrown for command-line mistakes (exit code 2, usage hint).
+struct UsageError {
+  std::string message;
+};
+
+struct Args {
+  std::string command;
+  std::string model, prompt, text, out;
+  std::vector<std::string> recipes;
+  std::int64_t tokens = 256, windows = 0, offset = -1;
+  bool json = false, progress = true;
+};
+
+std::int64_t parse_int(std::string_view opt, std::string_view v, std::int64_t lo) {
+  std::int64_t x = 0;
+  const auto [p, ec] = std::from_chars(v.data(), v.data() + v.size(), x);
+  if (ec != std::errc() || p != v.data() + v.size() || x < lo)
+    throw UsageError{fmt::format("{} expects an integer >= {}, got '{}'", opt, lo, v)};
+  return x;
+}
+
+Args parse_args(int argc, char** argv) {
+  Args a;
+  if (argc < 2) throw UsageError{"missing command"};
+  a.command = argv[1];
+  if (a.command == "--help" || a.command == "-h" || a.command == "help") {
+    a.command = "help";
+    return a;
+  }
+  if (a.command != "generate" && a.command != "ppl" && a.command != "dump")
+    throw UsageError{fmt::format("unknown command '{}'", a.command)};
+  for (int i = 2; i < argc; ++i) {
+    const std::string_view opt = argv[i];
+    auto value = [&]() -> std::string {
+      if (i + 1 >= argc) throw UsageError{fmt::format("{} needs a value", opt)};
+      return argv[++i];
+    };
+    if (opt == "--help" || opt == "-h") {
+      a.command = "help";
+      return a;
+    } else if (opt == "--model") {
+      a.model = value();
+    } else if (opt == "--prompt" && a.command == "generate") {
+      a.prompt = value();
+    } else if (opt == "--tokens" && a.command == "generate") {
+      a.tokens = parse_int(opt, value(), 0);
+    } else if (opt == "--recipe" && a.command != "dump") {
+      a.recipes.push_back(value());
+    } else if (opt == "--text" && a.command != "generate") {
+      a.text = value();
+    } else if (opt == "--windows" && a.command == "ppl") {
+      a.windows = parse_int(opt, value(), 1);
+    } else if (opt == "--json" && a.command == "ppl") {
+      a.json = true;
+    } else if (opt == "--no-progress" && a.command == "ppl") {
+      a.progress = false;
+    } else if (opt == "--offset" && a.command == "dump") {
+      a.offset = parse_int(opt, value(), 0);
+    } else if (opt == "--out" && a.command == "dump") {
+      a.out = value();
+    } else {
+      throw UsageError{fmt::format("unknown option '{}' for '{}'", opt, a.command)};
+    }
+  }
+  if (a.model.empty()) throw UsageError{"--model is required"};
+  if (a.command == "ppl") {
+    if (a.text.empty()) throw UsageError{"ppl needs --text FILE"};
+    if (a.recipes.empty()) throw UsageError{"ppl needs at least one --recipe"};
+  }
+  if (a.command == "dump") {
+    if (a.text.empty() || a.out.empty() || a.offset < 0)
+      throw UsageError{"dump needs --text FILE, --offset BYTES and --out DIR"};
+  }
+  if (a.command == "generate" && a.recipes.size() > 1)
+    throw UsageError{"generate takes one --recipe"};
+  return a;
+}
+
+/// JSON number, or null for NaN/Inf (which JSON cannot represent).
+std::string num(double x) { return std::isfinite(x) ? fmt::format("{}", x) : "null"; }
+
+int run_generate(const Args& a) {
+  const Model model = load_model(a.model);
+  const std::string recipe = a.recipes.empty() ? "f32" : a.recipes[0];
+  const GenerateResult r =
+      generate(model, recipe, a.prompt, static_cast<int>(a.tokens), [](std::string_view s) {
+        std::fwrite(s.data(), 1, s.size(), stdout);
+        std::fflush(stdout);
+      });
+  std::fputc('\n', stdout);
+  fmt::print(stderr, "[{} tokens generated, {:.1f} tokens/s decode, recipe {}]\n", r.generated,
+             r.tokens_per_s, recipe);
+  return 0;
+}
+
+int run_ppl(const Args& a) {
+  const Model model = load_model(a.model);
+  const std::string text = read_text(a.text);
+  const std::vector<int> stream = token_stream(*model.tokenizer, text);
+  PerplexityOptions opt;
+  opt.max_windows = static_cast<std::size_t>(a.windows);
+  if (a.progress) {
+    opt.progress = [](std::size_t done, std::size_t total) {
+      constexpr int kWidth = 40;
+      const int filled = static_cast<int>(kWidth * done / total);
+      fmt::print(stderr, "\r[{}{}] {}/{} window runs", std::string(filled, '#'),
+                 std::string(kWidth - filled, '.'), done, total);
+      if (done == total) fmt::print(stderr, "\n");
+      std::fflush(stderr);
+    };
+  }
+  const PerplexityReport rep = evaluate_perplexity(model, stream, a.recipes, opt);
+  if (a.json) {
+    for (const RecipeMetrics& m : rep.recipes)
+      fmt::print(
+          "{{\"recipe\": {}, \"ppl\": {}, \"dppl_rel\": {}, \"kld_mean\": {}, \"top1_agree\": "
+          "{}, \"kv_bytes\": {}, \"ratio\": {}, \"tokens_per_s\": {}}}\n",
+          kvslim::json::quote(m.recipe), num(m.ppl), num(m.dppl_rel), num(m.kld_mean),
+          num(m.top1_agree), num(m.kv_bytes), num(m.ratio), num(m.tokens_per_s));
+    return 0;
+  }
+  fmt::print("model {} ({}), {} windows of up to {} tokens, {} predicted tokens per recipe\n",
+             model.name, model.kind, rep.windows, model.config.seq_len, rep.tokens);
+  fmt::print("f32 reference perplexity {:.4f}\n", rep.ppl_f32);
+  std::size_t w = 6;
+  for (const RecipeMetrics& m : rep.recipes) w = std::max(w, m.recipe.size());
+  fmt::print("{:<{}}  {:>9}  {:>9}  {:>9}  {:>7}  {:>12}  {:>6}  {:>8}\n", "recipe", w, "ppl",
+             "dPPL", "KLD", "top1", "KV bytes", "ratio", "tok/s");
+  for (const RecipeMetrics& m : rep.recipes)
+    fmt::print("{:<{}}  {:>9.4f}  {:>+8.3f}%  {:>9.2e}  {:>6.2f}%  {:>12.0f}  {:>5.2f}x  {:>8.0f}\n",
+               m.recipe, w, m.ppl, 100.0 * m.dppl_rel, m.kld_mean, 100.0 * m.top1_agree,
+               m.kv_bytes, m.ratio, m.tokens_per_s);
+  fmt::print("KV bytes: stats().total_bytes at the end of each window, mean over windows.\n");
+  return 0;
+}
+
+int run_dump(const Args& a) {
+  const Model model = load_model(a.model);
+  const std::string text = read_text(a.text);
+  const double ppl = write_dump(model, text, a.offset, a.out,
+                                std::filesystem::path(a.text).filename().string());
+  fmt::print("wrote {} (window perplexity {:.4f})\n", a.out, ppl);
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    const Args a = parse_args(argc, argv);
+    if (a.command == "help") {
+      fmt::print("{}", kUsage);
+      return 0;
+    }
+    if (a.command == "generate") return run_generate(a);
+    if (a.command == "ppl") return run_ppl(a);
+    return run_dump(a);
+  } catch (const UsageError& e) {
+    fmt::print(stderr, "kvslim-llama: {}\n\n{}", e.message, kUsage);
+    return 2;
+  } catch (const kvslim::Error& e) {
+    fmt::print(stderr, "kvslim-llama: error ({}): {}\n", kvslim::error_code_name(e.code()),
+               e.what());
+    if (e.code() == kvslim::ErrorCode::kIo)
+      fmt::print(stderr,
+                 "kvslim-llama: the shared models and text are expected in ../shared next to the "
+                 "checkout (models/, data/text/); pass --model and --text to point elsewhere\n");
+    return 1;
+  } catch (const std::exception& e) {
+    fmt::print(stderr, "kvslim-llama: error: {}\n", e.what());
+    return 1;
+  }
+}
