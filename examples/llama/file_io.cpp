@@ -59,29 +59,18 @@ void ByteReader::need(std::size_t n, std::string_view field) const {
                file_, field, n, pos_, bytes_.size());
 }
 
-std::int32_t ByteReader::i32(std::string_view field) {
-  need(4, field);
-  std::int32_t v;
-  std::memcpy(&v, bytes_.data() + pos_, 4);
-  pos_ += 4;
+// Fields are little-endian, as is every machine kvslim builds for (x86-64).
+template <class T>
+T ByteReader::scalar(std::string_view field) {
+  const std::string_view raw = bytes(sizeof(T), field);
+  T v;
+  std::memcpy(&v, raw.data(), sizeof(T));
   return v;
 }
 
-std::uint64_t ByteReader::u64(std::string_view field) {
-  need(8, field);
-  std::uint64_t v;
-  std::memcpy(&v, bytes_.data() + pos_, 8);
-  pos_ += 8;
-  return v;
-}
-
-float ByteReader::f32(std::string_view field) {
-  need(4, field);
-  float v;
-  std::memcpy(&v, bytes_.data() + pos_, 4);
-  pos_ += 4;
-  return v;
-}
+std::int32_t ByteReader::i32(std::string_view field) { return scalar<std::int32_t>(field); }
+std::uint64_t ByteReader::u64(std::string_view field) { return scalar<std::uint64_t>(field); }
+float ByteReader::f32(std::string_view field) { return scalar<float>(field); }
 
 std::string_view ByteReader::bytes(std::size_t n, std::string_view field) {
   need(n, field);

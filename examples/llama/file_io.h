@@ -38,6 +38,8 @@ class ByteReader {
 
  private:
   void need(std::size_t n, std::string_view field) const;
+  template <class T>
+  T scalar(std::string_view field);
 
   std::string_view bytes_;
   std::string file_;
