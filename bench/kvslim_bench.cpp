@@ -1,38 +1,74 @@
-// kvslim_bench: decode attention per format through KVCache (the AVX2/AVX-512 kernel
-// suite extends this). Names: BM_attend/<isa>/<format>/ctx:<tokens>.
+// kvslim_bench: the benchmark suite (Google Benchmark), one executable. Registration order:
+//   BM_read_bandwidth, BM_memcpy                    the in-run roofline (roofline_bench.cpp)
+//   BM_encode/<isa>/<format>, BM_decode/...         page codecs (codec_bench.cpp)
+//   BM_attend/<isa>/<format>/ctx:<tokens>/threads:<n>
+//       decode attention through KVCache: one layer, head_dim 128, 32 query / 8 kv heads,
+//       one query token against ctx cached tokens (4K, 16K, 64K; the scalar oracle at 4K
+//       only), residual=0 so the measured path is the compressed pages, CacheConfig::threads
+//       1 and 2. Counters: kv_bytes (CacheStats::total_bytes: everything the layer holds,
+//       metadata included), bytes_per_second (kv_bytes read per second), bits_per_value.
+//       Google Benchmark appends "/real_time" to every name (wall time is measured, so that
+//       threads:2 is timed correctly).
+// bench/README.md has the results on the reference machine and how to reproduce them.
 #include <benchmark/benchmark.h>
 
+#include <algorithm>
 #include <random>
 #include <string>
 #include <vector>
 
+#include "bench_util.h"
 #include "kvslim/kvslim.h"
 
+namespace kvslim::bench {
 namespace {
 
-void BM_attend(benchmark::State& state, kvslim::Isa isa, std::string recipe) {
-  const int ctx = static_cast<int>(state.range(0));
-  const int qh = 32, kvh = 8, d = 128;
-  kvslim::set_active_isa(isa);
-  kvslim::KVCache cache(kvslim::CacheConfig{1, qh, kvh, d, ctx + 1, recipe});
-  std::vector<float> kv(static_cast<std::size_t>(kvh) * 1024 * d), q(static_cast<std::size_t>(qh) * d), out(q.size());
-  std::mt19937 rng(1);
-  std::normal_distribution<float> n;
-  for (auto& x : kv) x = n(rng);
-  for (auto& x : q) x = n(rng);
-  for (int t = 0; t < ctx; t += 1024) {
-    const int c = std::min(1024, ctx - t);
-    kvslim::Layout l;
+struct AttendFormat {
+  const char* name;
+  const char* recipe;
+};
+const AttendFormat kAttendFormats[] = {
+    {"f32", "f32"},
+    {"f16", "f16"},
+    {"bf16", "bf16"},
+    {"kivi8", "kivi:kbits=8,vbits=8,residual=0"},
+    {"kivi4", "kivi:kbits=4,vbits=4,residual=0"},
+    {"kivi2", "kivi:kbits=2,vbits=2,residual=0"},
+};
+const int kContexts[] = {4096, 16384, 65536};
+
+// With --benchmark_repetitions=N: the least disturbed run (this machine shares its host).
+double min_of(const std::vector<double>& v) { return *std::min_element(v.begin(), v.end()); }
+const int kThreads[] = {1, 2};
+
+void BM_attend(benchmark::State& state, Isa isa, AttendFormat f, int ctx, int threads) {
+  constexpr int kQH = 32, kKVH = 8, kD = 128, kChunk = 1024;
+  set_active_isa(isa);  // the cache binds its kernel table at construction
+  CacheConfig cfg{1, kQH, kKVH, kD, ctx + 1, f.recipe};
+  cfg.threads = threads;
+  KVCache cache(cfg);
+  std::vector<float> k(static_cast<std::size_t>(kKVH) * kChunk * kD), v(k.size()), q(static_cast<std::size_t>(kQH) * kD),
+      out(q.size());
+  fill_random(k.data(), k.size(), 1);
+  fill_random(v.data(), v.size(), 2);
+  fill_random(q.data(), q.size(), 3);
+  for (int t = 0; t < ctx; t += kChunk) {
+    const int n = std::min(kChunk, ctx - t);
+    Layout l;
     l.rank = 3;
-    l.shape = {kvh, c, d, 0};
-    l.strides = {1024L * d, d, 1, 0};
-    cache.append(0, kvslim::TensorView<const float>(kv.data(), l), kvslim::TensorView<const float>(kv.data(), l));
+    l.shape = {kKVH, n, kD, 0};
+    l.strides = {static_cast<std::int64_t>(kChunk) * kD, kD, 1, 0};
+    cache.append(0, TensorView<const float>(k.data(), l), TensorView<const float>(v.data(), l));
   }
-  cache.append(0, kvslim::TensorView<const float>(kv.data(), {kvh, 1, d}), kvslim::TensorView<const float>(kv.data(), {kvh, 1, d}));
-  const auto st = cache.stats();
+  // The decode step: one new token, then its attention over everything.
+  cache.append(0, TensorView<const float>(k.data(), {kKVH, 1, kD}), TensorView<const float>(v.data(), {kKVH, 1, kD}));
+  const CacheStats st = cache.stats();
+  const TensorView<const float> qv(q.data(), {kQH, 1, kD});
+  const TensorView<float> ov(out.data(), {kQH, 1, kD});
   for (auto _ : state) {
-    cache.attend(0, kvslim::TensorView<const float>(q.data(), {qh, 1, d}), kvslim::TensorView<float>(out.data(), {qh, 1, d}));
+    cache.attend(0, qv, ov);
     benchmark::DoNotOptimize(out.data());
+    benchmark::ClobberMemory();
   }
   state.counters["kv_bytes"] = static_cast<double>(st.total_bytes);
   state.counters["bytes_per_second"] =
@@ -40,18 +76,34 @@ void BM_attend(benchmark::State& state, kvslim::Isa isa, std::string recipe) {
   state.counters["bits_per_value"] = st.bits_per_value;
 }
 
-const int kRegistered = [] {
-  for (kvslim::Isa isa : kvslim::available_isas())
-    for (const char* fmt : {"f32", "f16", "bf16", "kivi:kbits=4,vbits=4,residual=0", "kivi:kbits=2,vbits=2,residual=0"}) {
-      std::string name = std::string("BM_attend/") + kvslim::isa_name(isa) + "/" + fmt;
-      benchmark::RegisterBenchmark(name.c_str(), BM_attend, isa, std::string(fmt))
-          ->Arg(4096)
-          ->Arg(16384)
-          ->Unit(benchmark::kMillisecond);
-    }
-  return 0;
-}();
-
 }  // namespace
 
-BENCHMARK_MAIN();
+void register_attend() {
+  for (Isa isa : available_isas())
+    for (const AttendFormat& f : kAttendFormats)
+      for (int ctx : kContexts)
+        for (int th : kThreads) {
+          // The scalar table is the test oracle: seconds per step at long contexts, and
+          // nothing to learn from them.
+          if (isa == Isa::kScalar && ctx > kContexts[0]) continue;
+          const std::string name = std::string("BM_attend/") + isa_name(isa) + "/" + f.name + "/ctx:" +
+                                   std::to_string(ctx) + "/threads:" + std::to_string(th);
+          benchmark::RegisterBenchmark(name.c_str(), BM_attend, isa, f, ctx, th)
+              ->UseRealTime()
+              ->ComputeStatistics("min", min_of)
+              ->Unit(benchmark::kMillisecond);
+        }
+}
+
+}  // namespace kvslim::bench
+
+int main(int argc, char** argv) {
+  kvslim::bench::register_roofline();
+  kvslim::bench::register_codecs();
+  kvslim::bench::register_attend();
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}

@@ -125,6 +125,36 @@ TEST(Errors, CapacityAndBudget) {
   EXPECT_EQ(f.cache.tokens(0, 0), 8);
 }
 
+namespace {
+// A minimal eviction policy, registered only to exercise budget validation.
+class FixedBudget final : public EvictionPolicy {
+ public:
+  explicit FixedBudget(std::int64_t b) : b_(b) {}
+  std::string describe() const override { return "fixed:budget=" + std::to_string(b_); }
+  EvictAction action() const override { return EvictAction::kDrop; }
+  std::int64_t budget() const override { return b_; }
+  void select(const TokenStore&, std::vector<std::int64_t>&) const override {}
+
+ private:
+  std::int64_t b_;
+};
+}  // namespace
+
+TEST(Errors, BudgetLargerThanCapacity) {
+  register_stage("fixed", StageKind::kEviction, [](StageParams& p, int) {
+    const int b = p.get_int("budget", 16, 0, 1 << 30);
+    p.check_all_used({"budget"});
+    return BuiltStage{StageKind::kEviction, nullptr, std::make_shared<FixedBudget>(b), nullptr, nullptr};
+  });
+  expect_error([] { KVCache c(CacheConfig{1, 1, 1, 8, 512, "fixed:budget=600 | kivi"}); }, ErrorCode::kCapacity,
+               {"eviction budget 600", "larger than the cache capacity max_tokens 512"});
+  expect_error([] { KVCache c(CacheConfig{1, 1, 1, 8, 512, "kivi:sinks=513"}); }, ErrorCode::kCapacity,
+               {"sinks=513 is larger than the cache capacity max_tokens 512"});
+  // Within capacity the stage builds, and the cache says plainly that it cannot run it yet.
+  expect_error([] { KVCache c(CacheConfig{1, 1, 1, 8, 512, "fixed:budget=100 | kivi"}); }, ErrorCode::kRecipe,
+               {"does not run them yet"});
+}
+
 TEST(Errors, RecipeErrorsReachTheConstructor) {
   expect_error([] { KVCache c(CacheConfig{1, 1, 1, 8, 10, "kivi:kbits=9"}); }, ErrorCode::kInvalidArgument,
                {"kbits=9 is not a supported bit width"});

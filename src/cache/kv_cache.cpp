@@ -1,7 +1,12 @@
 #include "kvslim/cache/kv_cache.h"
 
+#include <algorithm>
 #include <cmath>
+#include <condition_variable>
 #include <cstring>
+#include <exception>
+#include <mutex>
+#include <thread>
 
 #include "check.h"
 #include "kvslim/cache/recipe.h"
@@ -23,6 +28,98 @@ std::int64_t CacheStats::layer_tokens(int layer) const {
   return t;
 }
 
+namespace {
+
+// Worker pool for attend() (CacheConfig::threads > 1). A run splits tasks 0..n-1 (kv heads)
+// statically over the calling thread (participant 0) and the workers (1..W): participant p
+// runs tasks p, p + W + 1, ... So every participant runs a head on every call, which warms
+// its thread-local workspace on the first call: attend() then allocates nothing. One run
+// at a time; nothing is allocated per run (the task is a function pointer + context).
+class WorkerPool {
+ public:
+  explicit WorkerPool(int workers) : participants_(workers + 1) {
+    threads_.reserve(static_cast<std::size_t>(workers));
+    for (int i = 0; i < workers; ++i) threads_.emplace_back([this, i] { loop(i + 1); });
+  }
+  ~WorkerPool() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+    }
+    wake_.notify_all();
+    for (std::thread& t : threads_) t.join();
+  }
+  WorkerPool(const WorkerPool&) = delete;
+  WorkerPool& operator=(const WorkerPool&) = delete;
+
+  /// Claim the pool for one run; false if another thread is running it (the caller then does
+  /// the work alone rather than wait or oversubscribe).
+  bool try_acquire() { return busy_.try_lock(); }
+  void release() { busy_.unlock(); }
+
+  /// Runs fn(ctx, task) for every task in [0, ntasks) and returns when every participant is
+  /// done; an exception thrown by a task is rethrown here.
+  void run(int ntasks, void (*fn)(void*, int), void* ctx) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      fn_ = fn;
+      ctx_ = ctx;
+      ntasks_ = ntasks;
+      pending_ = participants_ - 1;
+      error_ = nullptr;
+      ++generation_;
+    }
+    wake_.notify_all();
+    work(0);
+    std::unique_lock<std::mutex> lock(mu_);
+    done_.wait(lock, [this] { return pending_ == 0; });
+    if (error_) std::rethrow_exception(error_);
+  }
+
+ private:
+  void work(int participant) {
+    for (int t = participant; t < ntasks_; t += participants_) {
+      try {
+        fn_(ctx_, t);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (!error_) error_ = std::current_exception();
+      }
+    }
+  }
+  // A worker reads the run's fields only between seeing its generation and counting itself
+  // done, both under mu_; run() returns (and the next run can start) only after every
+  // worker has counted itself done.
+  void loop(int participant) {
+    std::uint64_t seen = 0;
+    std::unique_lock<std::mutex> lock(mu_);
+    for (;;) {
+      wake_.wait(lock, [&] { return stop_ || generation_ != seen; });
+      if (stop_) return;
+      seen = generation_;
+      lock.unlock();
+      work(participant);
+      lock.lock();
+      if (--pending_ == 0) done_.notify_all();
+    }
+  }
+
+  const int participants_;
+  std::mutex busy_;
+  std::mutex mu_;
+  std::condition_variable wake_, done_;
+  std::uint64_t generation_ = 0;
+  bool stop_ = false;
+  void (*fn_)(void*, int) = nullptr;
+  void* ctx_ = nullptr;
+  int ntasks_ = 0;
+  int pending_ = 0;
+  std::exception_ptr error_;
+  std::vector<std::thread> threads_;
+};
+
+}  // namespace
+
 struct KVCache::Impl {
   CacheConfig cfg;
   const kernels::KernelTable* kt = nullptr;
@@ -30,6 +127,7 @@ struct KVCache::Impl {
   std::vector<std::unique_ptr<Pipeline>> pipelines;
   ByteCounter shared;
   std::vector<TokenStore*, TrackedAllocator<TokenStore*>> stores{TrackedAllocator<TokenStore*>(&shared)};
+  std::unique_ptr<WorkerPool> pool;  // only when cfg.threads > 1 and kv_heads > 1
 
   ~Impl() {
     TrackedAllocator<TokenStore> alloc(&shared);
@@ -82,6 +180,8 @@ KVCache::KVCache(const CacheConfig& config) : impl_(std::make_unique<Impl>()) {
   KVSLIM_CHECK(c.head_dim >= 1 && c.head_dim <= 4096, ErrorCode::kInvalidArgument,
                "CacheConfig.head_dim = {} must be in [1, 4096]", c.head_dim);
   KVSLIM_CHECK(c.max_tokens >= 1, ErrorCode::kCapacity, "CacheConfig.max_tokens = {} must be >= 1", c.max_tokens);
+  KVSLIM_CHECK(c.threads >= 1 && c.threads <= 256, ErrorCode::kInvalidArgument,
+               "CacheConfig.threads = {} must be in [1, 256]", c.threads);
   m.kt = &kernels::active();
 
   const RecipeSpec spec = parse_recipe(c.recipe);
@@ -103,6 +203,15 @@ KVCache::KVCache(const CacheConfig& config) : impl_(std::make_unique<Impl>()) {
       while (idx < built_from.size() && built_from[idx] != &chain) ++idx;
       if (idx == built_from.size()) {
         auto p = std::make_unique<Pipeline>(build_pipeline(chain, c.head_dim));
+        // Budgets are checked against the capacity before anything else about the stage.
+        if (p->eviction)
+          KVSLIM_CHECK(p->eviction->budget() >= 1 && p->eviction->budget() <= c.max_tokens, ErrorCode::kCapacity,
+                       "recipe '{}': eviction budget {} of '{}' is larger than the cache capacity max_tokens {} "
+                       "(or below 1)",
+                       chain.text(), p->eviction->budget(), p->eviction->describe(), c.max_tokens);
+        KVSLIM_CHECK(p->codec->sinks() <= c.max_tokens, ErrorCode::kCapacity,
+                     "recipe '{}': sinks={} is larger than the cache capacity max_tokens {}", chain.text(),
+                     p->codec->sinks(), c.max_tokens);
         KVSLIM_CHECK(!p->eviction && !p->merge, ErrorCode::kRecipe,
                      "recipe '{}': eviction and merge stages parse and build, but the token store does not run "
                      "them yet (see docs/architecture.md)",
@@ -114,6 +223,9 @@ KVCache::KVCache(const CacheConfig& config) : impl_(std::make_unique<Impl>()) {
       new (s) TokenStore(c.head_dim, m.pipelines[idx].get());
       m.stores.push_back(s);
     }
+  // Work is split by kv head, so more threads than heads would only idle.
+  const int workers = std::min(c.threads, c.kv_heads) - 1;
+  if (workers > 0) m.pool = std::make_unique<WorkerPool>(workers);
 }
 
 KVCache::~KVCache() = default;
@@ -195,31 +307,52 @@ void KVCache::attend(int layer, TensorView<const float> q, TensorView<float> out
   KVSLIM_CHECK(std::isfinite(options.scale) && options.scale >= 0.0f, ErrorCode::kInvalidArgument,
                "attend: scale {} must be finite and >= 0 (0 = 1/sqrt(head_dim))", options.scale);
   const float scale = options.scale > 0.0f ? options.scale : 1.0f / std::sqrt(static_cast<float>(c.head_dim));
-  const int group = c.q_heads / c.kv_heads;
-  const int d = c.head_dim;
-  const int nq = group * static_cast<int>(n);
-  AttendWorkspace& ws = workspace();
-  ws.q.resize(static_cast<std::size_t>(nq) * d);
-  ws.out.resize(static_cast<std::size_t>(nq) * d);
-
-  for (int h = 0; h < c.kv_heads; ++h) {
+  struct Task {
+    const Impl* m;
+    int layer, group, d, nq;
+    std::int64_t n;
+    float scale;
+    const TensorView<const float>* q;
+    const TensorView<float>* out;
+    const AttendOptions* options;
+  };
+  // One kv head: gather its query rows (scaled), attend, scatter the outputs. Runs on any
+  // thread; each thread has its own workspace.
+  auto head = [](void* ctx, int h) {
+    const Task& t = *static_cast<const Task*>(ctx);
+    const std::int64_t nt = t.n;
+    const int d = t.d, group = t.group;
+    AttendWorkspace& ws = workspace();
+    ws.q.resize(static_cast<std::size_t>(t.nq) * d);
+    ws.out.resize(static_cast<std::size_t>(t.nq) * d);
     // Rows of this kv head: query head (h*group + g), query i -> row g*n + i.
     for (int g = 0; g < group; ++g)
-      for (std::int64_t i = 0; i < n; ++i) {
-        const float* src = q.row(h * group + g, i);
-        float* dst = ws.q.data() + (g * n + i) * d;
-        for (int ch = 0; ch < d; ++ch) dst[ch] = src[ch] * scale;
+      for (std::int64_t i = 0; i < nt; ++i) {
+        const float* src = t.q->row(h * group + g, i);
+        float* dst = ws.q.data() + (g * nt + i) * d;
+        for (int ch = 0; ch < d; ++ch) dst[ch] = src[ch] * t.scale;
       }
-    const TokenStore& s = m.at(layer, h);
+    const TokenStore& s = t.m->at(t.layer, h);
     float* mass = nullptr;
-    if (options.mass) {
-      mass = options.mass + h * options.mass_stride;
-      if (!options.accumulate_mass) std::fill(mass, mass + s.size(), 0.0f);
+    if (t.options->mass) {
+      mass = t.options->mass + h * t.options->mass_stride;
+      if (!t.options->accumulate_mass) std::fill(mass, mass + s.size(), 0.0f);
     }
-    s.attend(*m.kt, ws.q.data(), nq, static_cast<int>(n), ws.out.data(), mass, ws);
+    s.attend(*t.m->kt, ws.q.data(), t.nq, static_cast<int>(nt), ws.out.data(), mass, ws);
     for (int g = 0; g < group; ++g)
-      for (std::int64_t i = 0; i < n; ++i)
-        std::memcpy(out.row(h * group + g, i), ws.out.data() + (g * n + i) * d, static_cast<std::size_t>(d) * 4);
+      for (std::int64_t i = 0; i < nt; ++i)
+        std::memcpy(t.out->row(h * group + g, i), ws.out.data() + (g * nt + i) * d, static_cast<std::size_t>(d) * 4);
+  };
+  const int group = c.q_heads / c.kv_heads;
+  Task task{&m, layer, group, c.head_dim, group * static_cast<int>(n), n, scale, &q, &out, &options};
+  if (m.pool && m.pool->try_acquire()) {
+    struct Release {
+      WorkerPool* p;
+      ~Release() { p->release(); }
+    } release{m.pool.get()};
+    m.pool->run(c.kv_heads, head, &task);
+  } else {
+    for (int h = 0; h < c.kv_heads; ++h) head(&task, h);
   }
   // Scorers that consume attention see this call's mass.
   for (int h = 0; h < c.kv_heads; ++h) {

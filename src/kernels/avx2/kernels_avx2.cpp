@@ -1,0 +1,30 @@
+// AVX2 kernel table. Requires AVX2, FMA and F16C (this file alone is compiled with
+// -mavx2 -mfma -mf16c; dispatch only hands it out when cpuid + xgetbv say they run).
+// Everything but kTable has internal linkage, so no AVX2 copy of an inline function can
+// leak into the rest of the library (see STYLE.md, "Dispatch").
+#include <immintrin.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "kvslim/kernels/kernel_table.h"
+
+namespace kvslim::kernels::avx2 {
+namespace {
+
+#include "kernels/avx2/simd_avx2.h"
+#include "kernels/kernels-inl.h"
+
+}  // namespace
+
+extern const KernelTable kTable = {
+    "avx2",
+    f32_to_f16_k, f16_to_f32_k, f32_to_bf16_k, bf16_to_f32_k,
+    scores_f32_k, scores_f16_k, scores_bf16_k,
+    accum_f32_k, accum_f16_k, accum_bf16_k,
+    softmax_block_k,
+    kivi_quant_keys_k, kivi_quant_values_k, kivi_dequant_keys_k, kivi_dequant_values_k,
+    kivi_scores_generic, kivi_accum_generic,
+};
+
+}  // namespace kvslim::kernels::avx2
