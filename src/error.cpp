@@ -14,6 +14,7 @@ const char* error_code_name(ErrorCode code) noexcept {
     case ErrorCode::kUnsupportedIsa: return "unsupported_isa";
     case ErrorCode::kIo: return "io";
     case ErrorCode::kFormat: return "format";
+    case ErrorCode::kInvalidState: return "invalid_state";
   }
   return "unknown";
 }

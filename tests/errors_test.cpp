@@ -183,3 +183,116 @@ TEST(Errors, AttendScale) {
   ao.scale = std::numeric_limits<float>::infinity();
   expect_error([&] { f.cache.attend(0, f.kv(4, 1), f.out(4, 1), ao); }, ErrorCode::kInvalidArgument, {"scale inf"});
 }
+
+TEST(Errors, NonFiniteQueries) {
+  // Default: a NaN/Inf query is rejected, naming q head, token and channel.
+  Fixture f;
+  f.cache.append(0, f.kv(2, 2), f.kv(2, 2));
+  std::vector<float> q(4 * 2 * 8, 0.25f), out(4 * 2 * 8);
+  q[(2 * 2 + 1) * 8 + 6] = std::numeric_limits<float>::quiet_NaN();  // q head 2, token 1, channel 6
+  expect_error([&] { f.cache.attend(0, TensorView<const float>(q.data(), {4, 2, 8}), TensorView<float>(out.data(), {4, 2, 8})); },
+               ErrorCode::kNonFinite, {"query of q head 2, token 1, channel 6 is nan"});
+  // kAllow: NaN in, NaN out — on every ISA, and only for that row; no mass from it.
+  for (Isa isa : available_isas()) {
+    set_active_isa(isa);
+    for (const char* recipe : {"f32", "kivi:kbits=4,vbits=4,group=8,residual=0"}) {
+      CacheConfig allow{1, 4, 2, 8, 64, recipe};
+      allow.non_finite = NonFinitePolicy::kAllow;
+      KVCache c(allow);
+      std::vector<float> kv(2 * 20 * 8);
+      for (std::size_t i = 0; i < kv.size(); ++i) kv[i] = std::sin(0.37f * static_cast<float>(i));
+      c.append(0, TensorView<const float>(kv.data(), {2, 18, 8}), TensorView<const float>(kv.data(), {2, 18, 8}));
+      c.attend(0, TensorView<const float>(kv.data(), {4, 1, 8}), TensorView<float>(out.data(), {4, 1, 8}));
+      c.append(0, TensorView<const float>(kv.data(), {2, 2, 8}), TensorView<const float>(kv.data(), {2, 2, 8}));
+      for (float inf : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
+        std::fill(q.begin(), q.end(), 0.25f);
+        q[(2 * 2 + 1) * 8 + 6] = inf;
+        std::vector<float> mass(2 * 32, -1.0f);
+        AttendOptions ao;
+        ao.mass = mass.data();
+        ao.mass_stride = 32;
+        c.attend(0, TensorView<const float>(q.data(), {4, 2, 8}), TensorView<float>(out.data(), {4, 2, 8}), ao);
+        for (int h = 0; h < 4; ++h)
+          for (int t = 0; t < 2; ++t)
+            for (int ch = 0; ch < 8; ++ch) {
+              const float o = out[(h * 2 + t) * 8 + ch];
+              if (h == 2 && t == 1) EXPECT_TRUE(std::isnan(o)) << isa_name(isa) << " " << recipe;
+              else EXPECT_TRUE(std::isfinite(o)) << isa_name(isa) << " " << recipe << " head " << h;
+            }
+        // kv head 1 (q heads 2, 3) gets mass from 3 finite rows only; kv head 0 from 4.
+        double m0 = 0.0, m1 = 0.0;
+        for (int j = 0; j < 20; ++j) {
+          m0 += mass[j];
+          m1 += mass[32 + j];
+        }
+        EXPECT_NEAR(m0, 4.0, 1e-4) << isa_name(isa);
+        EXPECT_NEAR(m1, 3.0, 1e-4) << isa_name(isa);
+      }
+    }
+  }
+  set_active_isa(available_isas().back());
+}
+
+TEST(Errors, MovedFromCacheThrowsOnEveryCall) {
+  Fixture f;
+  f.cache.append(0, f.kv(2, 1), f.kv(2, 1));
+  KVCache moved = std::move(f.cache);
+  EXPECT_EQ(moved.tokens(0, 0), 1);
+  const std::vector<std::string> msg{"moved from"};
+  KVCache& gone = f.cache;
+  expect_error([&] { gone.append(0, f.kv(2, 1), f.kv(2, 1)); }, ErrorCode::kInvalidState, msg);
+  expect_error([&] { gone.attend(0, f.kv(4, 1), f.out(4, 1)); }, ErrorCode::kInvalidState, msg);
+  expect_error([&] { (void)gone.stats(); }, ErrorCode::kInvalidState, msg);
+  expect_error([&] { (void)gone.config(); }, ErrorCode::kInvalidState, msg);
+  expect_error([&] { (void)gone.tokens(0, 0); }, ErrorCode::kInvalidState, msg);
+  expect_error([&] { (void)gone.positions(0, 0); }, ErrorCode::kInvalidState, msg);
+  expect_error([&] { (void)gone.materialize(0, 0); }, ErrorCode::kInvalidState, msg);
+  expect_error([&] { (void)gone.recipe_for(0, 0); }, ErrorCode::kInvalidState, msg);
+  expect_error([&] { (void)gone.store(0, 0); }, ErrorCode::kInvalidState, msg);
+  const std::vector<float> mass(1, 0.0f);
+  expect_error([&] { gone.observe(0, 0, mass); }, ErrorCode::kInvalidState, msg);
+  expect_error([&] { gone.reset(); }, ErrorCode::kInvalidState, msg);
+  expect_error([&] { gone.flush(); }, ErrorCode::kInvalidState, msg);
+  // Assigning a cache makes it usable again.
+  gone = KVCache(f.cfg);
+  EXPECT_EQ(gone.tokens(0, 0), 0);
+  EXPECT_STREQ(error_code_name(ErrorCode::kInvalidState), "invalid_state");
+}
+
+TEST(Errors, NullDataWithAValidShape) {
+  Fixture f;
+  const TensorView<const float> null_kv(nullptr, {2, 1, 8});
+  expect_error([&] { f.cache.append(0, null_kv, f.kv(2, 1)); }, ErrorCode::kInvalidArgument,
+               {"k has shape [2, 1, 8]", "null data pointer"});
+  expect_error([&] { f.cache.append(0, f.kv(2, 1), null_kv); }, ErrorCode::kInvalidArgument, {"v has shape"});
+  EXPECT_EQ(f.cache.tokens(0, 0), 0);
+  f.cache.append(0, f.kv(2, 1), f.kv(2, 1));
+  expect_error([&] { f.cache.attend(0, TensorView<const float>(nullptr, {4, 1, 8}), f.out(4, 1)); },
+               ErrorCode::kInvalidArgument, {"q has shape [4, 1, 8]", "null data pointer"});
+  expect_error([&] { f.cache.attend(0, f.kv(4, 1), TensorView<float>(nullptr, {4, 1, 8})); },
+               ErrorCode::kInvalidArgument, {"out has shape"});
+}
+
+TEST(Errors, StatsHeadOutOfRange) {
+  Fixture f;
+  const CacheStats st = f.cache.stats();
+  EXPECT_EQ(st.head(1, 1).tokens, 0);
+  expect_error([&] { (void)st.head(2, 0); }, ErrorCode::kOutOfRange, {"CacheStats::head(2, 0)", "2 layers x 2 kv heads"});
+  expect_error([&] { (void)st.head(0, 2); }, ErrorCode::kOutOfRange, {"head(0, 2)"});
+  expect_error([&] { (void)st.head(-1, 0); }, ErrorCode::kOutOfRange, {"head(-1, 0)"});
+  expect_error([&] { (void)CacheStats{}.head(0, 0); }, ErrorCode::kOutOfRange, {"0 layers"});
+}
+
+TEST(Errors, PositionOverflow) {
+  Fixture f;
+  const std::int64_t last[1] = {std::numeric_limits<std::int64_t>::max()};
+  f.cache.append(0, f.kv(2, 1), f.kv(2, 1), last);
+  expect_error([&] { f.cache.append(0, f.kv(2, 1), f.kv(2, 1)); }, ErrorCode::kPosition,
+               {"without positions", "9223372036854775807"});
+  const std::int64_t near[2] = {std::numeric_limits<std::int64_t>::max() - 3, std::numeric_limits<std::int64_t>::max() - 2};
+  f.cache.append(1, f.kv(2, 2), f.kv(2, 2), near);
+  expect_error([&] { f.cache.append(1, f.kv(2, 3), f.kv(2, 3)); }, ErrorCode::kPosition, {"3 tokens without positions"});
+  f.cache.append(1, f.kv(2, 2), f.kv(2, 2));  // ... max - 1, max: still representable
+  EXPECT_EQ(f.cache.positions(1, 0).back(), std::numeric_limits<std::int64_t>::max());
+  EXPECT_EQ(f.cache.tokens(0, 0), 1);
+}

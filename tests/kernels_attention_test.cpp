@@ -198,6 +198,8 @@ TEST(AttentionThreads, LayersConcurrently) {
   KVCache cache(cfg);
   for (int layer = 0; layer < 2; ++layer)
     cache.append(layer, s.view(s.k.data(), s.kvh, 0, s.T), s.view(s.v.data(), s.kvh, 0, s.T));
+  // Seal now: the first attend would otherwise read the chunk in f32 and seal it after.
+  cache.flush();
   const auto q = s.view(s.q.data(), s.qh, s.T - 1, 1);
   std::vector<float> want[2];
   for (int layer = 0; layer < 2; ++layer) {

@@ -154,10 +154,59 @@ TEST(KVCache, KiviPrefillChunkAttendsItsOwnTokensInFullPrecision) {
 
   KVCache cache(CacheConfig{1, 2, 1, 16, 200, recipe});
   cache.append(0, x.view(x.k, 1, 0, 64), x.view(x.v, 1, 0, 64));
-  EXPECT_EQ(cache.store(0, 0).window_count(), 64);  // nothing sealed yet
+  EXPECT_EQ(cache.store(0, 0).window_count(), 64);  // nothing sealed before it attends
   cache.append(0, x.view(x.k, 1, 64, 1), x.view(x.v, 1, 64, 1));
   EXPECT_EQ(cache.store(0, 0).sealed_tokens(), 64);
   EXPECT_EQ(cache.store(0, 0).window_count(), 1);
+}
+
+TEST(KVCache, AttendSealsSoStatsAreSteadyStateRightAfterIt) {
+  // A whole prompt in one chunk: once it has attended, the cache holds it compressed (the
+  // bug was that stats() reported it in f32 until the next append).
+  const Data x(1, 2, 16, 96, 14);
+  const std::string recipe = "kivi:kbits=2,vbits=2,group=32,residual=0";
+  KVCache cache(CacheConfig{1, 2, 1, 16, 200, recipe});
+  cache.append(0, x.view(x.k, 1, 0, 96), x.view(x.v, 1, 0, 96));
+  const std::int64_t before = cache.stats().total_bytes;
+  EXPECT_EQ(cache.store(0, 0).window_count(), 96);
+  std::vector<float> out(2 * 96 * 16);
+  cache.attend(0, x.view(x.q, 2, 0, 96), TensorView<float>(out.data(), {2, 96, 16}));
+  EXPECT_EQ(cache.store(0, 0).sealed_tokens(), 96);
+  EXPECT_EQ(cache.store(0, 0).window_count(), 0);
+  const CacheStats st = cache.stats();
+  EXPECT_LT(st.total_bytes * 3, before) << "2-bit pages must be far smaller than the f32 chunk";
+  EXPECT_GT(st.ratio_vs_f32, 5.0);
+  // A second attend over the same (now sealed) append stays causal and reads the pages.
+  std::vector<float> again(out.size());
+  cache.attend(0, x.view(x.q, 2, 0, 96), TensorView<float>(again.data(), {2, 96, 16}));
+  const auto exact = run(x, "f32", {96});
+  EXPECT_LT(rel_l2(again.data(), exact.data(), static_cast<long>(exact.size())), 0.5);
+  EXPECT_GT(rel_l2(again.data(), out.data(), static_cast<long>(out.size())), 1e-4);
+
+  // flush() does the same for an engine that appends without attending through kvslim.
+  KVCache other(CacheConfig{1, 2, 1, 16, 200, recipe});
+  other.append(0, x.view(x.k, 1, 0, 96), x.view(x.v, 1, 0, 96));
+  other.flush();
+  EXPECT_EQ(other.store(0, 0).sealed_tokens(), 96);
+  EXPECT_EQ(other.stats().total_bytes, st.total_bytes);
+  other.flush();  // idempotent
+  EXPECT_EQ(other.stats().total_bytes, st.total_bytes);
+}
+
+TEST(KVCache, DefaultValueGroupFitsRealHeadSizes) {
+  // head_dim 80, 96 and 100 are real (e.g. phi, some Qwen sizes): the default kivi recipe
+  // must accept them, with vgroup the largest divisor <= 32.
+  for (const auto& [d, vg] : std::vector<std::pair<int, int>>{{80, 20}, {96, 32}, {100, 25}, {112, 28}, {128, 32}, {8, 8}}) {
+    KVCache cache(CacheConfig{1, 2, 1, d, 64, "kivi"});
+    EXPECT_NE(cache.recipe_for(0, 0).find("vgroup=" + std::to_string(vg) + ","), std::string::npos)
+        << d << ": " << cache.recipe_for(0, 0);
+    const Data x(1, 2, d, 40, 15);
+    cache.append(0, x.view(x.k, 1, 0, 40), x.view(x.v, 1, 0, 40));
+    std::vector<float> out(2 * 40 * static_cast<std::size_t>(d));
+    cache.attend(0, x.view(x.q, 2, 0, 40), TensorView<float>(out.data(), {2, 40, d}));
+    const auto r = x.ref(1, 39);
+    EXPECT_LT(rel_l2(out.data() + (40 + 39) * static_cast<std::size_t>(d), r.data(), d), 1e-5);
+  }
 }
 
 TEST(KVCache, KiviKeepsResidualWindowInFullPrecision) {

@@ -20,6 +20,7 @@ enum class ErrorCode {
   kUnsupportedIsa,    // asked for an instruction set this CPU lacks
   kIo,                // file could not be read or written
   kFormat,            // corrupted, truncated or unknown file contents
+  kInvalidState,      // the object cannot take this call now (e.g. a moved-from KVCache)
 };
 
 /// Returns a stable lowercase name for a code ("shape_mismatch", ...).

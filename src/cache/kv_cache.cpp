@@ -4,6 +4,7 @@
 #include <cmath>
 #include <condition_variable>
 #include <cstring>
+#include <limits>
 #include <exception>
 #include <mutex>
 #include <thread>
@@ -16,6 +17,14 @@
 #include "kvslim/policy/policy.h"
 
 namespace kvslim {
+
+const HeadStats& CacheStats::head(int layer, int kv_head) const {
+  KVSLIM_CHECK(layer >= 0 && layer < layers && kv_head >= 0 && kv_head < kv_heads &&
+                   static_cast<std::size_t>(layer) * kv_heads + kv_head < heads.size(),
+               ErrorCode::kOutOfRange, "CacheStats::head({}, {}) is out of range: {} layers x {} kv heads", layer,
+               kv_head, layers, kv_heads);
+  return heads[static_cast<std::size_t>(layer) * kv_heads + kv_head];
+}
 
 std::int64_t CacheStats::layer_bytes(int layer) const {
   std::int64_t b = 0;
@@ -149,8 +158,8 @@ struct KVCache::Impl {
 
 namespace {
 
-void check_view(const Layout& l, const char* what, std::int64_t heads, std::int64_t n, std::int64_t d,
-                const char* heads_name) {
+void check_view(const void* data, const Layout& l, const char* what, std::int64_t heads, std::int64_t n,
+                std::int64_t d, const char* heads_name) {
   KVSLIM_CHECK(l.rank == 3, ErrorCode::kShapeMismatch, "{} must be rank 3 [{}][tokens][head_dim], got rank {} {}",
                what, heads_name, l.rank, l.describe());
   KVSLIM_CHECK(l.shape[0] == heads && l.shape[2] == d && (n < 0 ? l.shape[1] >= 1 : l.shape[1] == n),
@@ -158,6 +167,8 @@ void check_view(const Layout& l, const char* what, std::int64_t heads, std::int6
                heads_name, heads, n < 0 ? std::string("tokens>=1") : std::to_string(n), d);
   KVSLIM_CHECK(l.strides[2] == 1, ErrorCode::kShapeMismatch,
                "{} has head_dim stride {}, expected 1 (channels must be contiguous): {}", what, l.strides[2],
+               l.describe());
+  KVSLIM_CHECK(data != nullptr, ErrorCode::kInvalidArgument, "{} has shape {} but a null data pointer", what,
                l.describe());
 }
 
@@ -232,21 +243,32 @@ KVCache::~KVCache() = default;
 KVCache::KVCache(KVCache&&) noexcept = default;
 KVCache& KVCache::operator=(KVCache&&) noexcept = default;
 
-const CacheConfig& KVCache::config() const noexcept { return impl_->cfg; }
+KVCache::Impl& KVCache::impl() const {
+  KVSLIM_CHECK(impl_ != nullptr, ErrorCode::kInvalidState,
+               "this KVCache was moved from; assign a new cache to it before using it");
+  return *impl_;
+}
+
+const CacheConfig& KVCache::config() const { return impl().cfg; }
 
 void KVCache::append(int layer, TensorView<const float> k, TensorView<const float> v,
                      std::span<const std::int64_t> positions) {
-  Impl& m = *impl_;
+  Impl& m = impl();
   const CacheConfig& c = m.cfg;
   m.check_layer(layer);
-  check_view(k.layout(), "k", c.kv_heads, -1, c.head_dim, "kv_heads");
+  check_view(k.data(), k.layout(), "k", c.kv_heads, -1, c.head_dim, "kv_heads");
   const std::int64_t n = k.dim(1);
-  check_view(v.layout(), "v", c.kv_heads, n, c.head_dim, "kv_heads");
+  check_view(v.data(), v.layout(), "v", c.kv_heads, n, c.head_dim, "kv_heads");
   KVSLIM_CHECK(positions.empty() || static_cast<std::int64_t>(positions.size()) == n, ErrorCode::kShapeMismatch,
                "append to layer {}: {} positions for {} tokens", layer, positions.size(), n);
 
   // Validate everything before touching any head, so a failed append changes nothing.
   const TokenStore& s0 = m.at(layer, 0);
+  KVSLIM_CHECK(!positions.empty() || s0.last_position() <= std::numeric_limits<std::int64_t>::max() - n,
+               ErrorCode::kPosition,
+               "append to layer {}: {} tokens without positions would continue past the largest position after "
+               "{}; pass positions explicitly",
+               layer, n, s0.last_position());
   std::vector<std::int64_t> pos(static_cast<std::size_t>(n));
   for (std::int64_t i = 0; i < n; ++i) {
     pos[i] = positions.empty() ? s0.last_position() + 1 + i : positions[i];
@@ -280,12 +302,12 @@ void KVCache::append(int layer, TensorView<const float> k, TensorView<const floa
 }
 
 void KVCache::attend(int layer, TensorView<const float> q, TensorView<float> out, const AttendOptions& options) {
-  Impl& m = *impl_;
+  Impl& m = impl();
   const CacheConfig& c = m.cfg;
   m.check_layer(layer);
-  check_view(q.layout(), "q", c.q_heads, -1, c.head_dim, "q_heads");
+  check_view(q.data(), q.layout(), "q", c.q_heads, -1, c.head_dim, "q_heads");
   const std::int64_t n = q.dim(1);
-  check_view(out.layout(), "out", c.q_heads, n, c.head_dim, "q_heads");
+  check_view(out.data(), out.layout(), "out", c.q_heads, n, c.head_dim, "q_heads");
   const TokenStore& s0 = m.at(layer, 0);
   KVSLIM_CHECK(n <= s0.last_append_count(), ErrorCode::kShapeMismatch,
                "attend on layer {} with {} queries, but the latest append brought {} tokens (queries must be the "
@@ -306,9 +328,17 @@ void KVCache::attend(int layer, TensorView<const float> q, TensorView<float> out
                    layer, sc->describe());
   KVSLIM_CHECK(std::isfinite(options.scale) && options.scale >= 0.0f, ErrorCode::kInvalidArgument,
                "attend: scale {} must be finite and >= 0 (0 = 1/sqrt(head_dim))", options.scale);
+  if (c.non_finite == NonFinitePolicy::kReject)
+    for (int h = 0; h < c.q_heads; ++h)
+      for (std::int64_t i = 0; i < n; ++i) {
+        const float* qr = q.row(h, i);
+        for (int ch = 0; ch < c.head_dim; ++ch)
+          KVSLIM_CHECK(std::isfinite(qr[ch]), ErrorCode::kNonFinite,
+                       "attend on layer {}: query of q head {}, token {}, channel {} is {}", layer, h, i, ch, qr[ch]);
+      }
   const float scale = options.scale > 0.0f ? options.scale : 1.0f / std::sqrt(static_cast<float>(c.head_dim));
   struct Task {
-    const Impl* m;
+    Impl* m;
     int layer, group, d, nq;
     std::int64_t n;
     float scale;
@@ -325,14 +355,21 @@ void KVCache::attend(int layer, TensorView<const float> q, TensorView<float> out
     AttendWorkspace& ws = workspace();
     ws.q.resize(static_cast<std::size_t>(t.nq) * d);
     ws.out.resize(static_cast<std::size_t>(t.nq) * d);
-    // Rows of this kv head: query head (h*group + g), query i -> row g*n + i.
+    // Rows of this kv head: query head (h*group + g), query i -> row g*n + i. A row with
+    // NaN/Inf (only reachable with NonFinitePolicy::kAllow) is zeroed for the kernels and
+    // flagged, so its output is NaN on every ISA and it adds no attention mass.
+    ws.row_ok.clear();
     for (int g = 0; g < group; ++g)
       for (std::int64_t i = 0; i < nt; ++i) {
         const float* src = t.q->row(h * group + g, i);
         float* dst = ws.q.data() + (g * nt + i) * d;
-        for (int ch = 0; ch < d; ++ch) dst[ch] = src[ch] * t.scale;
+        bool finite = true;
+        for (int ch = 0; ch < d; ++ch) finite &= std::isfinite(src[ch]);
+        if (!finite && ws.row_ok.empty()) ws.row_ok.assign(static_cast<std::size_t>(t.nq), 1);
+        if (!finite) ws.row_ok[static_cast<std::size_t>(g * nt + i)] = 0;
+        for (int ch = 0; ch < d; ++ch) dst[ch] = finite ? src[ch] * t.scale : 0.0f;
       }
-    const TokenStore& s = t.m->at(t.layer, h);
+    TokenStore& s = t.m->at(t.layer, h);
     float* mass = nullptr;
     if (t.options->mass) {
       mass = t.options->mass + h * t.options->mass_stride;
@@ -342,6 +379,9 @@ void KVCache::attend(int layer, TensorView<const float> q, TensorView<float> out
     for (int g = 0; g < group; ++g)
       for (std::int64_t i = 0; i < nt; ++i)
         std::memcpy(t.out->row(h * group + g, i), ws.out.data() + (g * nt + i) * d, static_cast<std::size_t>(d) * 4);
+    // The queries have attended: seal what the latest append no longer needs in full
+    // precision, so stats() reports the steady state right after the call.
+    s.flush(*t.m->kt);
   };
   const int group = c.q_heads / c.kv_heads;
   Task task{&m, layer, group, c.head_dim, group * static_cast<int>(n), n, scale, &q, &out, &options};
@@ -364,7 +404,7 @@ void KVCache::attend(int layer, TensorView<const float> q, TensorView<float> out
 }
 
 void KVCache::observe(int layer, int kv_head, std::span<const float> mass) {
-  Impl& m = *impl_;
+  Impl& m = impl();
   m.check_layer(layer);
   m.check_head(kv_head);
   TokenStore& s = m.at(layer, kv_head);
@@ -379,7 +419,7 @@ void KVCache::observe(int layer, int kv_head, std::span<const float> mass) {
 }
 
 DenseKV KVCache::materialize(int layer, int kv_head) const {
-  const Impl& m = *impl_;
+  const Impl& m = impl();
   m.check_layer(layer);
   m.check_head(kv_head);
   const TokenStore& s = m.at(layer, kv_head);
@@ -393,7 +433,7 @@ DenseKV KVCache::materialize(int layer, int kv_head) const {
 }
 
 CacheStats KVCache::stats() const {
-  const Impl& m = *impl_;
+  const Impl& m = impl();
   CacheStats st;
   st.layers = m.cfg.layers;
   st.kv_heads = m.cfg.kv_heads;
@@ -414,37 +454,33 @@ CacheStats KVCache::stats() const {
   return st;
 }
 
-std::int64_t KVCache::tokens(int layer, int kv_head) const {
-  impl_->check_layer(layer);
-  impl_->check_head(kv_head);
-  return impl_->at(layer, kv_head).size();
-}
+std::int64_t KVCache::tokens(int layer, int kv_head) const { return checked_store(layer, kv_head).size(); }
 
 std::vector<std::int64_t> KVCache::positions(int layer, int kv_head) const {
-  impl_->check_layer(layer);
-  impl_->check_head(kv_head);
-  return impl_->at(layer, kv_head).positions();
+  return checked_store(layer, kv_head).positions();
 }
 
 std::string KVCache::recipe_for(int layer, int kv_head) const {
-  impl_->check_layer(layer);
-  impl_->check_head(kv_head);
-  return impl_->at(layer, kv_head).pipeline().text;
+  return checked_store(layer, kv_head).pipeline().text;
 }
 
 void KVCache::reset() {
-  for (TokenStore* s : impl_->stores) s->reset();
+  for (TokenStore* s : impl().stores) s->reset();
 }
 
-TokenStore& KVCache::store(int layer, int kv_head) {
-  impl_->check_layer(layer);
-  impl_->check_head(kv_head);
-  return impl_->at(layer, kv_head);
+void KVCache::flush() {
+  Impl& m = impl();
+  for (TokenStore* s : m.stores) s->flush(*m.kt);
 }
-const TokenStore& KVCache::store(int layer, int kv_head) const {
-  impl_->check_layer(layer);
-  impl_->check_head(kv_head);
-  return impl_->at(layer, kv_head);
+
+TokenStore& KVCache::checked_store(int layer, int kv_head) const {
+  const Impl& m = impl();
+  m.check_layer(layer);
+  m.check_head(kv_head);
+  return m.at(layer, kv_head);
 }
+
+TokenStore& KVCache::store(int layer, int kv_head) { return checked_store(layer, kv_head); }
+const TokenStore& KVCache::store(int layer, int kv_head) const { return checked_store(layer, kv_head); }
 
 }  // namespace kvslim

@@ -75,9 +75,10 @@ void TokenStore::grow_window(std::int64_t rows) {
   win_v_.resize(n);
 }
 
-// Seal every complete page that is not needed for the residual window. Called at the start
-// of append(), so the previous append's tokens stay full precision for its own attend().
-void TokenStore::seal_ready(const kernels::KernelTable& kt) {
+// Seal every complete page that is not needed for the residual window. Called after attend()
+// and at the start of append(), so an append's tokens stay full precision for its own
+// attend() (KIVI's prefill semantics) and are sealed right after it.
+void TokenStore::flush(const kernels::KernelTable& kt) {
   const std::int64_t g = page_tokens_;
   std::int64_t sealed = 0;
   while (window_ - sealed - g >= residual_) {
@@ -105,7 +106,7 @@ void TokenStore::seal_ready(const kernels::KernelTable& kt) {
 
 void TokenStore::append(const kernels::KernelTable& kt, const float* k, std::int64_t k_stride, const float* v,
                         std::int64_t v_stride, std::int64_t n, const std::int64_t* pos) {
-  seal_ready(kt);
+  flush(kt);
   const std::int64_t first = sinks_ + sealed_tokens() + window_;
   std::int64_t i = 0;
   // The first tokens of the sequence become sinks.
@@ -190,6 +191,22 @@ void TokenStore::attend(const kernels::KernelTable& kt, const float* q, int nq, 
   float* s = ws.s.data();
   std::int64_t index = 0;  // store index of the block's first token
 
+  // Causal mask within the latest append. Its tokens are the last last_append_ ordinary
+  // (non-special) tokens in index order, whichever segments they landed in (sinks, pages or
+  // window); query i of the nquery queries is chunk token (last_append_ - nquery + i), so
+  // row r sees ordinary tokens with index < causal_end - nquery + (r % nquery) + 1. Only a
+  // block that reaches past the first query's limit needs masking; in decode (one query,
+  // the newest token) none does.
+  const std::int64_t causal_end = sinks_ + sealed_tokens() + window_;
+  const std::int64_t first_limit = causal_end - nquery + 1;
+  auto mask_causal = [&](int ntok) {
+    if (index + ntok <= first_limit) return;
+    for (int r = 0; r < nq; ++r) {
+      const std::int64_t limit = first_limit + (r % nquery);
+      for (std::int64_t j = std::max<std::int64_t>(0, limit - index); j < ntok; ++j) s[r * ntok + j] = kNegInf;
+    }
+  };
+
   // Shared tail of every block: online softmax, keep probabilities for the mass output,
   // then the weighted value sum.
   auto finish_block = [&](int ntok, auto&& accumulate) {
@@ -204,27 +221,22 @@ void TokenStore::attend(const kernels::KernelTable& kt, const float* q, int nq, 
     accumulate();
     index += ntok;
   };
-  // Full-precision rows [n][d], optionally with a per-token logit bias and a causal limit.
-  auto dense = [&](const float* ks, const float* vs, std::int64_t n, const float* bias, std::int64_t causal_base) {
+  // Full-precision rows [n][d]: ordinary tokens (causally masked) or specials (a per-token
+  // logit bias ln(weight), never masked: they stand for tokens of the past).
+  auto dense = [&](const float* ks, const float* vs, std::int64_t n, const float* bias) {
     for (std::int64_t b0 = 0; b0 < n; b0 += block) {
       const int bn = static_cast<int>(std::min<std::int64_t>(block, n - b0));
       kt.scores_f32(q, nq, ks + b0 * d, bn, d, s);
       if (bias)
         for (int r = 0; r < nq; ++r)
           for (int j = 0; j < bn; ++j) s[r * bn + j] += bias[b0 + j];
-      if (causal_base >= 0) {
-        // Row r is query (r % nquery) of the chunk; it sees window tokens < causal_base + i + 1.
-        for (int r = 0; r < nq; ++r) {
-          const std::int64_t limit = causal_base + (r % nquery) + 1;
-          for (int j = 0; j < bn; ++j)
-            if (b0 + j >= limit) s[r * bn + j] = kNegInf;
-        }
-      }
+      else
+        mask_causal(bn);
       finish_block(bn, [&] { kt.accum_f32(s, nq, vs + b0 * d, bn, d, out); });
     }
   };
 
-  dense(sink_k_.data(), sink_v_.data(), sinks_, nullptr, -1);
+  dense(sink_k_.data(), sink_v_.data(), sinks_, nullptr);
   const Codec& codec = *pipeline_->codec;
   // Pages are separate allocations, so the hardware prefetchers restart at every page, and
   // the kernels' arithmetic does not overlap misses well on its own: ask for the page
@@ -239,15 +251,21 @@ void TokenStore::attend(const kernels::KernelTable& kt, const float* q, int nq, 
     const std::byte* next = i + kPrefetchAhead < npages ? pages_[i + kPrefetchAhead].data() : nullptr;
     if (next) prefetch(next, 0, half);
     codec.scores(kt, p, page_tokens_, d, q, nq, s);
+    mask_causal(page_tokens_);
     if (next) prefetch(next, half, 2 * half);
     finish_block(page_tokens_, [&] { codec.accumulate(kt, p, page_tokens_, d, s, nq, out); });
   }
-  dense(win_k_.data(), win_v_.data(), window_, nullptr, window_ - nquery);
-  dense(special_k_.data(), special_v_.data(), specials(), special_w_.data(), -1);
+  dense(win_k_.data(), win_v_.data(), window_, nullptr);
+  dense(special_k_.data(), special_v_.data(), specials(), special_w_.data());
 
+  const bool all_ok = ws.row_ok.empty();
   for (int r = 0; r < nq; ++r) {
-    const float inv = ws.l[r] > 0.0f ? 1.0f / ws.l[r] : 0.0f;
-    for (int c = 0; c < d; ++c) out[r * d + c] *= inv;
+    // A non-finite query row (NonFinitePolicy::kAllow) gives NaN on every ISA, whatever
+    // the kernels made of it.
+    const float inv = !all_ok && !ws.row_ok[r] ? std::numeric_limits<float>::quiet_NaN()
+                      : ws.l[r] > 0.0f         ? 1.0f / ws.l[r]
+                                               : 0.0f;
+    for (int c = 0; c < d; ++c) out[r * d + c] = all_ok || ws.row_ok[r] ? out[r * d + c] * inv : inv;
   }
   if (mass) {
     const std::size_t nb = ws.block_start.size();
@@ -255,7 +273,7 @@ void TokenStore::attend(const kernels::KernelTable& kt, const float* q, int nq, 
       const std::int64_t j0 = ws.block_start[b];
       const std::int64_t j1 = b + 1 < nb ? ws.block_start[b + 1] : total;
       for (int r = 0; r < nq; ++r) {
-        if (ws.l[r] <= 0.0f) continue;
+        if (ws.l[r] <= 0.0f || (!all_ok && !ws.row_ok[r])) continue;
         const float c = std::exp(ws.block_max[b * unq + r] - ws.m[r]) / ws.l[r];
         const float* pr = ws.probs.data() + static_cast<std::size_t>(r) * total;
         for (std::int64_t j = j0; j < j1; ++j) mass[j] += pr[j] * c;

@@ -84,7 +84,11 @@ int read_bits(StageParams& p, const char* key) {
 BuiltStage make_kivi_codec(StageParams& p, int head_dim) {
   const int kbits = read_bits(p, "kbits");
   const int vbits = read_bits(p, "vbits");
-  const int vgroup = p.get_int("vgroup", std::min(32, head_dim), 1, 1 << 16);
+  // Default: the largest divisor of head_dim that is at most 32 (32 for 64/96/128/256, 20
+  // for 80, 25 for 100, 28 for 112), so every real head size works without a key.
+  int def_vgroup = std::min(32, head_dim);
+  while (head_dim % def_vgroup != 0) --def_vgroup;
+  const int vgroup = p.get_int("vgroup", def_vgroup, 1, 1 << 16);
   KVSLIM_CHECK(head_dim % vgroup == 0, ErrorCode::kInvalidArgument,
                "recipe stage 'kivi': vgroup={} does not divide head_dim {}", vgroup, head_dim);
   const PagingOptions o = read_paging(p, PagingOptions{32, 128, 0});

@@ -69,7 +69,8 @@ struct CacheStats {
   /// 32 / bits_per_value: compression against an f32 cache holding the same tokens.
   double ratio_vs_f32 = 0.0;
 
-  const HeadStats& head(int layer, int kv_head) const { return heads[layer * kv_heads + kv_head]; }
+  /// Throws Error(kOutOfRange) for a layer or head outside the cache.
+  const HeadStats& head(int layer, int kv_head) const;
   std::int64_t layer_bytes(int layer) const;
   std::int64_t layer_tokens(int layer) const;
 };
@@ -79,12 +80,14 @@ class KVCache {
   /// Validates the config and builds every head's pipeline from the recipe. Throws Error.
   explicit KVCache(const CacheConfig& config);
   ~KVCache();
+  /// A moved-from cache holds nothing: every call on it throws Error(kInvalidState) until a
+  /// cache is move-assigned to it. Destroying it is fine.
   KVCache(KVCache&&) noexcept;
   KVCache& operator=(KVCache&&) noexcept;
   KVCache(const KVCache&) = delete;
   KVCache& operator=(const KVCache&) = delete;
 
-  const CacheConfig& config() const noexcept;
+  const CacheConfig& config() const;
 
   /// Append n tokens to a layer (n = 1 for decode, n > 1 for a prefill chunk).
   ///   k, v       logical [kv_heads][n][head_dim], innermost stride 1, any other strides
@@ -96,10 +99,21 @@ class KVCache {
   /// Attention of n queries against everything the layer holds.
   ///   q    logical [q_heads][n][head_dim], innermost stride 1 (post-RoPE, unscaled)
   ///   out  logical [q_heads][n][head_dim], innermost stride 1
-  /// The n queries are the tokens of the latest append (n <= its size): query i sees
-  /// cached tokens up to and including its own (causal within the chunk).
+  /// The n queries are the last n tokens of the latest append (n <= its size): each sees
+  /// every older token and the chunk's tokens up to and including its own (causal within
+  /// the chunk). Non-finite queries follow CacheConfig::non_finite (kAllow: NaN out).
+  ///
+  /// When does a token get compressed? The tokens of an append stay full precision until
+  /// they have attended, as in KIVI (a prefill chunk attends to itself exactly); attend()
+  /// then seals every complete page beyond the codec's residual window before returning,
+  /// so stats() right after attend() is the steady state. An engine that appends without
+  /// attending through kvslim calls flush() (or the next append() does it).
   void attend(int layer, TensorView<const float> q, TensorView<float> out,
               const AttendOptions& options = {});
+
+  /// Seal, in every layer and head, what attend() would have sealed: complete pages beyond
+  /// the residual window. Idempotent; cheap when there is nothing to seal.
+  void flush();
 
   /// Feed attention probabilities computed outside kvslim to the layer's scorers.
   /// mass: [tokens(layer, kv_head)] in positions() order.
@@ -122,6 +136,8 @@ class KVCache {
 
  private:
   struct Impl;
+  Impl& impl() const;  // throws Error(kInvalidState) on a moved-from cache
+  TokenStore& checked_store(int layer, int kv_head) const;
   std::unique_ptr<Impl> impl_;
 };
 

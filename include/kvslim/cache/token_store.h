@@ -4,8 +4,9 @@
 //   sinks         first Codec::sinks() tokens of the sequence, f32, never evicted
 //   sealed pages  Codec::page_tokens() tokens each, encoded by the head's codec
 //   window        newest tokens in f32: KIVI's residual plus the not-yet-complete group, and
-//                 the tokens of the latest append (sealing is deferred to the next append,
-//                 so a prefill chunk attends to its own tokens in full precision)
+//                 the tokens of the latest append until they have attended (flush() runs
+//                 after attend and before the next append, so a prefill chunk attends to its
+//                 own tokens in full precision)
 //   specials      weighted f32 tokens (merged tokens, compensation tokens): a special token
 //                 of weight w adds ln(w) to its logit, i.e. counts as w identical tokens
 //
@@ -35,6 +36,9 @@ struct AttendWorkspace {
   std::vector<float> m, l, s;           // online softmax state [nq], [nq]; logits [nq][block]
   std::vector<float> probs, block_max;  // only when attention mass is requested
   std::vector<std::int64_t> block_start;
+  /// Per query row: 0 if the row is non-finite (its output becomes NaN and it adds no
+  /// attention mass). Empty = every row is finite. Set by KVCache before TokenStore::attend.
+  std::vector<unsigned char> row_ok;
 };
 
 class TokenStore {
@@ -74,6 +78,10 @@ class TokenStore {
   void append(const kernels::KernelTable& kt, const float* k, std::int64_t k_stride, const float* v,
               std::int64_t v_stride, std::int64_t n, const std::int64_t* pos);
 
+  /// Seal every complete page of window tokens beyond the codec's residual. KVCache calls it
+  /// after attend() and at the start of append(); idempotent.
+  void flush(const kernels::KernelTable& kt);
+
   /// Add a weighted full-precision token (merge / compensation). weight >= 1 counts it as
   /// `weight` identical tokens in the softmax.
   void add_special(const float* k, const float* v, float weight, std::int64_t position);
@@ -84,8 +92,9 @@ class TokenStore {
 
   /// Attention for nq query rows over every segment with one online softmax.
   ///   q      [nq][d] f32 rows, pre-scaled by the softmax scale
-  ///   nquery queries per query head: row r is query (r % nquery) of the chunk; query i sees
-  ///          the window up to token (window - nquery + i) (causal within the latest chunk)
+  ///   nquery queries per query head: row r is query (r % nquery) of the last nquery tokens of
+  ///          the latest append; it sees every older token and the chunk's tokens up to its
+  ///          own (causal within the chunk, in whatever segment they are stored)
   ///   out    [nq][d] contiguous: the normalized attention output of each row
   ///   mass   null, or [size()]: += attention probability each token received, summed
   ///          over all rows
@@ -105,7 +114,6 @@ class TokenStore {
   using Bytes = std::vector<std::byte, TrackedAllocator<std::byte>>;
   using Floats = std::vector<float, TrackedAllocator<float>>;
 
-  void seal_ready(const kernels::KernelTable& kt);
   void grow_window(std::int64_t rows);
   void push_position(std::int64_t p);
   const std::byte* page(std::size_t i) const noexcept { return pages_[i].data(); }
