@@ -5,7 +5,9 @@
     python3 bench/report.py run.json
 
 Attention rows use the fastest repetition (the `_min` aggregate) and compute bytes/s from
-kv_bytes; roofline and codec rows use the median. Ratios are times of the same run.
+kv_bytes; roofline and codec rows use the median. Ratios are times of the same run. Any
+subset of rows works (a --benchmark_filter run): missing kinds leave their tables or cells
+out.
 """
 import json
 import re
@@ -17,9 +19,9 @@ def load(path):
     with open(path) as f:
         data = json.load(f)
     rows = defaultdict(dict)  # run_name -> {aggregate or "iteration": entry}
-    for b in data["benchmarks"]:
+    for b in data.get("benchmarks", []):
         key = b.get("aggregate_name", "iteration") if b.get("run_type") == "aggregate" else "iteration"
-        rows[b["run_name"]].setdefault(key, b)
+        rows[b.get("run_name", b.get("name", ""))].setdefault(key, b)
     return rows
 
 
@@ -36,46 +38,62 @@ def pick(rows, name, prefer=("min", "median", "mean", "iteration")):
 
 
 def main():
+    if len(sys.argv) != 2:
+        sys.exit("usage: report.py RUN.json  (a kvslim_bench --benchmark_out=RUN.json run)")
     rows = load(sys.argv[1])
+    if not rows:
+        sys.exit(f"report.py: {sys.argv[1]} holds no benchmark rows")
     gb = 1e9
 
     read = {}
     for th in (1, 2):
         e = pick(rows, f"BM_read_bandwidth/real_time/threads:{th}", ("median", "mean", "iteration"))
-        if e:
+        if e and "bytes_per_second" in e:
             read[th] = e["bytes_per_second"]
     mc = pick(rows, "BM_memcpy/real_time", ("median", "mean", "iteration"))
-    memcpy = mc["bytes_per_second"] if mc else None
-    print("### Roofline\n")
-    print("| benchmark | GB/s |\n|---|---|")
-    for th, v in read.items():
-        print(f"| BM_read_bandwidth, {th} thread{'s' if th > 1 else ''} | {v / gb:.1f} |")
-    if memcpy:
-        print(f"| BM_memcpy | {memcpy / gb:.1f} |")
+    memcpy = mc.get("bytes_per_second") if mc else None
+
+    def gbps(x):
+        """GB/s with % of memcpy, or an empty cell when the run has no such row."""
+        if x is None:
+            return ""
+        return f"{x / gb:.2f}" + (f" ({100 * x / memcpy:.0f}%)" if memcpy else "")
+
+    if read or memcpy:
+        print("### Roofline\n")
+        print("| benchmark | GB/s |\n|---|---|")
+        for th, v in read.items():
+            print(f"| BM_read_bandwidth, {th} thread{'s' if th > 1 else ''} | {v / gb:.1f} |")
+        if memcpy:
+            print(f"| BM_memcpy | {memcpy / gb:.1f} |")
 
     codec = defaultdict(dict)
     for name in rows:
         m = re.match(r"BM_(encode|decode)/(\w+)/(\w+)/real_time$", name)
         if m:
             e = pick(rows, name, ("median", "mean", "iteration"))
-            codec[(m.group(2), m.group(3))][m.group(1)] = e["bytes_per_second"]
+            if e and "bytes_per_second" in e:
+                codec[(m.group(2), m.group(3))][m.group(1)] = e["bytes_per_second"]
     if codec:
         print("\n### Encode / decode (GB/s of f32; % of BM_memcpy)\n")
         print("| ISA | format | encode | decode |\n|---|---|---|---|")
         for (isa, fmt), v in codec.items():
-            enc, dec = v.get("encode"), v.get("decode")
-            pct = lambda x: f" ({100 * x / memcpy:.0f}%)" if memcpy and x else ""
-            print(f"| {isa} | {fmt} | {enc / gb:.2f}{pct(enc)} | {dec / gb:.2f}{pct(dec)} |")
+            print(f"| {isa} | {fmt} | {gbps(v.get('encode'))} | {gbps(v.get('decode'))} |")
 
     att = {}
     for name in rows:
         m = re.match(r"BM_attend/(\w+)/(\w+)/ctx:(\d+)/threads:(\d+)/real_time$", name)
         if m:
             e = pick(rows, name)
+            if not e or "kv_bytes" not in e:
+                continue
             att[(m.group(1), m.group(2), int(m.group(3)), int(m.group(4)))] = (seconds(e), e["kv_bytes"])
     if att:
-        isas = sorted({k[0] for k in att}, key=["scalar", "avx2", "avx512"].index)
-        fmts = [f for f in ["f32", "f16", "bf16", "kivi8", "kivi4", "kivi2"] if any(k[1] == f for k in att)]
+        order = ["scalar", "avx2", "avx512"]
+        isas = sorted({k[0] for k in att}, key=lambda i: (order.index(i) if i in order else len(order), i))
+        known = ["f32", "f16", "bf16", "kivi8", "kivi4", "kivi3", "kivi2"]
+        fmts = [f for f in known if any(k[1] == f for k in att)]
+        fmts += sorted({k[1] for k in att} - set(known))
         ctxs = sorted({k[2] for k in att})
         ths = sorted({k[3] for k in att})
         print("\n### Decode attention: ms per layer step (GB/s of KV bytes; % of BM_read_bandwidth with as many threads)\n")
@@ -94,17 +112,19 @@ def main():
                         pct = f", {100 * bw / read[th]:.0f}%" if th in read else ""
                         cells.append(f"{t * 1e3:.2f} ({bw / gb:.1f}{pct})")
                     print(f"| {isa} | {ctx // 1024}K | {th} | " + " | ".join(cells) + " |")
-        print("\n### Target ratios (time of the first / time of the second, same run)\n")
-        print("| ISA | context | threads | f16/kivi4 | f32/kivi4 | f16/kivi2 |\n|---|---|---|---|---|---|")
+        ratios = []
         for isa in isas:
             for ctx in ctxs:
                 for th in ths:
                     g = lambda f: att.get((isa, f, ctx, th), (None,))[0]
                     if None in (g("f16"), g("f32"), g("kivi4"), g("kivi2")):
                         continue
-                    print(f"| {isa} | {ctx // 1024}K | {th} | {g('f16') / g('kivi4'):.2f}x | "
-                          f"{g('f32') / g('kivi4'):.2f}x | {g('f16') / g('kivi2'):.2f}x |")
-
+                    ratios.append(f"| {isa} | {ctx // 1024}K | {th} | {g('f16') / g('kivi4'):.2f}x | "
+                                  f"{g('f32') / g('kivi4'):.2f}x | {g('f16') / g('kivi2'):.2f}x |")
+        if ratios:
+            print("\n### Target ratios (time of the first / time of the second, same run)\n")
+            print("| ISA | context | threads | f16/kivi4 | f32/kivi4 | f16/kivi2 |\n|---|---|---|---|---|---|")
+            print("\n".join(ratios))
 
 if __name__ == "__main__":
     main()

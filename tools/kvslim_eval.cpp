@@ -2,14 +2,19 @@
 // and report memory and attention quality per recipe.
 //
 //   kvslim-eval --dumps ../shared/data/dumps --recipe f32 --recipe "kivi:kbits=2,vbits=2" [--json]
+#include <charconv>
 #include <cstdio>
 #include <cstring>
+#include <set>
 #include <string>
+#include <string_view>
+#include <tuple>
 #include <vector>
 
 #include <fmt/format.h>
 #include <unistd.h>
 
+#include "kvslim/cache/kv_cache.h"
 #include "kvslim/error.h"
 #include "kvslim/testing/recordings.h"
 #include "kvslim/testing/replay.h"
@@ -24,12 +29,27 @@ void usage(std::FILE* f) {
       "  attn_out.f32) token by token through a KVCache per recipe: append k, v then attend q.\n"
       "  Reports bits per value (all metadata included), bytes at the end of each recording (summed),\n"
       "  compression ratio vs f32, attention-output relative L2 error (mean, p99) and mean cosine\n"
-      "  similarity vs the recorded attn_out.\n"
-      "  --chunk N   tokens per append/attend (default 1 = decode; >1 = chunked prefill)\n"
-      "  --tokens N  use only the first N tokens of each recording\n"
+      "  similarity vs the recorded attn_out. Every recipe is checked against every recording's\n"
+      "  shape before the first replay starts.\n"
+      "  --chunk N   tokens per append/attend, N >= 1 (default 1 = decode; >1 = chunked prefill)\n"
+      "  --tokens N  use only the first N >= 1 tokens of each recording (default: all)\n"
       "  --json      one JSON object per recipe: recipe, bits_per_value, bytes, ratio, rel_err_mean,\n"
-      "              rel_err_p99, cosine_mean\n",
+      "              rel_err_p99, cosine_mean\n"
+      "  Exit status: 0 success, 1 error (I/O, bad recipe, bad recording), 2 bad command line.\n",
       f);
+}
+
+/// A command-line mistake: exit code 2 with the usage text.
+struct UsageError {
+  std::string message;
+};
+
+int parse_int(std::string_view opt, std::string_view v, int lo) {
+  int x = 0;
+  const auto [p, ec] = std::from_chars(v.data(), v.data() + v.size(), x);
+  if (ec != std::errc() || p != v.data() + v.size() || x < lo)
+    throw UsageError{fmt::format("{} expects an integer >= {}, got '{}'", opt, lo, v)};
+  return x;
 }
 
 }  // namespace
@@ -43,22 +63,25 @@ int main(int argc, char** argv) {
     for (int i = 1; i < argc; ++i) {
       const std::string a = argv[i];
       auto value = [&]() -> std::string {
-        if (i + 1 >= argc) throw std::runtime_error(fmt::format("{} needs a value", a));
+        if (i + 1 >= argc) throw UsageError{fmt::format("{} needs a value", a)};
         return argv[++i];
       };
       if (a == "--dumps") dumps = value();
       else if (a == "--recipe") recipes.push_back(value());
       else if (a == "--json") json = true;
-      else if (a == "--chunk") opt.chunk = std::stoi(value());
-      else if (a == "--tokens") opt.max_tokens = std::stoi(value());
+      else if (a == "--chunk") opt.chunk = parse_int(a, value(), 1);
+      else if (a == "--tokens") opt.max_tokens = parse_int(a, value(), 1);
       else if (a == "--help" || a == "-h") {
         usage(stdout);
         return 0;
-      } else throw std::runtime_error(fmt::format("unknown argument '{}'", a));
+      } else throw UsageError{fmt::format("unknown argument '{}'", a)};
     }
-    if (dumps.empty() || recipes.empty()) throw std::runtime_error("--dumps and at least one --recipe are required");
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "kvslim-eval: %s\n", e.what());
+    if (dumps.empty()) throw UsageError{"--dumps DIR is required"};
+    if (recipes.empty()) throw UsageError{"at least one --recipe is required"};
+    for (const auto& r : recipes)
+      if (r.empty()) throw UsageError{"--recipe needs a non-empty recipe"};
+  } catch (const UsageError& e) {
+    std::fprintf(stderr, "kvslim-eval: %s\n\n", e.message.c_str());
     usage(stderr);
     return 2;
   }
@@ -71,6 +94,29 @@ int main(int argc, char** argv) {
     }
     std::vector<kvslim::testing::Recording> recs;
     for (const auto& d : dirs) recs.push_back(kvslim::testing::load_recording(d));
+    // Build a cache of every recipe for every distinct recording shape before replaying
+    // anything, so that a typo in the last recipe fails now and not after the first rows.
+    std::set<std::tuple<int, int, int, int, int>> shapes;
+    for (const auto& rec : recs)
+      shapes.emplace(rec.layers, rec.q_heads, rec.kv_heads, rec.head_dim, rec.tokens);
+    for (const auto& r : recipes) {
+      for (const auto& [layers, q_heads, kv_heads, head_dim, tokens] : shapes) {
+        kvslim::CacheConfig cfg;
+        cfg.layers = layers;
+        cfg.q_heads = q_heads;
+        cfg.kv_heads = kv_heads;
+        cfg.head_dim = head_dim;
+        cfg.max_tokens = tokens;
+        cfg.recipe = r;
+        try {
+          const kvslim::KVCache probe(cfg);
+        } catch (const kvslim::Error& e) {
+          std::fprintf(stderr, "kvslim-eval: recipe '%s' is invalid for recordings with %d layers, %d/%d heads, head_dim %d: %s\n",
+                       r.c_str(), layers, q_heads, kv_heads, head_dim, e.what());
+          return 1;
+        }
+      }
+    }
     if (!json) {
       fmt::print("{} recordings under {}\n", recs.size(), dumps);
       fmt::print("{:<48} {:>8} {:>11} {:>7} {:>11} {:>11} {:>9}\n", "recipe", "bits/val", "bytes", "ratio",
@@ -95,7 +141,7 @@ int main(int argc, char** argv) {
       std::fflush(stdout);
     }
   } catch (const kvslim::Error& e) {
-    std::fprintf(stderr, "kvslim-eval: %s\n", e.what());
+    std::fprintf(stderr, "kvslim-eval: error (%s): %s\n", kvslim::error_code_name(e.code()), e.what());
     return 1;
   }
   return 0;

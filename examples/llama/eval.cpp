@@ -96,6 +96,22 @@ std::string tensor_meta(std::string_view file, std::initializer_list<int> shape,
 
 std::string read_text(const std::string& path) { return read_file(path, "text file"); }
 
+double bytes_per_token(const CacheStats& stats) {
+  const std::int64_t heads = static_cast<std::int64_t>(stats.layers) * stats.kv_heads;
+  if (stats.total_tokens <= 0 || heads <= 0) return 0.0;
+  return static_cast<double>(stats.total_bytes) * static_cast<double>(heads) /
+         static_cast<double>(stats.total_tokens);
+}
+
+const char* stop_reason_name(StopReason r) noexcept {
+  switch (r) {
+    case StopReason::kEndOfText: return "EOS token";
+    case StopReason::kTokenLimit: return "token limit";
+    case StopReason::kContextFull: return "context full";
+  }
+  return "?";
+}
+
 std::vector<int> token_stream(const Tokenizer& tokenizer, std::string_view text,
                               std::size_t max_tokens) {
   std::vector<int> out;
@@ -148,7 +164,8 @@ PerplexityReport evaluate_perplexity(const Model& model, std::span<const int> st
     engines.push_back(std::make_unique<Engine>(model, r));
 
   struct Acc {
-    double nll = 0.0, kl = 0.0, bytes = 0.0, ratio = 0.0, seconds = 0.0;
+    double nll = 0.0, kl = 0.0, bytes = 0.0, ratio = 0.0, per_token = 0.0, bits = 0.0,
+           seconds = 0.0;
     std::int64_t agree = 0, decoded = 0;
   };
   std::vector<Acc> acc(recipes.size());
@@ -201,6 +218,8 @@ PerplexityReport evaluate_perplexity(const Model& model, std::span<const int> st
       const CacheStats st = eng.cache().stats();
       a.bytes += static_cast<double>(st.total_bytes);
       a.ratio += st.ratio_vs_f32;
+      a.per_token += bytes_per_token(st);
+      a.bits += st.bits_per_value;
       if (options.progress) options.progress(++done, total_runs);
     }
   }
@@ -220,6 +239,8 @@ PerplexityReport evaluate_perplexity(const Model& model, std::span<const int> st
     m.top1_agree = static_cast<double>(a.agree) / count;
     m.kv_bytes = a.bytes / static_cast<double>(windows.size());
     m.ratio = a.ratio / static_cast<double>(windows.size());
+    m.bytes_per_token = a.per_token / static_cast<double>(windows.size());
+    m.bits_per_value = a.bits / static_cast<double>(windows.size());
     m.tokens_per_s = a.seconds > 0.0 ? static_cast<double>(a.decoded) / a.seconds : 0.0;
     m.tokens = predicted;
     rep.recipes.push_back(std::move(m));
@@ -339,21 +360,33 @@ GenerateResult generate(const Model& model, const std::string& recipe, std::stri
 
   double secs = 0.0;
   int steps = 0;
+  res.stop = StopReason::kTokenLimit;
   for (int i = 0; i < max_new; ++i) {
     const int next = argmax(logits);
-    if (next == tok.bos_id() || next == tok.eos_id()) break;
+    if (next == tok.bos_id() || next == tok.eos_id()) {
+      res.stop = StopReason::kEndOfText;
+      break;
+    }
     const std::string piece = tok.decode(res.tokens.back(), next);
     res.tokens.push_back(next);
     ++res.generated;
     res.text += piece;
     if (on_text && !piece.empty()) on_text(piece);
-    if (i + 1 == max_new || engine.position() >= ctx) break;
+    if (i + 1 == max_new) break;
+    if (engine.position() >= ctx) {
+      res.stop = StopReason::kContextFull;
+      break;
+    }
     const auto t0 = Clock::now();
     logits = engine.forward(std::span<const int>(&res.tokens.back(), 1), Logits::kLast);
     secs += std::chrono::duration<double>(Clock::now() - t0).count();
     ++steps;
   }
   res.tokens_per_s = secs > 0.0 ? steps / secs : 0.0;
+  const CacheStats st = engine.cache().stats();
+  res.kv_bytes = st.total_bytes;
+  res.bytes_per_token = bytes_per_token(st);
+  res.ratio_vs_f32 = st.ratio_vs_f32;
   return res;
 }
 

@@ -9,6 +9,7 @@
 #include <string_view>
 #include <vector>
 
+#include "kvslim/cache/kv_cache.h"
 #include "model.h"
 
 namespace kvslim::llama {
@@ -37,6 +38,8 @@ struct RecipeMetrics {
   double top1_agree = 0.0;   // fraction of tokens whose argmax matches the f32 run's
   double kv_bytes = 0.0;     // stats().total_bytes at each window's end, mean over windows
   double ratio = 0.0;        // stats().ratio_vs_f32 at each window's end, mean over windows
+  double bytes_per_token = 0.0;  // total_bytes / tokens kept per (layer, kv head), same points
+  double bits_per_value = 0.0;   // stats().bits_per_value, same points
   double tokens_per_s = 0.0; // decode throughput (forward calls only, metrics excluded)
   std::int64_t tokens = 0;   // predicted tokens
 };
@@ -70,11 +73,27 @@ PerplexityReport evaluate_perplexity(const Model& model, std::span<const int> st
 double write_dump(const Model& model, std::string_view text, std::int64_t offset,
                   const std::string& out_dir, const std::string& text_file_name);
 
+/// Why generate() stopped.
+enum class StopReason {
+  kEndOfText,    // the model produced BOS or EOS
+  kTokenLimit,   // `max_new` tokens were generated
+  kContextFull,  // the model's context length (seq_len) was reached
+};
+
+/// "EOS token" / "token limit" / "context full".
+const char* stop_reason_name(StopReason r) noexcept;
+
 struct GenerateResult {
   std::vector<int> tokens;  // prompt (with BOS) followed by the generated tokens
   std::string text;         // decoded prompt + continuation
   int generated = 0;
   double tokens_per_s = 0.0;  // decode steps (forward of 1 token) per second, prefill excluded
+  StopReason stop = StopReason::kTokenLimit;
+  // The cache at the end: stats().total_bytes, divided by the tokens kept per (layer,
+  // kv head), and stats().ratio_vs_f32.
+  std::int64_t kv_bytes = 0;
+  double bytes_per_token = 0.0;
+  double ratio_vs_f32 = 0.0;
 };
 
 /// Greedy generation: BOS + encode(prompt), prefill, then up to `max_new` tokens (stops at
@@ -82,6 +101,10 @@ struct GenerateResult {
 GenerateResult generate(const Model& model, const std::string& recipe, std::string_view prompt,
                         int max_new,
                         const std::function<void(std::string_view)>& on_text = nullptr);
+
+/// total_bytes / (total_tokens / (layers * kv_heads)): cache bytes per token of the
+/// sequence, all layers and kv heads together; 0 for an empty cache.
+double bytes_per_token(const CacheStats& stats);
 
 /// Reads a text file; Error(kIo) naming the path if it cannot be read.
 std::string read_text(const std::string& path);

@@ -7,9 +7,11 @@
 #include <filesystem>
 #include <string>
 #include <string_view>
+#include <system_error>
 #include <vector>
 
 #include <fmt/format.h>
+#include <unistd.h>
 
 #include "eval.h"
 #include "kvslim/error.h"
@@ -25,7 +27,9 @@ constexpr const char* kUsage = R"(usage: kvslim-llama <command> [options]
 commands:
   generate --model PATH [--prompt TEXT] [--tokens N] [--recipe R]
       Greedy generation from BOS + prompt (default: empty prompt, 256 tokens, recipe f32).
-      Prints the text on stdout and the decode speed on stderr.
+      Prints the text on stdout; then on stderr the tokens generated, why generation stopped
+      (EOS token, token limit or full context), the decode speed, the KV cache's bytes,
+      bytes per token and compression ratio vs f32.
 
   ppl --model PATH --text FILE --recipe R [--recipe R2 ...] [--windows N] [--json]
       [--no-progress]
@@ -35,11 +39,16 @@ commands:
       recipe. Per recipe: perplexity over all predicted tokens; dPPL = ppl/ppl_f32 - 1;
       KLD = mean KL(p_f32 || p_recipe) of the next-token distributions (nats); top-1
       agreement with the f32 run; KV bytes = cache.stats().total_bytes at the end of each
-      window, averaged over windows (a full window holds the whole context); ratio =
-      stats().ratio_vs_f32 at the same points, averaged; tok/s = decode forward passes per
-      second of forward() time. --windows N evaluates the first N windows (default all).
+      window, averaged over windows (a full window holds the whole context); B/token = KV
+      bytes / tokens kept (all layers and kv heads of one token); bits/val =
+      stats().bits_per_value (metadata included); vs f32 = stats().ratio_vs_f32 (f32 cache
+      bytes / this cache's bytes, same tokens) and vs f16 = half of it, all at the same
+      points, averaged; tok/s = decode forward passes per second of forward() time.
+      --windows N evaluates the first N windows (default all).
       --json prints one JSON object per recipe per line with keys recipe, ppl, dppl_rel,
-      kld_mean, top1_agree, kv_bytes, ratio, tokens_per_s. A progress bar goes to stderr.
+      kld_mean, top1_agree, kv_bytes, ratio (vs f32), tokens_per_s, bytes_per_token,
+      bits_per_value, ratio_vs_f16. A progress bar goes to stderr when it is a terminal
+      (--no-progress: never).
 
   dump --model PATH --text FILE --offset BYTES --out DIR
       Records the window of up to the context length of tokens starting at byte BYTES of
@@ -132,27 +141,61 @@ Args parse_args(int argc, char** argv) {
 /// JSON number, or null for NaN/Inf (which JSON cannot represent).
 std::string num(double x) { return std::isfinite(x) ? fmt::format("{}", x) : "null"; }
 
+/// One warning on stderr if the tokenizer turned characters of `what` into <unk> (or
+/// dropped them) since `before`.
+void warn_unknown(const Model& model, const Tokenizer::UnknownCount& before,
+                  std::string_view what) {
+  const Tokenizer::UnknownCount now = model.tokenizer->unknown();
+  const std::int64_t chars = now.chars - before.chars, bytes = now.bytes - before.bytes;
+  if (chars == 0) return;
+  fmt::print(stderr,
+             "kvslim-llama: warning: {} character{} ({} bytes) of {} {} not in the vocabulary "
+             "of {}, which has no byte tokens; {}\n",
+             chars, chars == 1 ? "" : "s", bytes, what, chars == 1 ? "is" : "are", model.name,
+             model.tokenizer->unknown_dropped() ? "they were dropped" : "they became <unk>");
+}
+
 int run_generate(const Args& a) {
   const Model model = load_model(a.model);
   const std::string recipe = a.recipes.empty() ? "f32" : a.recipes[0];
+  const Tokenizer::UnknownCount before = model.tokenizer->unknown();
+  bool warned = false;
   const GenerateResult r =
-      generate(model, recipe, a.prompt, static_cast<int>(a.tokens), [](std::string_view s) {
+      generate(model, recipe, a.prompt, static_cast<int>(a.tokens), [&](std::string_view s) {
+        if (!warned) {  // the prompt is encoded before the first piece arrives
+          warned = true;
+          warn_unknown(model, before, "the prompt");
+        }
         std::fwrite(s.data(), 1, s.size(), stdout);
         std::fflush(stdout);
       });
+  if (!warned) warn_unknown(model, before, "the prompt");
   std::fputc('\n', stdout);
-  fmt::print(stderr, "[{} tokens generated, {:.1f} tokens/s decode, recipe {}]\n", r.generated,
-             r.tokens_per_s, recipe);
+  std::fflush(stdout);
+  const ModelConfig& c = model.config;
+  const std::int64_t kept =
+      r.bytes_per_token > 0.0
+          ? std::llround(static_cast<double>(r.kv_bytes) / r.bytes_per_token)
+          : 0;
+  fmt::print(stderr,
+             "[{} tokens generated, stopped by {}, {:.1f} tokens/s decode, recipe {}]\n"
+             "[KV cache: {} bytes for {} tokens = {:.0f} bytes per token (raw f32: {}), "
+             "{:.2f}x vs f32]\n",
+             r.generated, stop_reason_name(r.stop), r.tokens_per_s, recipe, r.kv_bytes, kept,
+             r.bytes_per_token, c.n_layers * c.n_kv_heads * c.head_dim * 2 * 4, r.ratio_vs_f32);
   return 0;
 }
 
 int run_ppl(const Args& a) {
   const Model model = load_model(a.model);
   const std::string text = read_text(a.text);
+  const Tokenizer::UnknownCount before = model.tokenizer->unknown();
   const std::vector<int> stream = token_stream(*model.tokenizer, text);
+  warn_unknown(model, before, fmt::format("'{}'", a.text));
   PerplexityOptions opt;
   opt.max_windows = static_cast<std::size_t>(a.windows);
-  if (a.progress) {
+  // The bar redraws itself with \r, which only makes sense on a terminal; a log gets nothing.
+  if (a.progress && isatty(2)) {
     opt.progress = [](std::size_t done, std::size_t total) {
       constexpr int kWidth = 40;
       const int filled = static_cast<int>(kWidth * done / total);
@@ -167,9 +210,11 @@ int run_ppl(const Args& a) {
     for (const RecipeMetrics& m : rep.recipes)
       fmt::print(
           "{{\"recipe\": {}, \"ppl\": {}, \"dppl_rel\": {}, \"kld_mean\": {}, \"top1_agree\": "
-          "{}, \"kv_bytes\": {}, \"ratio\": {}, \"tokens_per_s\": {}}}\n",
+          "{}, \"kv_bytes\": {}, \"ratio\": {}, \"tokens_per_s\": {}, \"bytes_per_token\": "
+          "{}, \"bits_per_value\": {}, \"ratio_vs_f16\": {}}}\n",
           kvslim::json::quote(m.recipe), num(m.ppl), num(m.dppl_rel), num(m.kld_mean),
-          num(m.top1_agree), num(m.kv_bytes), num(m.ratio), num(m.tokens_per_s));
+          num(m.top1_agree), num(m.kv_bytes), num(m.ratio), num(m.tokens_per_s),
+          num(m.bytes_per_token), num(m.bits_per_value), num(m.ratio / 2.0));
     return 0;
   }
   fmt::print("model {} ({}), {} windows of up to {} tokens, {} predicted tokens per recipe\n",
@@ -177,30 +222,61 @@ int run_ppl(const Args& a) {
   fmt::print("f32 reference perplexity {:.4f}\n", rep.ppl_f32);
   std::size_t w = 6;
   for (const RecipeMetrics& m : rep.recipes) w = std::max(w, m.recipe.size());
-  fmt::print("{:<{}}  {:>9}  {:>9}  {:>9}  {:>7}  {:>12}  {:>6}  {:>8}\n", "recipe", w, "ppl",
-             "dPPL", "KLD", "top1", "KV bytes", "ratio", "tok/s");
+  fmt::print("{:<{}}  {:>9}  {:>9}  {:>9}  {:>7}  {:>9}  {:>8}  {:>7}  {:>7}  {:>7}\n", "recipe",
+             w, "ppl", "dPPL", "KLD", "top1", "B/token", "bits/val", "vs f32", "vs f16", "tok/s");
   for (const RecipeMetrics& m : rep.recipes)
-    fmt::print("{:<{}}  {:>9.4f}  {:>+8.3f}%  {:>9.2e}  {:>6.2f}%  {:>12.0f}  {:>5.2f}x  {:>8.0f}\n",
-               m.recipe, w, m.ppl, 100.0 * m.dppl_rel, m.kld_mean, 100.0 * m.top1_agree,
-               m.kv_bytes, m.ratio, m.tokens_per_s);
-  fmt::print("KV bytes: stats().total_bytes at the end of each window, mean over windows.\n");
+    fmt::print(
+        "{:<{}}  {:>9.4f}  {:>+8.3f}%  {:>9.2e}  {:>6.2f}%  {:>9.1f}  {:>8.2f}  {:>6.2f}x  "
+        "{:>6.2f}x  {:>7.0f}\n",
+        m.recipe, w, m.ppl, 100.0 * m.dppl_rel, m.kld_mean, 100.0 * m.top1_agree,
+        m.bytes_per_token, m.bits_per_value, m.ratio, m.ratio / 2.0, m.tokens_per_s);
+  const ModelConfig& c = model.config;
+  const int f32_per_token = c.n_layers * c.n_kv_heads * c.head_dim * 2 * 4;
+  fmt::print(
+      "B/token: KV bytes / tokens kept, all {} layers x {} kv heads (raw f32: {} B, f16: {} B).\n"
+      "bits/val: bits per stored K or V value, metadata included. vs f32, vs f16: times smaller\n"
+      "  than an f32 / f16 cache holding the same tokens (above 1x = memory saved).\n"
+      "f32 is slightly below 1.00x: the window buffer of not-yet-sealed tokens and the page and\n"
+      "  position bookkeeping are counted.\n",
+      c.n_layers, c.n_kv_heads, f32_per_token, f32_per_token / 2);
+  if (c.head_dim < 64)
+    fmt::print(
+        "At head_dim {} KIVI's per-token value scale+zero costs {} bits per V value and its\n"
+        "  residual window (default 128 tokens) stays f32, so kivi 8/8 can be larger than f16;\n"
+        "  residual=0 shows the quantized pages alone.\n",
+        c.head_dim, 32 / std::max(1, std::min(c.head_dim, 32)));
+  else
+    fmt::print("KIVI's residual window (default 128 tokens) stays f32.\n");
   return 0;
 }
 
 int run_dump(const Args& a) {
   const Model model = load_model(a.model);
   const std::string text = read_text(a.text);
+  const Tokenizer::UnknownCount before = model.tokenizer->unknown();
   const double ppl = write_dump(model, text, a.offset, a.out,
                                 std::filesystem::path(a.text).filename().string());
+  warn_unknown(model, before, fmt::format("'{}'", a.text));
   fmt::print("wrote {} (window perplexity {:.4f})\n", a.out, ppl);
   return 0;
+}
+
+/// --model / --text paths that do not exist (what a missing ../shared looks like).
+std::vector<std::string> missing_paths(const Args& a) {
+  std::vector<std::string> out;
+  for (const std::string* p : {&a.model, &a.text}) {
+    std::error_code ec;
+    if (!p->empty() && !std::filesystem::exists(*p, ec)) out.push_back(*p);
+  }
+  return out;
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
+  Args a;
   try {
-    const Args a = parse_args(argc, argv);
+    a = parse_args(argc, argv);
     if (a.command == "help") {
       fmt::print("{}", kUsage);
       return 0;
@@ -214,10 +290,14 @@ int main(int argc, char** argv) {
   } catch (const kvslim::Error& e) {
     fmt::print(stderr, "kvslim-llama: error ({}): {}\n", kvslim::error_code_name(e.code()),
                e.what());
-    if (e.code() == kvslim::ErrorCode::kIo)
+    // The ../shared hint only helps when a model or text path is missing, not for e.g. an
+    // unwritable --out directory.
+    if (e.code() == kvslim::ErrorCode::kIo && !missing_paths(a).empty())
       fmt::print(stderr,
-                 "kvslim-llama: the shared models and text are expected in ../shared next to the "
-                 "checkout (models/, data/text/); pass --model and --text to point elsewhere\n");
+                 "kvslim-llama: '{}' does not exist; the shared models and text are expected in "
+                 "../shared next to the checkout (models/, data/text/); pass --model and --text "
+                 "to point elsewhere\n",
+                 missing_paths(a).front());
     return 1;
   } catch (const std::exception& e) {
     fmt::print(stderr, "kvslim-llama: error: {}\n", e.what());

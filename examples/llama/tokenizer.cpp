@@ -177,6 +177,7 @@ std::vector<int> Llama2cTokenizer::encode(std::string_view text) const {
       for (unsigned char b : cp) ids.push_back(byte_base_ + b);
     } else {
       ids.push_back(0);  // <unk>
+      count_unknown(cp.size());
     }
   }
   std::string buf;
@@ -261,6 +262,7 @@ BpeTokenizer::BpeTokenizer(const std::string& path, int model_vocab_size, int bo
                    u->as_string());
       unk_id_ = it->second;
     }
+    unknown_dropped_ = unk_id_ < 0;
     if (const json::Value* b = model.find("byte_fallback"); b && !b->is_null())
       byte_fallback_ = b->as_bool("byte_fallback");
     if (const json::Value* f = model.find("fuse_unk"); f && !f->is_null())
@@ -358,6 +360,7 @@ std::vector<int> BpeTokenizer::encode(std::string_view text) const {
     }
     // Hugging Face drops the character when there is no unk token, and with fuse_unk
     // runs of unknown characters become one <unk>.
+    count_unknown(ch.size());
     if (unk_id_ < 0) continue;
     if (!(fuse_unk_ && last_unk)) ids.push_back(unk_id_);
     last_unk = true;

@@ -8,6 +8,7 @@
 // Both encode without BOS; callers add it (see eval.h's token stream rule).
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <span>
 #include <string>
@@ -38,9 +39,33 @@ class Tokenizer {
   int bos_id() const noexcept { return bos_id_; }
   int eos_id() const noexcept { return eos_id_; }
 
+  /// Characters (UTF-8 code points) that encode() could not represent — no token for them
+  /// and no byte tokens to fall back on — with their bytes, summed over every encode() call
+  /// since construction. They became <unk>, or were dropped when the vocabulary has no
+  /// <unk> (unknown_dropped()). The tokenizer never prints; callers report these counts.
+  struct UnknownCount {
+    std::int64_t chars = 0;
+    std::int64_t bytes = 0;
+  };
+  UnknownCount unknown() const noexcept {
+    return {unknown_chars_.load(std::memory_order_relaxed),
+            unknown_bytes_.load(std::memory_order_relaxed)};
+  }
+  bool unknown_dropped() const noexcept { return unknown_dropped_; }
+
  protected:
+  void count_unknown(std::size_t bytes) const noexcept {
+    unknown_chars_.fetch_add(1, std::memory_order_relaxed);
+    unknown_bytes_.fetch_add(static_cast<std::int64_t>(bytes), std::memory_order_relaxed);
+  }
+
   int bos_id_ = 1;
   int eos_id_ = 2;
+  bool unknown_dropped_ = false;
+
+ private:
+  mutable std::atomic<std::int64_t> unknown_chars_{0};
+  mutable std::atomic<std::int64_t> unknown_bytes_{0};
 };
 
 /// llama2.c tokenizer (tok512.bin, tokenizer.bin).

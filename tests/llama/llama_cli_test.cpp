@@ -1,7 +1,11 @@
 // The kvslim-llama executable: `ppl --json` prints one parseable JSON object per recipe with
-// the documented keys, `dump` writes a recording the library's loader reads, bad usage and
-// bad models exit nonzero with a message instead of crashing, and --help documents how
-// KV bytes are measured.
+// the documented keys (the original eight unchanged, new ones only added), the `ppl` table
+// shows memory per token, bits per value and ratios labeled vs f32 / vs f16 with a legend,
+// no progress bar is drawn into a non-terminal stderr, `generate` reports why it stopped and
+// what the cache costs, characters the vocabulary cannot represent produce one warning,
+// `dump` writes a recording the library's loader reads, bad usage and bad models exit
+// nonzero with a message instead of crashing, the ../shared hint appears only when a model
+// or text path is missing, and --help documents how KV bytes are measured.
 #include <gtest/gtest.h>
 
 #include <sys/wait.h>
@@ -29,13 +33,15 @@ std::string quote_arg(const std::string& s) {
   return q + "'";
 }
 
-RunResult run(const std::vector<std::string>& args, bool with_stderr = true) {
+/// Runs kvslim-llama with `redirect` appended to the shell command (" 2>&1": stdout + stderr;
+/// " 2>/dev/null": stdout only; " 2>&1 >/dev/null": stderr only). stderr is never a terminal.
+RunResult run_redirect(const std::vector<std::string>& args, const char* redirect) {
   std::string cmd = quote_arg(KVSLIM_LLAMA_EXE);
   for (const auto& a : args) {
     cmd += ' ';
     cmd += quote_arg(a);
   }
-  cmd += with_stderr ? " 2>&1" : " 2>/dev/null";
+  cmd += redirect;
   RunResult r;
   FILE* p = ::popen(cmd.c_str(), "r");
   if (!p) return r;
@@ -46,6 +52,12 @@ RunResult run(const std::vector<std::string>& args, bool with_stderr = true) {
   r.status = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
   return r;
 }
+
+RunResult run(const std::vector<std::string>& args, bool with_stderr = true) {
+  return run_redirect(args, with_stderr ? " 2>&1" : " 2>/dev/null");
+}
+
+bool has(const std::string& s, const std::string& sub) { return s.find(sub) != std::string::npos; }
 
 TEST(Cli, PplJsonLines) {
   KVSLIM_REQUIRE_SHARED(test::kStoriesBin);
@@ -64,13 +76,101 @@ TEST(Cli, PplJsonLines) {
   EXPECT_EQ(rows[0].at("recipe").as_string(), "f32");
   EXPECT_EQ(rows[1].at("recipe").as_string(), "f16");
   for (const json::Value& row : rows) {
-    EXPECT_EQ(row.as_object().size(), 8u);
-    for (const char* key :
-         {"ppl", "dppl_rel", "kld_mean", "top1_agree", "kv_bytes", "ratio", "tokens_per_s"})
+    // The original eight keys keep their names; bytes_per_token, bits_per_value and
+    // ratio_vs_f16 were added after them.
+    EXPECT_EQ(row.as_object().size(), 11u);
+    for (const char* key : {"ppl", "dppl_rel", "kld_mean", "top1_agree", "kv_bytes", "ratio",
+                            "tokens_per_s", "bytes_per_token", "bits_per_value", "ratio_vs_f16"})
       EXPECT_TRUE(row.at(key).is_number()) << key;
+    EXPECT_DOUBLE_EQ(row.at("ratio_vs_f16").as_number(), row.at("ratio").as_number() / 2.0);
+    EXPECT_NEAR(row.at("bits_per_value").as_number() * row.at("ratio").as_number(), 32.0, 0.5);
   }
   EXPECT_EQ(rows[0].at("kld_mean").as_number(), 0.0);
   EXPECT_GT(rows[1].at("ratio").as_number(), rows[0].at("ratio").as_number());
+  // stories260K: 5 layers x 4 kv heads x (K + V) x head_dim 8 x 4 bytes = 1280 raw f32 bytes
+  // per token; the measured f32 cache adds a little bookkeeping, f16 is about half.
+  const double f32_bpt = rows[0].at("bytes_per_token").as_number();
+  EXPECT_GE(f32_bpt, 1280.0);
+  EXPECT_LT(f32_bpt, 1280.0 * 1.1);
+  EXPECT_LT(rows[1].at("bytes_per_token").as_number(), 0.6 * f32_bpt);
+}
+
+TEST(Cli, PplTableLabelsMemoryAndExplainsIt) {
+  KVSLIM_REQUIRE_SHARED(test::kStoriesBin);
+  KVSLIM_REQUIRE_SHARED(test::kText);
+  const std::vector<std::string> args = {
+      "ppl", "--model", kvslim::test::shared_path(test::kStories), "--text",
+      kvslim::test::shared_path(test::kText), "--recipe", "f32", "--recipe",
+      "kivi:kbits=2,vbits=2,residual=0", "--windows", "1"};
+  const RunResult out = run_redirect(args, " 2>/dev/null");
+  ASSERT_EQ(out.status, 0) << out.out;
+  for (const char* col : {"B/token", "bits/val", "vs f32", "vs f16", "tok/s"})
+    EXPECT_TRUE(has(out.out, col)) << col << "\n" << out.out;
+  EXPECT_TRUE(has(out.out, "raw f32: 1280 B, f16: 640 B")) << out.out;
+  EXPECT_TRUE(has(out.out, "f32 is slightly below 1.00x")) << out.out;
+  EXPECT_TRUE(has(out.out, "At head_dim 8")) << out.out;
+  // stderr is a pipe here: no progress bar redrawn with carriage returns, nothing at all.
+  const RunResult err = run_redirect(args, " 2>&1 >/dev/null");
+  EXPECT_EQ(err.status, 0);
+  EXPECT_EQ(err.out, "") << err.out;
+}
+
+TEST(Cli, GenerateReportsStopReasonAndMemory) {
+  KVSLIM_REQUIRE_SHARED(test::kStoriesBin);
+  const RunResult r = run_redirect({"generate", "--model",
+                                    kvslim::test::shared_path(test::kStoriesBin), "--tokens", "3",
+                                    "--recipe", "f16"},
+                                   " 2>&1 >/dev/null");
+  ASSERT_EQ(r.status, 0) << r.out;
+  EXPECT_TRUE(has(r.out, "3 tokens generated, stopped by token limit")) << r.out;
+  EXPECT_TRUE(has(r.out, "bytes per token (raw f32: 1280)")) << r.out;
+  EXPECT_TRUE(has(r.out, "x vs f32]")) << r.out;
+  // Left alone, stories260K ends its story with EOS well before its 512-token context.
+  const RunResult eos = run_redirect(
+      {"generate", "--model", kvslim::test::shared_path(test::kStoriesBin), "--tokens", "500"},
+      " 2>&1 >/dev/null");
+  ASSERT_EQ(eos.status, 0) << eos.out;
+  EXPECT_TRUE(has(eos.out, "stopped by EOS token")) << eos.out;
+}
+
+TEST(Cli, CharactersOutsideTheVocabularyWarnOnce) {
+  KVSLIM_REQUIRE_SHARED(test::kTinyWeights);
+  KVSLIM_REQUIRE_SHARED(test::kStoriesBin);
+  // tinystories656K's tokenizer.json has byte_fallback but no <0xXX> tokens: 'é' (2 bytes)
+  // and '日' (3 bytes) become <unk>.
+  const RunResult r = run_redirect({"generate", "--model", kvslim::test::shared_path(test::kTiny),
+                                    "--prompt", "the caf\xC3\xA9 \xE6\x97\xA5", "--tokens", "2"},
+                                   " 2>&1 >/dev/null");
+  ASSERT_EQ(r.status, 0) << r.out;
+  EXPECT_TRUE(has(r.out, "warning: 2 characters (5 bytes) of the prompt are not in the "
+                         "vocabulary of tinystories656K"))
+      << r.out;
+  EXPECT_TRUE(has(r.out, "<unk>")) << r.out;
+  const std::size_t first = r.out.find("warning");
+  EXPECT_EQ(r.out.find("warning", first + 1), std::string::npos) << r.out;
+  // stories260K falls back to byte tokens: nothing to warn about.
+  const RunResult bytes = run_redirect({"generate", "--model",
+                                        kvslim::test::shared_path(test::kStoriesBin), "--prompt",
+                                        "the caf\xC3\xA9", "--tokens", "2"},
+                                       " 2>&1 >/dev/null");
+  ASSERT_EQ(bytes.status, 0) << bytes.out;
+  EXPECT_FALSE(has(bytes.out, "warning")) << bytes.out;
+}
+
+TEST(Cli, SharedHintOnlyWhenAPathIsMissing) {
+  const RunResult missing = run({"generate", "--model", "/nonexistent/model.bin"});
+  EXPECT_EQ(missing.status, 1);
+  EXPECT_TRUE(has(missing.out, "../shared")) << missing.out;
+
+  KVSLIM_REQUIRE_SHARED(test::kStoriesBin);
+  KVSLIM_REQUIRE_SHARED(test::kText);
+  // An I/O error unrelated to the shared files: the output directory cannot be created.
+  const RunResult out = run({"dump", "--model", kvslim::test::shared_path(test::kStories),
+                             "--text", kvslim::test::shared_path(test::kText), "--offset", "0",
+                             "--out", "/dev/null/sub"});
+  EXPECT_EQ(out.status, 1);
+  EXPECT_TRUE(has(out.out, "/dev/null/sub")) << out.out;
+  EXPECT_FALSE(has(out.out, "../shared")) << out.out;
 }
 
 TEST(Cli, DumpWritesLoadableRecording) {

@@ -1,0 +1,98 @@
+// The kvslim-eval executable: every option is validated before anything runs, with a message
+// naming the bad value and exit code 2 (bad numbers used to print just "stoi", and --tokens
+// 0 / -1 silently meant "all"); every recipe is checked against the recordings' shapes before
+// the first replay, so a typo in the last recipe prints no rows at all; a good run prints one
+// row per recipe.
+#include <gtest/gtest.h>
+
+#include <sys/wait.h>
+
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "test_support.h"
+
+namespace kvslim {
+namespace {
+
+constexpr const char* kDumps = "data/dumps/stories260K";
+
+struct RunResult {
+  int status = -1;
+  std::string out;
+};
+
+std::string quote_arg(const std::string& s) {
+  std::string q = "'";
+  for (char c : s) q += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return q + "'";
+}
+
+RunResult run(const std::vector<std::string>& args, const char* redirect = " 2>&1") {
+  std::string cmd = quote_arg(KVSLIM_EVAL_EXE);
+  for (const auto& a : args) cmd += ' ' + quote_arg(a);
+  cmd += redirect;
+  RunResult r;
+  FILE* p = ::popen(cmd.c_str(), "r");
+  if (!p) return r;
+  char buf[4096];
+  std::size_t n;
+  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) r.out.append(buf, n);
+  const int st = ::pclose(p);
+  r.status = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+  return r;
+}
+
+bool has(const std::string& s, const std::string& sub) { return s.find(sub) != std::string::npos; }
+
+TEST(EvalCli, BadNumbersNameTheValue) {
+  const struct {
+    const char* opt;
+    const char* value;
+  } cases[] = {{"--chunk", "abc"}, {"--chunk", "0"}, {"--chunk", "4x"}, {"--tokens", "0"},
+               {"--tokens", "-1"}, {"--tokens", "99999999999"}};
+  for (const auto& c : cases) {
+    const RunResult r = run({"--dumps", "/nonexistent", "--recipe", "f32", c.opt, c.value});
+    EXPECT_EQ(r.status, 2) << c.opt << ' ' << c.value << ": " << r.out;
+    EXPECT_TRUE(has(r.out, std::string(c.opt) + " expects an integer >= 1, got '" + c.value + "'"))
+        << r.out;
+    EXPECT_FALSE(has(r.out, "stoi")) << r.out;
+  }
+}
+
+TEST(EvalCli, MissingArgumentsAreUsageErrors) {
+  EXPECT_EQ(run({"--recipe", "f32"}).status, 2);
+  EXPECT_EQ(run({"--dumps", "x"}).status, 2);
+  EXPECT_EQ(run({"--dumps", "x", "--recipe"}).status, 2);
+  const RunResult unknown = run({"--frobnicate"});
+  EXPECT_EQ(unknown.status, 2);
+  EXPECT_TRUE(has(unknown.out, "--frobnicate")) << unknown.out;
+  EXPECT_EQ(run({"--help"}).status, 0);
+}
+
+TEST(EvalCli, EveryRecipeIsValidatedBeforeTheFirstRow) {
+  KVSLIM_REQUIRE_SHARED(kDumps);
+  const RunResult r = run({"--dumps", test::shared_path(kDumps), "--recipe", "f32", "--recipe",
+                           "kivi:kbits=2,nosuchkey=1", "--tokens", "8"},
+                          " 2>/dev/null");
+  EXPECT_EQ(r.status, 1);
+  EXPECT_FALSE(has(r.out, "\nf32 ")) << "a row ran before the bad recipe was noticed:\n" << r.out;
+  const RunResult e = run({"--dumps", test::shared_path(kDumps), "--recipe", "f32", "--recipe",
+                           "kivi:kbits=2,nosuchkey=1", "--tokens", "8"},
+                          " 2>&1 >/dev/null");
+  EXPECT_TRUE(has(e.out, "nosuchkey")) << e.out;
+}
+
+TEST(EvalCli, GoodRunPrintsOneRowPerRecipe) {
+  KVSLIM_REQUIRE_SHARED(kDumps);
+  const RunResult r = run({"--dumps", test::shared_path(kDumps), "--recipe", "f32", "--recipe",
+                           "f16", "--tokens", "40", "--chunk", "8", "--json"},
+                          " 2>/dev/null");
+  ASSERT_EQ(r.status, 0) << r.out;
+  EXPECT_TRUE(has(r.out, "{\"recipe\": \"f32\"")) << r.out;
+  EXPECT_TRUE(has(r.out, "{\"recipe\": \"f16\"")) << r.out;
+}
+
+}  // namespace
+}  // namespace kvslim
