@@ -4,6 +4,7 @@
 // KV bytes are measured.
 #include <gtest/gtest.h>
 
+#include <nlohmann/json.hpp>
 #include <sys/wait.h>
 
 #include <cstdio>
@@ -12,7 +13,6 @@
 #include <vector>
 
 #include "kvslim/testing/recordings.h"
-#include "kvslim/util/json.h"
 #include "llama_test_util.h"
 
 namespace kvslim::llama {
@@ -57,20 +57,20 @@ TEST(Cli, PplJsonLines) {
   ASSERT_EQ(r.status, 0) << r.out;
   std::istringstream lines(r.out);
   std::string line;
-  std::vector<json::Value> rows;
+  std::vector<nlohmann::json> rows;
   while (std::getline(lines, line))
-    if (!line.empty()) rows.push_back(json::parse(line));
+    if (!line.empty()) rows.push_back(nlohmann::json::parse(line));
   ASSERT_EQ(rows.size(), 2u) << r.out;
-  EXPECT_EQ(rows[0].at("recipe").as_string(), "f32");
-  EXPECT_EQ(rows[1].at("recipe").as_string(), "f16");
-  for (const json::Value& row : rows) {
-    EXPECT_EQ(row.as_object().size(), 8u);
+  EXPECT_EQ(rows[0].at("recipe").get<std::string>(), "f32");
+  EXPECT_EQ(rows[1].at("recipe").get<std::string>(), "f16");
+  for (const nlohmann::json& row : rows) {
+    EXPECT_EQ(row.size(), 8u);
     for (const char* key :
          {"ppl", "dppl_rel", "kld_mean", "top1_agree", "kv_bytes", "ratio", "tokens_per_s"})
       EXPECT_TRUE(row.at(key).is_number()) << key;
   }
-  EXPECT_EQ(rows[0].at("kld_mean").as_number(), 0.0);
-  EXPECT_GT(rows[1].at("ratio").as_number(), rows[0].at("ratio").as_number());
+  EXPECT_EQ(rows[0].at("kld_mean").get<double>(), 0.0);
+  EXPECT_GT(rows[1].at("ratio").get<double>(), rows[0].at("ratio").get<double>());
 }
 
 TEST(Cli, DumpWritesLoadableRecording) {
