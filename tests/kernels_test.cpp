@@ -35,6 +35,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <ostream>
 #include <random>
 
 #include "kvslim/cpu/isa.h"
@@ -43,6 +44,12 @@
 
 using namespace kvslim;
 using kernels::KernelTable;
+
+namespace kvslim {
+// Without a PrintTo gtest prints an enum class parameter as raw bytes in --gtest_list_tests
+// and failure messages; print the ISA's name.
+void PrintTo(Isa isa, std::ostream* os) { *os << isa_name(isa); }
+}  // namespace kvslim
 
 namespace {
 

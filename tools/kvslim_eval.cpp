@@ -18,7 +18,7 @@
 #include "kvslim/error.h"
 #include "kvslim/testing/recordings.h"
 #include "kvslim/testing/replay.h"
-#include "kvslim/util/json.h"
+#include "util/json.h"
 
 namespace {
 

@@ -9,7 +9,7 @@
 #include "check.h"
 #include "engine.h"
 #include "file_io.h"
-#include "kvslim/util/json.h"
+#include "util/json.h"
 
 namespace kvslim::llama {
 namespace {

@@ -15,7 +15,7 @@
 
 #include "eval.h"
 #include "kvslim/error.h"
-#include "kvslim/util/json.h"
+#include "util/json.h"
 #include "model.h"
 
 namespace {

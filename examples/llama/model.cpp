@@ -8,7 +8,7 @@
 
 #include "check.h"
 #include "file_io.h"
-#include "kvslim/util/json.h"
+#include "util/json.h"
 
 namespace kvslim::llama {
 namespace fs = std::filesystem;
@@ -124,17 +124,17 @@ std::map<std::string, TensorEntry> parse_safetensors(const std::string& path,
                "safetensors '{}': header is not a JSON object", path);
   std::map<std::string, TensorEntry> out;
   try {
-    for (const auto& [name, t] : root.as_object()) {
+    for (const auto& [name, t] : json::as_object(root)) {
       if (name == "__metadata__") continue;
-      const std::string& dtype = t.at("dtype").as_string("dtype");
+      const std::string& dtype = json::as_string(json::at(t, "dtype"), "dtype");
       KVSLIM_CHECK(dtype == "F32", ErrorCode::kFormat,
                    "tensor '{}' has dtype {}; only F32 is supported (convert the model to "
                    "float32)",
                    name, dtype);
       TensorEntry e;
       std::int64_t numel = 1;
-      for (const json::Value& d : t.at("shape").as_array("shape")) {
-        const std::int64_t v = d.as_int("shape entry");
+      for (const json::Value& d : json::as_array(json::at(t, "shape"), "shape")) {
+        const std::int64_t v = json::as_int(d, "shape entry");
         KVSLIM_CHECK(v >= 0 && v <= kMaxVocab * 64, ErrorCode::kFormat,
                      "tensor '{}' has dimension {}", name, v);
         e.shape.push_back(v);
@@ -142,10 +142,11 @@ std::map<std::string, TensorEntry> parse_safetensors(const std::string& path,
         KVSLIM_CHECK(numel <= (std::int64_t{1} << 40), ErrorCode::kFormat,
                      "tensor '{}' is implausibly large", name);
       }
-      const auto& off = t.at("data_offsets").as_array("data_offsets");
+      const auto& off = json::as_array(json::at(t, "data_offsets"), "data_offsets");
       KVSLIM_CHECK(off.size() == 2, ErrorCode::kFormat, "tensor '{}': data_offsets is not a pair",
                    name);
-      const std::int64_t b = off[0].as_int("data offset"), en = off[1].as_int("data offset");
+      const std::int64_t b = json::as_int(off[0], "data offset"),
+                         en = json::as_int(off[1], "data offset");
       KVSLIM_CHECK(b >= 0 && en >= b && static_cast<std::uint64_t>(en) <= data_size,
                    ErrorCode::kFormat,
                    "tensor '{}': data_offsets [{}, {}] fall outside the {} data bytes", name, b,
@@ -159,18 +160,20 @@ std::map<std::string, TensorEntry> parse_safetensors(const std::string& path,
     }
   } catch (const Error& e) {
     KVSLIM_FAIL(ErrorCode::kFormat, "safetensors '{}': {}", path, e.what());
+  } catch (const nlohmann::json::exception& e) {  // not expected: json:: helpers check types
+    KVSLIM_FAIL(ErrorCode::kFormat, "safetensors '{}': {}", path, e.what());
   }
   return out;
 }
 
 std::int64_t config_int(const json::Value& cfg, const std::string& path, std::string_view key,
                         std::int64_t lo, std::int64_t hi, const std::int64_t* fallback = nullptr) {
-  const json::Value* v = cfg.find(key);
+  const json::Value* v = json::find(cfg, key);
   if ((!v || v->is_null()) && fallback) return *fallback;
   KVSLIM_CHECK(v != nullptr, ErrorCode::kFormat, "'{}': missing key '{}'", path, key);
   std::int64_t x = 0;
   try {
-    x = v->as_int(key);
+    x = json::as_int(*v, key);
   } catch (const Error& e) {
     KVSLIM_FAIL(ErrorCode::kFormat, "'{}': {}", path, e.what());
   }
@@ -180,11 +183,11 @@ std::int64_t config_int(const json::Value& cfg, const std::string& path, std::st
 
 double config_number(const json::Value& cfg, const std::string& path, std::string_view key,
                      double fallback) {
-  const json::Value* v = cfg.find(key);
+  const json::Value* v = json::find(cfg, key);
   if (!v || v->is_null()) return fallback;
   double x = 0.0;
   try {
-    x = v->as_number(key);
+    x = json::as_number(*v, key);
   } catch (const Error& e) {
     KVSLIM_FAIL(ErrorCode::kFormat, "'{}': {}", path, e.what());
   }
@@ -287,21 +290,21 @@ Model load_hf(const std::string& dir) {
   }
   KVSLIM_CHECK(cfg.is_object(), ErrorCode::kFormat, "config '{}' is not a JSON object",
                config_path);
-  if (const json::Value* mt = cfg.find("model_type"); mt && mt->is_string())
-    KVSLIM_CHECK(mt->as_string() == "llama", ErrorCode::kFormat,
+  if (const json::Value* mt = json::find(cfg, "model_type"); mt && mt->is_string())
+    KVSLIM_CHECK(json::as_string(*mt) == "llama", ErrorCode::kFormat,
                  "config '{}': model_type '{}' is not supported (llama only)", config_path,
-                 mt->as_string());
-  if (const json::Value* act = cfg.find("hidden_act"); act && act->is_string())
-    KVSLIM_CHECK(act->as_string() == "silu", ErrorCode::kFormat,
+                 json::as_string(*mt));
+  if (const json::Value* act = json::find(cfg, "hidden_act"); act && act->is_string())
+    KVSLIM_CHECK(json::as_string(*act) == "silu", ErrorCode::kFormat,
                  "config '{}': hidden_act '{}' is not supported (silu only)", config_path,
-                 act->as_string());
-  if (const json::Value* rs = cfg.find("rope_scaling"))
+                 json::as_string(*act));
+  if (const json::Value* rs = json::find(cfg, "rope_scaling"))
     KVSLIM_CHECK(rs->is_null(), ErrorCode::kFormat,
                  "config '{}': rope_scaling is not supported", config_path);
   for (const char* key : {"attention_bias", "mlp_bias"})
-    if (const json::Value* b = cfg.find(key); b && b->is_bool())
-      KVSLIM_CHECK(!b->as_bool(), ErrorCode::kFormat, "config '{}': {} = true is not supported",
-                   config_path, key);
+    if (const json::Value* b = json::find(cfg, key); b && b->is_boolean())
+      KVSLIM_CHECK(!json::as_bool(*b), ErrorCode::kFormat,
+                   "config '{}': {} = true is not supported", config_path, key);
 
   Model m;
   m.path = dir;
@@ -327,7 +330,7 @@ Model load_hf(const std::string& dir) {
   c.rope = RopeStyle::kHalf;
   c.rope_theta = config_number(cfg, config_path, "rope_theta", 10000.0);
   c.rms_eps = static_cast<float>(config_number(cfg, config_path, "rms_norm_eps", 1e-6));
-  KVSLIM_CHECK(c.head_dim * c.n_heads == c.dim || cfg.find("head_dim"), ErrorCode::kFormat,
+  KVSLIM_CHECK(c.head_dim * c.n_heads == c.dim || json::find(cfg, "head_dim"), ErrorCode::kFormat,
                "config '{}': hidden_size {} is not a multiple of num_attention_heads {}",
                config_path, c.dim, c.n_heads);
   KVSLIM_CHECK(c.n_heads % c.n_kv_heads == 0 && c.head_dim % 2 == 0, ErrorCode::kFormat,
@@ -335,7 +338,8 @@ Model load_hf(const std::string& dir) {
                "not form a GQA layout with an even head_dim",
                config_path, c.n_heads, c.n_kv_heads, c.head_dim);
   bool tied = false;
-  if (const json::Value* t = cfg.find("tie_word_embeddings"); t && t->is_bool()) tied = t->as_bool();
+  if (const json::Value* t = json::find(cfg, "tie_word_embeddings"); t && t->is_boolean())
+    tied = json::as_bool(*t);
   const std::int64_t one = 1, two = 2;
   const int bos = static_cast<int>(config_int(cfg, config_path, "bos_token_id", 0, kMaxVocab, &one));
   const int eos = static_cast<int>(config_int(cfg, config_path, "eos_token_id", 0, kMaxVocab, &two));

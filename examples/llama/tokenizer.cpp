@@ -5,7 +5,7 @@
 
 #include "check.h"
 #include "file_io.h"
-#include "kvslim/util/json.h"
+#include "util/json.h"
 
 namespace kvslim::llama {
 namespace {
@@ -219,16 +219,16 @@ BpeTokenizer::BpeTokenizer(const std::string& path, int model_vocab_size, int bo
     KVSLIM_FAIL(ErrorCode::kFormat, "tokenizer '{}': {}", path, e.what());
   }
   try {
-    const json::Value& model = root.at("model");
-    const std::string& type = model.at("type").as_string("model.type");
+    const json::Value& model = json::at(root, "model");
+    const std::string& type = json::as_string(json::at(model, "type"), "model.type");
     KVSLIM_CHECK(type == "BPE", ErrorCode::kFormat, "model type '{}' is not supported (BPE only)",
                  type);
-    if (const json::Value* p = root.find("pre_tokenizer"); p && !p->is_null())
+    if (const json::Value* p = json::find(root, "pre_tokenizer"); p && !p->is_null())
       KVSLIM_FAIL(ErrorCode::kFormat, "pre_tokenizer '{}' is not supported (only none)",
-                  p->is_object() && p->find("type") ? p->at("type").as_string("type") : "?");
+                  json::find(*p, "type") ? json::as_string(json::at(*p, "type"), "type") : "?");
     for (const char* key : {"continuing_subword_prefix", "end_of_word_suffix"}) {
-      const json::Value* p = model.find(key);
-      KVSLIM_CHECK(!p || p->is_null() || p->as_string(key).empty(), ErrorCode::kFormat,
+      const json::Value* p = json::find(model, key);
+      KVSLIM_CHECK(!p || p->is_null() || json::as_string(*p, key).empty(), ErrorCode::kFormat,
                    "model.{} is not supported", key);
     }
 
@@ -241,13 +241,13 @@ BpeTokenizer::BpeTokenizer(const std::string& path, int model_vocab_size, int bo
       vocab_[id] = s;
       ids_.emplace(s, static_cast<int>(id));
     };
-    for (const auto& [s, id] : model.at("vocab").as_object("model.vocab"))
-      add_token(s, id.as_int("vocab id"));
-    if (const json::Value* added = root.find("added_tokens"); added && added->is_array()) {
-      for (const json::Value& t : added->as_array()) {
-        const std::int64_t id = t.at("id").as_int("added token id");
-        add_token(t.at("content").as_string("added token content"), id);
-        if (const json::Value* sp = t.find("special"); sp && sp->as_bool("special"))
+    for (const auto& [s, id] : json::as_object(json::at(model, "vocab"), "model.vocab"))
+      add_token(s, json::as_int(id, "vocab id"));
+    if (const json::Value* added = json::find(root, "added_tokens"); added && added->is_array()) {
+      for (const json::Value& t : json::as_array(*added)) {
+        const std::int64_t id = json::as_int(json::at(t, "id"), "added token id");
+        add_token(json::as_string(json::at(t, "content"), "added token content"), id);
+        if (const json::Value* sp = json::find(t, "special"); sp && json::as_bool(*sp, "special"))
           special_[id] = true;
       }
     }
@@ -256,23 +256,23 @@ BpeTokenizer::BpeTokenizer(const std::string& path, int model_vocab_size, int bo
                    "BOS/EOS id {} outside the vocabulary of {}", id, model_vocab_size);
     special_[bos_id_] = special_[eos_id_] = true;
 
-    if (const json::Value* u = model.find("unk_token"); u && u->is_string()) {
-      const auto it = ids_.find(u->as_string());
+    if (const json::Value* u = json::find(model, "unk_token"); u && u->is_string()) {
+      const auto it = ids_.find(json::as_string(*u));
       KVSLIM_CHECK(it != ids_.end(), ErrorCode::kFormat, "unk_token '{}' is not in the vocabulary",
-                   u->as_string());
+                   json::as_string(*u));
       unk_id_ = it->second;
     }
     unknown_dropped_ = unk_id_ < 0;
-    if (const json::Value* b = model.find("byte_fallback"); b && !b->is_null())
-      byte_fallback_ = b->as_bool("byte_fallback");
-    if (const json::Value* f = model.find("fuse_unk"); f && !f->is_null())
-      fuse_unk_ = f->as_bool("fuse_unk");
+    if (const json::Value* b = json::find(model, "byte_fallback"); b && !b->is_null())
+      byte_fallback_ = json::as_bool(*b, "byte_fallback");
+    if (const json::Value* f = json::find(model, "fuse_unk"); f && !f->is_null())
+      fuse_unk_ = json::as_bool(*f, "fuse_unk");
 
-    const auto& merges = model.at("merges").as_array("model.merges");
+    const auto& merges = json::as_array(json::at(model, "merges"), "model.merges");
     for (std::size_t rank = 0; rank < merges.size(); ++rank) {
       std::string a, b;
       if (merges[rank].is_string()) {
-        const std::string& m = merges[rank].as_string();
+        const std::string& m = json::as_string(merges[rank]);
         const std::size_t sp = m.find(' ');
         KVSLIM_CHECK(sp != std::string::npos && m.find(' ', sp + 1) == std::string::npos,
                      ErrorCode::kFormat, "merge {} '{}' is not two tokens separated by a space",
@@ -280,10 +280,10 @@ BpeTokenizer::BpeTokenizer(const std::string& path, int model_vocab_size, int bo
         a = m.substr(0, sp);
         b = m.substr(sp + 1);
       } else {
-        const auto& pair = merges[rank].as_array("merge");
+        const auto& pair = json::as_array(merges[rank], "merge");
         KVSLIM_CHECK(pair.size() == 2, ErrorCode::kFormat, "merge {} is not a pair", rank);
-        a = pair[0].as_string("merge token");
-        b = pair[1].as_string("merge token");
+        a = json::as_string(pair[0], "merge token");
+        b = json::as_string(pair[1], "merge token");
       }
       const auto ia = ids_.find(a), ib = ids_.find(b), ic = ids_.find(a + b);
       KVSLIM_CHECK(ia != ids_.end() && ib != ids_.end() && ic != ids_.end(), ErrorCode::kFormat,
@@ -295,21 +295,24 @@ BpeTokenizer::BpeTokenizer(const std::string& path, int model_vocab_size, int bo
 
     // Normalizer: flatten a Sequence of Prepend / Replace(String) steps.
     std::vector<const json::Value*> todo;
-    if (const json::Value* n = root.find("normalizer"); n && !n->is_null()) todo.push_back(n);
+    if (const json::Value* n = json::find(root, "normalizer"); n && !n->is_null())
+      todo.push_back(n);
     for (std::size_t i = 0; i < todo.size(); ++i) {
       const json::Value& n = *todo[i];
-      const std::string& nt = n.at("type").as_string("normalizer type");
+      const std::string& nt = json::as_string(json::at(n, "type"), "normalizer type");
       if (nt == "Sequence") {
         std::vector<const json::Value*> inner;
-        for (const json::Value& s : n.at("normalizers").as_array("normalizers")) inner.push_back(&s);
+        for (const json::Value& s : json::as_array(json::at(n, "normalizers"), "normalizers"))
+          inner.push_back(&s);
         todo.insert(todo.begin() + static_cast<std::ptrdiff_t>(i) + 1, inner.begin(), inner.end());
       } else if (nt == "Prepend") {
-        normalizer_.push_back({true, {}, n.at("prepend").as_string("prepend")});
+        normalizer_.push_back({true, {}, json::as_string(json::at(n, "prepend"), "prepend")});
       } else if (nt == "Replace") {
-        const json::Value* s = n.at("pattern").find("String");
+        const json::Value* s = json::find(json::at(n, "pattern"), "String");
         KVSLIM_CHECK(s != nullptr, ErrorCode::kFormat,
                      "normalizer Replace with a regex pattern is not supported");
-        normalizer_.push_back({false, s->as_string("pattern"), n.at("content").as_string("content")});
+        normalizer_.push_back({false, json::as_string(*s, "pattern"),
+                               json::as_string(json::at(n, "content"), "content")});
       } else {
         KVSLIM_FAIL(ErrorCode::kFormat, "normalizer '{}' is not supported", nt);
       }
@@ -318,6 +321,8 @@ BpeTokenizer::BpeTokenizer(const std::string& path, int model_vocab_size, int bo
     if (e.what() && std::string_view(e.what()).find(path) != std::string_view::npos) throw;
     KVSLIM_FAIL(e.code() == ErrorCode::kIo ? ErrorCode::kIo : ErrorCode::kFormat,
                 "tokenizer '{}': {}", path, e.what());
+  } catch (const nlohmann::json::exception& e) {  // not expected: json:: helpers check types
+    KVSLIM_FAIL(ErrorCode::kFormat, "tokenizer '{}': {}", path, e.what());
   }
 }
 

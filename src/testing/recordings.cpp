@@ -5,7 +5,7 @@
 #include <fstream>
 
 #include "check.h"
-#include "kvslim/util/json.h"
+#include "util/json.h"
 
 namespace kvslim::testing {
 namespace fs = std::filesystem;
@@ -29,20 +29,25 @@ std::vector<float> read_f32(const std::string& path, std::size_t count) {
 Recording load_recording(const std::string& dir) {
   Recording r;
   r.dir = dir;
-  const json::Value meta = json::parse_file((fs::path(dir) / "meta.json").string());
-  r.name = meta.at("name").as_string("name");
-  const json::Value& c = meta.at("config");
-  r.layers = static_cast<int>(c.at("n_layers").as_int("n_layers"));
-  r.q_heads = static_cast<int>(c.at("n_heads").as_int("n_heads"));
-  r.kv_heads = static_cast<int>(c.at("n_kv_heads").as_int("n_kv_heads"));
-  r.head_dim = static_cast<int>(c.at("head_dim").as_int("head_dim"));
-  r.rope = c.at("rope").as_string("rope");
-  r.rope_theta = c.at("rope_theta").as_number("rope_theta");
-  r.rms_eps = c.at("rms_eps").as_number("rms_eps");
-  r.tokens = static_cast<int>(meta.at("n_tokens").as_int("n_tokens"));
-  r.text_byte_offset = meta.at("text_byte_offset").as_int("text_byte_offset");
-  for (const auto& t : meta.at("token_ids").as_array("token_ids"))
-    r.token_ids.push_back(static_cast<int>(t.as_int("token id")));
+  const std::string meta_path = (fs::path(dir) / "meta.json").string();
+  const json::Value meta = json::parse_file(meta_path);  // kIo / kFormat naming the file
+  try {
+    r.name = json::as_string(json::at(meta, "name"), "name");
+    const json::Value& c = json::at(meta, "config");
+    r.layers = static_cast<int>(json::as_int(json::at(c, "n_layers"), "n_layers"));
+    r.q_heads = static_cast<int>(json::as_int(json::at(c, "n_heads"), "n_heads"));
+    r.kv_heads = static_cast<int>(json::as_int(json::at(c, "n_kv_heads"), "n_kv_heads"));
+    r.head_dim = static_cast<int>(json::as_int(json::at(c, "head_dim"), "head_dim"));
+    r.rope = json::as_string(json::at(c, "rope"), "rope");
+    r.rope_theta = json::as_number(json::at(c, "rope_theta"), "rope_theta");
+    r.rms_eps = json::as_number(json::at(c, "rms_eps"), "rms_eps");
+    r.tokens = static_cast<int>(json::as_int(json::at(meta, "n_tokens"), "n_tokens"));
+    r.text_byte_offset = json::as_int(json::at(meta, "text_byte_offset"), "text_byte_offset");
+    for (const auto& t : json::as_array(json::at(meta, "token_ids"), "token_ids"))
+      r.token_ids.push_back(static_cast<int>(json::as_int(t, "token id")));
+  } catch (const Error& e) {
+    KVSLIM_FAIL(ErrorCode::kFormat, "recording '{}': {}", meta_path, e.what());
+  }
   KVSLIM_CHECK(r.layers > 0 && r.q_heads > 0 && r.kv_heads > 0 && r.head_dim > 0 && r.tokens > 0 &&
                    r.q_heads % r.kv_heads == 0,
                ErrorCode::kFormat, "recording '{}': implausible config", dir);

@@ -8,6 +8,7 @@
 // or text path is missing, and --help documents how KV bytes are measured.
 #include <gtest/gtest.h>
 
+#include <nlohmann/json.hpp>
 #include <sys/wait.h>
 
 #include <cstdio>
@@ -16,7 +17,6 @@
 #include <vector>
 
 #include "kvslim/testing/recordings.h"
-#include "kvslim/util/json.h"
 #include "llama_test_util.h"
 
 namespace kvslim::llama {
@@ -69,30 +69,30 @@ TEST(Cli, PplJsonLines) {
   ASSERT_EQ(r.status, 0) << r.out;
   std::istringstream lines(r.out);
   std::string line;
-  std::vector<json::Value> rows;
+  std::vector<nlohmann::json> rows;
   while (std::getline(lines, line))
-    if (!line.empty()) rows.push_back(json::parse(line));
+    if (!line.empty()) rows.push_back(nlohmann::json::parse(line));
   ASSERT_EQ(rows.size(), 2u) << r.out;
-  EXPECT_EQ(rows[0].at("recipe").as_string(), "f32");
-  EXPECT_EQ(rows[1].at("recipe").as_string(), "f16");
-  for (const json::Value& row : rows) {
+  EXPECT_EQ(rows[0].at("recipe").get<std::string>(), "f32");
+  EXPECT_EQ(rows[1].at("recipe").get<std::string>(), "f16");
+  for (const nlohmann::json& row : rows) {
     // The original eight keys keep their names; bytes_per_token, bits_per_value and
     // ratio_vs_f16 were added after them.
-    EXPECT_EQ(row.as_object().size(), 11u);
+    EXPECT_EQ(row.size(), 11u);
     for (const char* key : {"ppl", "dppl_rel", "kld_mean", "top1_agree", "kv_bytes", "ratio",
                             "tokens_per_s", "bytes_per_token", "bits_per_value", "ratio_vs_f16"})
       EXPECT_TRUE(row.at(key).is_number()) << key;
-    EXPECT_DOUBLE_EQ(row.at("ratio_vs_f16").as_number(), row.at("ratio").as_number() / 2.0);
-    EXPECT_NEAR(row.at("bits_per_value").as_number() * row.at("ratio").as_number(), 32.0, 0.5);
+    EXPECT_DOUBLE_EQ(row.at("ratio_vs_f16").get<double>(), row.at("ratio").get<double>() / 2.0);
+    EXPECT_NEAR(row.at("bits_per_value").get<double>() * row.at("ratio").get<double>(), 32.0, 0.5);
   }
-  EXPECT_EQ(rows[0].at("kld_mean").as_number(), 0.0);
-  EXPECT_GT(rows[1].at("ratio").as_number(), rows[0].at("ratio").as_number());
+  EXPECT_EQ(rows[0].at("kld_mean").get<double>(), 0.0);
+  EXPECT_GT(rows[1].at("ratio").get<double>(), rows[0].at("ratio").get<double>());
   // stories260K: 5 layers x 4 kv heads x (K + V) x head_dim 8 x 4 bytes = 1280 raw f32 bytes
   // per token; the measured f32 cache adds a little bookkeeping, f16 is about half.
-  const double f32_bpt = rows[0].at("bytes_per_token").as_number();
+  const double f32_bpt = rows[0].at("bytes_per_token").get<double>();
   EXPECT_GE(f32_bpt, 1280.0);
   EXPECT_LT(f32_bpt, 1280.0 * 1.1);
-  EXPECT_LT(rows[1].at("bytes_per_token").as_number(), 0.6 * f32_bpt);
+  EXPECT_LT(rows[1].at("bytes_per_token").get<double>(), 0.6 * f32_bpt);
 }
 
 TEST(Cli, PplTableLabelsMemoryAndExplainsIt) {

@@ -173,6 +173,52 @@ TEST_F(HfErrors, MissingFiles) {
   expect_error([&] { load_model(dir_.str()); }, ErrorCode::kFormat, {dir_.file("tokenizer.json")});
 }
 
+// Malformed JSON (truncated files) and well-formed JSON with a value of the wrong type, in
+// each of the three JSON files a Hugging Face directory holds: always Error(kFormat) naming
+// the file and what was wrong (a byte offset for syntax, the key for a type), never a
+// nlohmann exception.
+TEST_F(HfErrors, MalformedJson) {
+  put(weights_path(), weights_);
+  const std::string cfg = shared_bytes(std::string(test::kTiny) + "/config.json");
+  const std::string tok = shared_bytes(std::string(test::kTiny) + "/tokenizer.json");
+  auto replaced = [](std::string s, const std::string& from, const std::string& to) {
+    const std::size_t at = s.find(from);
+    EXPECT_NE(at, std::string::npos) << from;
+    return at == std::string::npos ? s : s.replace(at, from.size(), to);
+  };
+
+  put(dir_.file("config.json"), cfg.substr(0, cfg.size() / 2));
+  expect_error([&] { load_model(dir_.str()); }, ErrorCode::kFormat,
+               {dir_.file("config.json"), "parse error at byte"});
+  put(dir_.file("config.json"),
+      replaced(cfg, "\"hidden_size\": 128", "\"hidden_size\": \"128\""));
+  expect_error([&] { load_model(dir_.str()); }, ErrorCode::kFormat,
+               {dir_.file("config.json"), "hidden_size is a string, expected number"});
+  put(dir_.file("config.json"), cfg);
+
+  put(dir_.file("tokenizer.json"), tok.substr(0, tok.size() / 2));
+  expect_error([&] { load_model(dir_.str()); }, ErrorCode::kFormat,
+               {dir_.file("tokenizer.json"), "parse error at byte"});
+  put(dir_.file("tokenizer.json"),
+      replaced(tok, "\"byte_fallback\": true", "\"byte_fallback\": 1"));
+  expect_error([&] { load_model(dir_.str()); }, ErrorCode::kFormat,
+               {dir_.file("tokenizer.json"), "byte_fallback is a number, expected boolean"});
+  put(dir_.file("tokenizer.json"), tok);
+
+  // Same length, so the header length and data offsets stay valid.
+  std::string w = replaced(weights_, "\"F32\"", "12345");
+  put(weights_path(), w);
+  expect_error([&] { load_model(dir_.str()); }, ErrorCode::kFormat,
+               {weights_path(), "dtype is a number, expected string"});
+  std::uint64_t header_len = 0;
+  std::memcpy(&header_len, weights_.data(), 8);
+  w = weights_;
+  w[w.rfind('}', 8 + header_len - 1)] = ',';  // the header's closing brace (spaces follow)
+  put(weights_path(), w);
+  expect_error([&] { load_model(dir_.str()); }, ErrorCode::kFormat,
+               {weights_path(), "bad JSON header", "parse error at byte"});
+}
+
 TEST(ModelPath, MissingOrUnrecognised) {
   test::ScratchDir dir("path");
   expect_error([&] { load_model(dir.file("nope")); }, ErrorCode::kIo,

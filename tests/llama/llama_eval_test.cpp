@@ -10,6 +10,7 @@
 #include <fmt/format.h>
 #include <gtest/gtest.h>
 
+#include <ostream>
 #include <string>
 #include <vector>
 
@@ -53,6 +54,11 @@ struct PplCase {
   const char* model_file;
   double lo, hi;  // bounds on the f32 perplexity over kWindows windows
 };
+
+// gtest prints a parameter without PrintTo as raw bytes (list output, failure messages).
+void PrintTo(const PplCase& c, std::ostream* os) {
+  *os << c.model << " f32 ppl in (" << c.lo << ", " << c.hi << ")";
+}
 
 class PerplexityTest : public ::testing::TestWithParam<PplCase> {
  protected:

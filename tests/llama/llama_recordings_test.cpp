@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <ostream>
 #include <string>
 #include <vector>
 
@@ -36,6 +37,11 @@ struct RecordingCase {
   const char* model_file;  // a file the test needs
   const char* dump;        // shared path of the recording directory
 };
+
+// gtest prints a parameter without PrintTo as raw bytes (list output, failure messages).
+void PrintTo(const RecordingCase& c, std::ostream* os) {
+  *os << c.model << (*c.dump ? " " : "") << c.dump;
+}
 
 std::string case_name(const ::testing::TestParamInfo<RecordingCase>& p) {
   std::string s = p.param.dump;
