@@ -230,6 +230,23 @@ TEST(Recipe, DocsExamplesParse) {
     ++parsed;
   }
   EXPECT_GE(parsed, 5);
+  // The multi-line example of the grammar section (the indented block) parses as one recipe.
+  in.clear();
+  in.seekg(0);
+  std::string block;
+  bool inside = false;
+  while (std::getline(in, line)) {
+    if (line == "  ```") {
+      if (inside) break;
+      inside = true;
+    } else if (inside) {
+      block += line.substr(2) + "\n";
+    }
+  }
+  ASSERT_FALSE(block.empty());
+  const RecipeSpec r = parse_recipe(block);
+  EXPECT_EQ(r.base.text(), "kivi:kbits=2,vbits=2") << block;
+  EXPECT_EQ(r.overrides.size(), 2u) << block;
 }
 
 TEST(Recipe, ParseErrorsNamePositions) {
