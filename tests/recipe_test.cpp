@@ -1,7 +1,11 @@
 // Recipe grammar: chains, parameters, per-layer/per-head overrides (last match wins), the
 // stage order rule, custom stages through register_stage, and the errors for unknown stages
-// and keys, malformed text and out-of-range values.
+// and keys, malformed text and out-of-range values. Also: '#' comments and line breaks (the
+// docs' examples parse as written), positions in parse errors, duplicate and negative
+// selectors, reserved-but-unimplemented stage names, and recipe text clipped in messages.
 #include <gtest/gtest.h>
+
+#include <fstream>
 
 #include "kvslim/kvslim.h"
 
@@ -65,8 +69,8 @@ TEST(Recipe, Errors) {
       build_pipeline(r.base, d);
     };
   };
-  auto m = error_of(build("h2o:budget=256 | kivi:kbits=2"), ErrorCode::kRecipe);
-  EXPECT_NE(m.find("unknown recipe stage 'h2o'"), std::string::npos) << m;
+  auto m = error_of(build("hh2o:budget=256 | kivi:kbits=2"), ErrorCode::kRecipe);
+  EXPECT_NE(m.find("unknown recipe stage 'hh2o'"), std::string::npos) << m;
   EXPECT_NE(m.find("known stages: bf16, f16, f32, kivi"), std::string::npos) << m;
   m = error_of(build("kivi:kbitz=2"), ErrorCode::kRecipe);
   EXPECT_NE(m.find("unknown key 'kbitz'"), std::string::npos) << m;
@@ -136,4 +140,185 @@ TEST(Recipe, CustomStagesPlugIn) {
   cache.append(0, TensorView<const float>(kv1.data(), {1, 1, 4}), TensorView<const float>(kv1.data(), {1, 1, 4}));
   EXPECT_THROW(cache.attend(0, TensorView<const float>(q.data(), {2, 1, 4}), TensorView<float>(out.data(), {2, 1, 4})),
                Error);
+}
+
+namespace {
+auto parse_error(std::string text) {
+  return [text] { (void)parse_recipe(text); };
+}
+}  // namespace
+
+TEST(Recipe, DuplicateSelectorIsAnError) {
+  auto m = error_of(parse_error("f32 ; [layers=0 layers=1] f16"), ErrorCode::kRecipe);
+  EXPECT_NE(m.find("selector 'layers' is given twice in '[layers=0 layers=1]'"), std::string::npos) << m;
+  EXPECT_NE(m.find("at column 17"), std::string::npos) << m;  // the second 'layers'
+  m = error_of(parse_error("f32 ; [heads=0 layers=1 heads=1] f16"), ErrorCode::kRecipe);
+  EXPECT_NE(m.find("selector 'heads' is given twice"), std::string::npos) << m;
+  // One of each is fine.
+  EXPECT_EQ(parse_recipe("f32 ; [layers=0 heads=1] f16").overrides.size(), 1u);
+}
+
+TEST(Recipe, NegativeSelectorNamesTheNumber) {
+  auto m = error_of(parse_error("f32 ; [layers=-1] f16"), ErrorCode::kRecipe);
+  EXPECT_NE(m.find("layer '-1' must be a non-negative integer"), std::string::npos) << m;
+  m = error_of(parse_error("f32 ; [heads=0,-2] f16"), ErrorCode::kRecipe);
+  EXPECT_NE(m.find("head '-2' must be a non-negative integer"), std::string::npos) << m;
+  m = error_of(parse_error("f32 ; [layers=1--2] f16"), ErrorCode::kRecipe);
+  EXPECT_NE(m.find("layer '-2' must be a non-negative integer"), std::string::npos) << m;
+  m = error_of(parse_error("f32 ; [layers=1-] f16"), ErrorCode::kRecipe);
+  EXPECT_NE(m.find("layer range '1-' is missing a number"), std::string::npos) << m;
+  m = error_of(parse_error("f32 ; [layers=0,,2] f16"), ErrorCode::kRecipe);
+  EXPECT_NE(m.find("empty layer in '0,,2'"), std::string::npos) << m;
+  m = error_of(parse_error("f32 ; [layers=99999999999] f16"), ErrorCode::kRecipe);
+  EXPECT_NE(m.find("layer '99999999999' is too large"), std::string::npos) << m;
+}
+
+TEST(Recipe, CommentsAndLineBreaks) {
+  // Each example of docs/recipes.md, comment included, parses.
+  EXPECT_EQ(parse_recipe("kivi:kbits=4,vbits=2                                  # KV-AdaQuant style").base.text(),
+            "kivi:kbits=4,vbits=2");
+  // A multi-line recipe, as a file would hold it: overrides after ';' or on their own line.
+  const RecipeSpec r = parse_recipe(
+      "# 2-bit everywhere\n"
+      "kivi:kbits=2,   # keys\n"
+      "     vbits=2    # values\n"
+      "; [layers=0-1] f16      # first layers are sensitive\n"
+      "[layers=4\n"
+      " heads=0] f32\r\n"
+      "\t[layers=5] bf16 ; [layers=6] f16\n"
+      "# trailing comment without newline");
+  EXPECT_EQ(r.base.text(), "kivi:kbits=2,vbits=2");
+  ASSERT_EQ(r.overrides.size(), 4u);
+  EXPECT_EQ(r.chain_for(1, 0).text(), "f16");
+  EXPECT_EQ(r.chain_for(4, 0).text(), "f32");
+  EXPECT_EQ(r.chain_for(4, 1).text(), r.base.text());
+  EXPECT_EQ(r.chain_for(5, 0).text(), "bf16");
+  EXPECT_EQ(r.chain_for(6, 0).text(), "f16");
+  // ';' at the end of a line followed by an override on the next one is one separator.
+  EXPECT_EQ(parse_recipe("f32 ;\n[layers=0] f16").overrides.size(), 1u);
+  // A chain may continue over lines.
+  EXPECT_EQ(parse_recipe("h2o:budget=8 # evict\n  | kivi").base.text(), "h2o:budget=8 | kivi");
+  // Only comments is empty.
+  auto m = error_of(parse_error("# nothing here\n   # nor here\n"), ErrorCode::kRecipe);
+  EXPECT_NE(m.find("recipe is empty: it has only comments"), std::string::npos) << m;
+  // Two stages on two lines without '|' are an error that says so.
+  m = error_of(parse_error("kivi:kbits=2\nf16"), ErrorCode::kRecipe);
+  EXPECT_NE(m.find("value '2 f16' of 'kbits' contains a space"), std::string::npos) << m;
+  // An override first is an error that says where overrides go.
+  m = error_of(parse_error("[layers=0] f16"), ErrorCode::kRecipe);
+  EXPECT_NE(m.find("a recipe starts with its base chain"), std::string::npos) << m;
+}
+
+TEST(Recipe, DocsExamplesParse) {
+  // Every line of the Examples block in docs/recipes.md is a recipe.
+  std::ifstream in(KVSLIM_SOURCE_DIR "/docs/recipes.md");
+  ASSERT_TRUE(in) << KVSLIM_SOURCE_DIR "/docs/recipes.md";
+  std::string line;
+  bool in_examples = false, in_block = false;
+  int parsed = 0;
+  while (std::getline(in, line)) {
+    if (line.rfind("## Examples", 0) == 0) in_examples = true;
+    else if (line.rfind("## ", 0) == 0) in_examples = false;
+    if (!in_examples) continue;
+    if (line.rfind("```", 0) == 0) {
+      if (in_block) break;
+      in_block = true;
+      continue;
+    }
+    if (!in_block || line.empty()) continue;
+    EXPECT_NO_THROW(build_pipeline(parse_recipe(line).base, 64)) << line;
+    ++parsed;
+  }
+  EXPECT_GE(parsed, 5);
+  // The multi-line example of the grammar section (the indented block) parses as one recipe.
+  in.clear();
+  in.seekg(0);
+  std::string block;
+  bool inside = false;
+  while (std::getline(in, line)) {
+    if (line == "  ```") {
+      if (inside) break;
+      inside = true;
+    } else if (inside) {
+      block += line.substr(2) + "\n";
+    }
+  }
+  ASSERT_FALSE(block.empty());
+  const RecipeSpec r = parse_recipe(block);
+  EXPECT_EQ(r.base.text(), "kivi:kbits=2,vbits=2") << block;
+  EXPECT_EQ(r.overrides.size(), 2u) << block;
+}
+
+TEST(Recipe, ParseErrorsNamePositions) {
+  auto m = error_of(parse_error("f32 ; [rows=0] f16"), ErrorCode::kRecipe);
+  EXPECT_NE(m.find("recipe 'f32 ; [rows=0] f16' at column 8: unknown selector 'rows'"), std::string::npos) << m;
+  m = error_of(parse_error("f16\n; [layers=0] kivi:kbits=2,\n  vbits"), ErrorCode::kRecipe);
+  EXPECT_NE(m.find("at line 3, column 3: stage 'kivi': parameter 'vbits' is not key=value"), std::string::npos) << m;
+  EXPECT_NE(m.find("recipe 'f16\\n; [layers=0]"), std::string::npos) << m;  // line breaks shown as \n
+}
+
+TEST(Recipe, LongRecipesAreClippedInMessages) {
+  const std::string pad(100 * 1024, 'x');
+  const std::vector<std::string> bad = {
+      "f32 ; [layers=0] f16 " + pad,        // stage name with a space
+      "kivi:kbits=" + pad + " f16",         // value with a space
+      "f32 ; [layers=0 " + pad,             // missing ']'
+      "f32 ; " + pad,                       // override without '['
+      "kivi:" + pad,                        // parameter without '='
+      "f32 ; [layers=" + pad + "] f16",     // bad number
+      "f32 | " + pad + "! ; [layers=0] f16",  // bad stage name
+  };
+  for (const std::string& text : bad) {
+    const auto m = error_of(parse_error(text), ErrorCode::kRecipe);
+    EXPECT_LT(m.size(), 600u) << m.substr(0, 300);
+    EXPECT_NE(m.find("... (" + std::to_string(text.size()) + " chars)"), std::string::npos) << m.substr(0, 300);
+  }
+  // Errors raised after parsing: unknown stage, unknown key, bad value, and the cache's own checks.
+  auto m = error_of([&] { (void)build_pipeline(parse_recipe(pad).base, 8); }, ErrorCode::kRecipe);
+  EXPECT_LT(m.size(), 600u) << m.substr(0, 300);
+  m = error_of([&] { (void)build_pipeline(parse_recipe("kivi:" + pad + "=1").base, 8); }, ErrorCode::kRecipe);
+  EXPECT_LT(m.size(), 600u) << m.substr(0, 300);
+  m = error_of([&] { (void)build_pipeline(parse_recipe("kivi:kbits=" + pad).base, 8); }, ErrorCode::kRecipe);
+  EXPECT_LT(m.size(), 600u) << m.substr(0, 300);
+  const std::string spaced = "f32" + std::string(100 * 1024, ' ') + "; [layers=5] f16";
+  m = error_of([&] { KVCache c(CacheConfig{2, 2, 2, 8, 16, spaced}); }, ErrorCode::kRecipe);
+  EXPECT_NE(m.find("layer 5 is out of range [0, 2)"), std::string::npos) << m.substr(0, 300);
+  EXPECT_LT(m.size(), 600u) << m.substr(0, 300);
+  // Short recipes are quoted whole.
+  m = error_of(parse_error("f32 ; [rows=0] f16"), ErrorCode::kRecipe);
+  EXPECT_EQ(m.find("chars)"), std::string::npos) << m;
+}
+
+TEST(Recipe, ReservedStagesSayNotImplementedYet) {
+  for (const char* name : {"h2o", "streaming", "l2norm", "snapkv", "razor", "mikv", "zipcache", "cq", "nuq",
+                           "minicache", "kvmerger", "ems"}) {
+    const auto m =
+        error_of([&] { (void)build_pipeline(parse_recipe(std::string(name) + ":budget=8 | f16").base, 8); },
+                 ErrorCode::kRecipe);
+    EXPECT_NE(m.find(std::string("recipe stage '") + name + "' is reserved but not implemented yet (planned: "),
+              std::string::npos)
+        << m;
+    EXPECT_EQ(m.find("unknown"), std::string::npos) << m;
+  }
+  auto m = error_of([] { (void)build_pipeline(parse_recipe("h2o").base, 8); }, ErrorCode::kRecipe);
+  EXPECT_NE(m.find("(planned: eviction family"), std::string::npos) << m;
+  // The cache constructor passes the message through.
+  m = error_of([] { KVCache c(CacheConfig{1, 1, 1, 8, 16, "kvmerger | f16"}); }, ErrorCode::kRecipe);
+  EXPECT_NE(m.find("'kvmerger' is reserved but not implemented yet (planned: merge family"), std::string::npos) << m;
+  // A truly unknown name lists the known stages (and the reserved ones).
+  m = error_of([] { (void)build_pipeline(parse_recipe("h2oo").base, 8); }, ErrorCode::kRecipe);
+  EXPECT_NE(m.find("unknown recipe stage 'h2oo' (known stages: "), std::string::npos) << m;
+  EXPECT_NE(m.find("reserved, not implemented yet: cq, ems, h2o"), std::string::npos) << m;
+}
+
+TEST(Recipe, EngineMayRegisterAReservedName) {
+  // 'random' is reserved by the library; an engine registering it wins (only this test uses it).
+  register_stage("random", StageKind::kScorer, [](StageParams& p, int) {
+    p.check_all_used({});
+    return BuiltStage{StageKind::kScorer, std::make_shared<CountingScorer>(), nullptr, nullptr, nullptr};
+  });
+  const Pipeline p = build_pipeline(parse_recipe("random | f16").base, 8);
+  EXPECT_EQ(p.text, "count | f16:group=32,residual=0,sinks=0");
+  const auto m = error_of([] { (void)build_pipeline(parse_recipe("h2oo").base, 8); }, ErrorCode::kRecipe);
+  EXPECT_NE(m.find("random"), std::string::npos) << m;  // now listed as known
 }

@@ -9,6 +9,7 @@
 #include <mutex>
 #include <thread>
 
+#include "cache/recipe_text.h"
 #include "check.h"
 #include "kvslim/cache/recipe.h"
 #include "kvslim/cache/token_store.h"
@@ -198,11 +199,11 @@ KVCache::KVCache(const CacheConfig& config) : impl_(std::make_unique<Impl>()) {
   const RecipeSpec spec = parse_recipe(c.recipe);
   for (const OverrideSpec& o : spec.overrides) {
     for (const auto& [a, b] : o.layers)
-      KVSLIM_CHECK(b < c.layers, ErrorCode::kRecipe, "recipe '{}': layer {} is out of range [0, {})", c.recipe, b,
-                   c.layers);
+      KVSLIM_CHECK(b < c.layers, ErrorCode::kRecipe, "recipe '{}': layer {} is out of range [0, {})",
+                   detail::clip_recipe(c.recipe), b, c.layers);
     for (const auto& [a, b] : o.heads)
-      KVSLIM_CHECK(b < c.kv_heads, ErrorCode::kRecipe, "recipe '{}': kv head {} is out of range [0, {})", c.recipe,
-                   b, c.kv_heads);
+      KVSLIM_CHECK(b < c.kv_heads, ErrorCode::kRecipe, "recipe '{}': kv head {} is out of range [0, {})",
+                   detail::clip_recipe(c.recipe), b, c.kv_heads);
   }
   std::vector<const ChainSpec*> built_from;
   m.stores.reserve(static_cast<std::size_t>(c.layers) * c.kv_heads);
@@ -219,14 +220,15 @@ KVCache::KVCache(const CacheConfig& config) : impl_(std::make_unique<Impl>()) {
           KVSLIM_CHECK(p->eviction->budget() >= 1 && p->eviction->budget() <= c.max_tokens, ErrorCode::kCapacity,
                        "recipe '{}': eviction budget {} of '{}' is larger than the cache capacity max_tokens {} "
                        "(or below 1)",
-                       chain.text(), p->eviction->budget(), p->eviction->describe(), c.max_tokens);
+                       detail::clip_recipe(chain.text()), p->eviction->budget(), p->eviction->describe(),
+                       c.max_tokens);
         KVSLIM_CHECK(p->codec->sinks() <= c.max_tokens, ErrorCode::kCapacity,
-                     "recipe '{}': sinks={} is larger than the cache capacity max_tokens {}", chain.text(),
-                     p->codec->sinks(), c.max_tokens);
+                     "recipe '{}': sinks={} is larger than the cache capacity max_tokens {}",
+                     detail::clip_recipe(chain.text()), p->codec->sinks(), c.max_tokens);
         KVSLIM_CHECK(!p->eviction && !p->merge, ErrorCode::kRecipe,
                      "recipe '{}': eviction and merge stages parse and build, but the token store does not run "
                      "them yet (see docs/architecture.md)",
-                     chain.text());
+                     detail::clip_recipe(chain.text()));
         m.pipelines.push_back(std::move(p));
         built_from.push_back(&chain);
       }

@@ -4,16 +4,107 @@
 #include <cctype>
 #include <charconv>
 
+#include "cache/recipe_text.h"
 #include "check.h"
 #include "kvslim/policy/policy.h"
 #include "policy/registry.h"
 
 namespace kvslim {
+
+namespace detail {
+
+std::string clip_recipe(std::string_view text) {
+  std::size_t keep = text.size();
+  if (text.size() > kRecipeQuoteMax) {
+    keep = kRecipeQuoteKeep;
+    // Do not cut a UTF-8 sequence in half.
+    while (keep > 0 && (static_cast<unsigned char>(text[keep]) & 0xC0) == 0x80) --keep;
+  }
+  std::string out;
+  out.reserve(keep + 24);
+  for (char c : text.substr(0, keep)) {
+    if (c == '\n') out += "\\n";
+    else if (c == '\r') out += "\\r";
+    else if (c == '\t') out += "\\t";
+    else out += c;
+  }
+  if (keep < text.size()) out += fmt::format("... ({} chars)", text.size());
+  return out;
+}
+
+}  // namespace detail
+
 namespace {
 
+using detail::clip_recipe;
+
+// The recipe as given, and a copy of the same length in which comments ('#' to the end of
+// the line) and every whitespace character are spaces. All parsing works on views into
+// `clean`, so a view's offset is also its offset in `text` and errors can name a position.
+struct Source {
+  std::string_view text;
+  std::string clean;
+  std::vector<std::string_view> parts;  // base chain, then one view per override
+};
+
+bool is_space(char c) { return std::isspace(static_cast<unsigned char>(c)) != 0; }
+
+Source scan(std::string_view text) {
+  Source src{text, std::string(text.size(), ' '), {}};
+  std::size_t start = 0;
+  bool comment = false, line_start = true, part_has_content = false;
+  auto cut = [&](std::size_t end) { src.parts.push_back(std::string_view(src.clean).substr(start, end - start)); };
+  for (std::size_t i = 0; i < text.size(); ++i) {
+    const char c = text[i];
+    if (c == '\n') {
+      comment = false;
+      line_start = true;
+      continue;
+    }
+    if (comment || is_space(c)) continue;
+    if (c == '#') {
+      comment = true;
+      continue;
+    }
+    if (c == ';') {
+      cut(i);
+      start = i + 1;
+      part_has_content = line_start = false;
+      continue;
+    }
+    // An override may also start on a line of its own, without a ';' before it.
+    if (c == '[' && line_start && part_has_content) {
+      cut(i);
+      start = i;
+    }
+    src.clean[i] = c;
+    part_has_content = true;
+    line_start = false;
+  }
+  cut(text.size());
+  return src;
+}
+
+// "recipe '...' at column C" (one-line recipes) or "recipe '...' at line L, column C".
+std::string where(const Source& src, std::string_view at) {
+  const auto off = static_cast<std::size_t>(at.data() - src.clean.data());
+  std::size_t line = 1, col = 1;
+  for (std::size_t i = 0; i < off && i < src.text.size(); ++i) {
+    if (src.text[i] == '\n') {
+      ++line;
+      col = 1;
+    } else {
+      ++col;
+    }
+  }
+  if (src.text.find('\n') == std::string_view::npos)
+    return fmt::format("recipe '{}' at column {}", clip_recipe(src.text), col);
+  return fmt::format("recipe '{}' at line {}, column {}", clip_recipe(src.text), line, col);
+}
+
 std::string_view trim(std::string_view s) {
-  while (!s.empty() && std::isspace(static_cast<unsigned char>(s.front()))) s.remove_prefix(1);
-  while (!s.empty() && std::isspace(static_cast<unsigned char>(s.back()))) s.remove_suffix(1);
+  while (!s.empty() && is_space(s.front())) s.remove_prefix(1);
+  while (!s.empty() && is_space(s.back())) s.remove_suffix(1);
   return s;
 }
 
@@ -35,84 +126,112 @@ bool is_name(std::string_view s) {
   return true;
 }
 
-int parse_index(std::string_view s, std::string_view what, std::string_view text) {
-  int v = -1;
+// One number of a selector range; `item` is the whole range it belongs to (for messages).
+int parse_index(std::string_view s, std::string_view item, std::string_view what, const Source& src) {
   s = trim(s);
+  KVSLIM_CHECK(!s.empty(), ErrorCode::kRecipe, "{}: {} range '{}' is missing a number (expected N or N-M)",
+               where(src, item), what, clip_recipe(item));
+  int v = -1;
   const auto [p, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
+  KVSLIM_CHECK(ec != std::errc::result_out_of_range, ErrorCode::kRecipe, "{}: {} '{}' is too large", where(src, s),
+               what, clip_recipe(s));
   KVSLIM_CHECK(ec == std::errc() && p == s.data() + s.size() && v >= 0, ErrorCode::kRecipe,
-               "recipe '{}': {} '{}' is not a non-negative integer", text, what, s);
+               "{}: {} '{}' must be a non-negative integer", where(src, s), what, clip_recipe(s));
   return v;
 }
 
-StageSpec parse_stage(std::string_view s, std::string_view text) {
+StageSpec parse_stage(std::string_view s, const Source& src) {
   s = trim(s);
-  KVSLIM_CHECK(!s.empty(), ErrorCode::kRecipe, "recipe '{}': empty stage", text);
+  KVSLIM_CHECK(!s.empty(), ErrorCode::kRecipe, "{}: empty stage", where(src, s));
   StageSpec st;
   const auto colon = s.find(':');
-  st.name = std::string(trim(s.substr(0, colon)));
-  KVSLIM_CHECK(is_name(st.name), ErrorCode::kRecipe, "recipe '{}': '{}' is not a stage name", text, st.name);
+  const std::string_view name = trim(s.substr(0, colon));
+  st.name = std::string(name);
+  KVSLIM_CHECK(is_name(name), ErrorCode::kRecipe, "{}: '{}' is not a stage name", where(src, name),
+               clip_recipe(name));
   if (colon == std::string_view::npos) return st;
+  const std::string qname = clip_recipe(name);
   const std::string_view rest = trim(s.substr(colon + 1));
-  KVSLIM_CHECK(!rest.empty(), ErrorCode::kRecipe, "recipe '{}': stage '{}' has ':' but no parameters", text,
-               st.name);
+  KVSLIM_CHECK(!rest.empty(), ErrorCode::kRecipe, "{}: stage '{}' has ':' but no parameters",
+               where(src, s.substr(colon)), qname);
   for (std::string_view kv : split(rest, ',')) {
     kv = trim(kv);
     const auto eq = kv.find('=');
-    KVSLIM_CHECK(eq != std::string_view::npos, ErrorCode::kRecipe,
-                 "recipe '{}': stage '{}': parameter '{}' is not key=value", text, st.name, kv);
-    const std::string key(trim(kv.substr(0, eq)));
-    const std::string val(trim(kv.substr(eq + 1)));
-    KVSLIM_CHECK(is_name(key) && !val.empty(), ErrorCode::kRecipe,
-                 "recipe '{}': stage '{}': malformed parameter '{}'", text, st.name, kv);
-    st.params.emplace_back(key, val);
+    KVSLIM_CHECK(eq != std::string_view::npos, ErrorCode::kRecipe, "{}: stage '{}': parameter '{}' is not key=value",
+                 where(src, kv), qname, clip_recipe(kv));
+    const std::string_view key = trim(kv.substr(0, eq));
+    const std::string_view val = trim(kv.substr(eq + 1));
+    KVSLIM_CHECK(is_name(key) && !val.empty(), ErrorCode::kRecipe, "{}: stage '{}': malformed parameter '{}'",
+                 where(src, kv), qname, clip_recipe(kv));
+    KVSLIM_CHECK(val.find(' ') == std::string_view::npos, ErrorCode::kRecipe,
+                 "{}: stage '{}': value '{}' of '{}' contains a space (missing '|' between stages, or ';' before "
+                 "an override?)",
+                 where(src, val), qname, clip_recipe(val), clip_recipe(key));
+    st.params.emplace_back(std::string(key), std::string(val));
   }
   return st;
 }
 
-ChainSpec parse_chain(std::string_view s, std::string_view text) {
+ChainSpec parse_chain(std::string_view s, const Source& src) {
   ChainSpec c;
-  for (std::string_view st : split(s, '|')) c.stages.push_back(parse_stage(st, text));
+  for (std::string_view st : split(s, '|')) c.stages.push_back(parse_stage(st, src));
   return c;
 }
 
-std::vector<std::pair<int, int>> parse_ranges(std::string_view s, std::string_view what, std::string_view text) {
+std::vector<std::pair<int, int>> parse_ranges(std::string_view s, std::string_view what, const Source& src) {
   std::vector<std::pair<int, int>> out;
   for (std::string_view item : split(s, ',')) {
+    item = trim(item);
+    KVSLIM_CHECK(!item.empty(), ErrorCode::kRecipe, "{}: empty {} in '{}' (expected N or N-M)", where(src, item),
+                 what, clip_recipe(trim(s)));
+    // A leading '-' is a negative number, not a range with its first number missing.
+    KVSLIM_CHECK(item.front() != '-', ErrorCode::kRecipe, "{}: {} '{}' must be a non-negative integer",
+                 where(src, item), what, clip_recipe(item));
     const auto dash = item.find('-');
     if (dash == std::string_view::npos) {
-      const int v = parse_index(item, what, text);
+      const int v = parse_index(item, item, what, src);
       out.emplace_back(v, v);
     } else {
-      const int a = parse_index(item.substr(0, dash), what, text);
-      const int b = parse_index(item.substr(dash + 1), what, text);
-      KVSLIM_CHECK(a <= b, ErrorCode::kRecipe, "recipe '{}': {} range '{}' is empty", text, what, trim(item));
+      const int a = parse_index(item.substr(0, dash), item, what, src);
+      const int b = parse_index(item.substr(dash + 1), item, what, src);
+      KVSLIM_CHECK(a <= b, ErrorCode::kRecipe, "{}: {} range '{}' is empty", where(src, item), what,
+                   clip_recipe(item));
       out.emplace_back(a, b);
     }
   }
   return out;
 }
 
-OverrideSpec parse_override(std::string_view s, std::string_view text) {
+OverrideSpec parse_override(std::string_view s, const Source& src) {
   s = trim(s);
   KVSLIM_CHECK(!s.empty() && s.front() == '[', ErrorCode::kRecipe,
-               "recipe '{}': override '{}' must start with [layers=...] or [heads=...]", text, s);
+               "{}: override '{}' must start with [layers=...] or [heads=...]", where(src, s), clip_recipe(s));
   const auto close = s.find(']');
-  KVSLIM_CHECK(close != std::string_view::npos, ErrorCode::kRecipe, "recipe '{}': missing ']' in '{}'", text, s);
+  KVSLIM_CHECK(close != std::string_view::npos, ErrorCode::kRecipe, "{}: missing ']' in '{}'", where(src, s),
+               clip_recipe(s));
   OverrideSpec o;
-  std::string_view sel = trim(s.substr(1, close - 1));
-  KVSLIM_CHECK(!sel.empty(), ErrorCode::kRecipe, "recipe '{}': empty selector in '{}'", text, s);
+  const std::string_view head = s.substr(0, close + 1);
+  const std::string_view sel = trim(s.substr(1, close - 1));
+  KVSLIM_CHECK(!sel.empty(), ErrorCode::kRecipe, "{}: empty selector in '{}'", where(src, head), clip_recipe(head));
+  bool seen_layers = false, seen_heads = false;
   for (std::string_view part : split(sel, ' ')) {
     part = trim(part);
     if (part.empty()) continue;
     const auto eq = part.find('=');
     KVSLIM_CHECK(eq != std::string_view::npos, ErrorCode::kRecipe,
-                 "recipe '{}': selector '{}' is not layers=... or heads=...", text, part);
+                 "{}: selector '{}' is not layers=... or heads=...", where(src, part), clip_recipe(part));
     const std::string_view key = part.substr(0, eq);
-    if (key == "layers") o.layers = parse_ranges(part.substr(eq + 1), "layer", text);
-    else if (key == "heads") o.heads = parse_ranges(part.substr(eq + 1), "head", text);
-    else KVSLIM_FAIL(ErrorCode::kRecipe, "recipe '{}': unknown selector '{}' (expected layers or heads)", text, key);
+    KVSLIM_CHECK(key == "layers" || key == "heads", ErrorCode::kRecipe,
+                 "{}: unknown selector '{}' (expected layers or heads)", where(src, part), clip_recipe(key));
+    bool& seen = key == "layers" ? seen_layers : seen_heads;
+    KVSLIM_CHECK(!seen, ErrorCode::kRecipe,
+                 "{}: selector '{}' is given twice in '{}' (list several ranges in one: {}=0,2-3)", where(src, part),
+                 key, clip_recipe(head), key);
+    seen = true;
+    if (key == "layers") o.layers = parse_ranges(part.substr(eq + 1), "layer", src);
+    else o.heads = parse_ranges(part.substr(eq + 1), "head", src);
   }
-  o.chain = parse_chain(s.substr(close + 1), text);
+  o.chain = parse_chain(s.substr(close + 1), src);
   return o;
 }
 
@@ -149,11 +268,17 @@ const ChainSpec& RecipeSpec::chain_for(int layer, int kv_head) const noexcept {
 }
 
 RecipeSpec parse_recipe(std::string_view text) {
-  KVSLIM_CHECK(!trim(text).empty(), ErrorCode::kRecipe, "recipe is empty (try \"f32\")");
-  const auto parts = split(text, ';');
+  const Source src = scan(text);
+  KVSLIM_CHECK(!trim(src.clean).empty(), ErrorCode::kRecipe, "recipe is empty{} (try \"f32\")",
+               trim(text).empty() ? "" : ": it has only comments");
+  const std::string_view base = trim(src.parts[0]);
+  KVSLIM_CHECK(base.empty() || base.front() != '[', ErrorCode::kRecipe,
+               "{}: a recipe starts with its base chain (e.g. \"f32\"); overrides like '[layers=0] f16' come after "
+               "it, after ';' or on a line of their own",
+               where(src, base));
   RecipeSpec r;
-  r.base = parse_chain(parts[0], text);
-  for (std::size_t i = 1; i < parts.size(); ++i) r.overrides.push_back(parse_override(parts[i], text));
+  r.base = parse_chain(src.parts[0], src);
+  for (std::size_t i = 1; i < src.parts.size(); ++i) r.overrides.push_back(parse_override(src.parts[i], src));
   return r;
 }
 
@@ -167,7 +292,7 @@ Pipeline build_pipeline(const ChainSpec& chain, int head_dim) {
     KVSLIM_CHECK(kind >= last_kind && !(kind == last_kind && b.kind != StageKind::kScorer), ErrorCode::kRecipe,
                  "recipe '{}': stage '{}' ({}) cannot follow '{}' (order is scorer | eviction | merge | codec, "
                  "one of each except scorers)",
-                 chain.text(), spec.name, stage_kind_name(b.kind), last_name);
+                 clip_recipe(chain.text()), spec.name, stage_kind_name(b.kind), last_name);
     last_kind = kind;
     last_name = spec.name;
     switch (b.kind) {

@@ -1,6 +1,7 @@
 #include <charconv>
 #include <cmath>
 
+#include "cache/recipe_text.h"
 #include "check.h"
 #include "kvslim/policy/policy.h"
 
@@ -11,7 +12,8 @@ StageParams::StageParams(std::string stage, std::vector<std::pair<std::string, s
   for (std::size_t i = 0; i < kv_.size(); ++i)
     for (std::size_t j = 0; j < i; ++j)
       KVSLIM_CHECK(kv_[i].first != kv_[j].first, ErrorCode::kRecipe,
-                   "recipe stage '{}': key '{}' is given twice", stage_, kv_[i].first);
+                   "recipe stage '{}': key '{}' is given twice", detail::clip_recipe(stage_),
+                   detail::clip_recipe(kv_[i].first));
 }
 
 const std::string* StageParams::find(std::string_view key) {
@@ -35,7 +37,8 @@ int StageParams::get_int(std::string_view key, int def, int lo, int hi) {
   long long v = 0;
   const auto [ptr, ec] = std::from_chars(s->data(), s->data() + s->size(), v);
   KVSLIM_CHECK(ec == std::errc() && ptr == s->data() + s->size(), ErrorCode::kRecipe,
-               "recipe stage '{}': {}='{}' is not an integer", stage_, key, *s);
+               "recipe stage '{}': {}='{}' is not an integer", detail::clip_recipe(stage_), key,
+               detail::clip_recipe(*s));
   KVSLIM_CHECK(v >= lo && v <= hi, ErrorCode::kInvalidArgument,
                "recipe stage '{}': {}={} is out of range [{}, {}]", stage_, key, v, lo, hi);
   return static_cast<int>(v);
@@ -47,7 +50,8 @@ double StageParams::get_double(std::string_view key, double def, double lo, doub
   char* end = nullptr;
   const double v = std::strtod(s->c_str(), &end);
   KVSLIM_CHECK(!s->empty() && end == s->c_str() + s->size() && std::isfinite(v), ErrorCode::kRecipe,
-               "recipe stage '{}': {}='{}' is not a number", stage_, key, *s);
+               "recipe stage '{}': {}='{}' is not a number", detail::clip_recipe(stage_), key,
+               detail::clip_recipe(*s));
   KVSLIM_CHECK(v >= lo && v <= hi, ErrorCode::kInvalidArgument,
                "recipe stage '{}': {}={} is out of range [{}, {}]", stage_, key, v, lo, hi);
   return v;
@@ -63,8 +67,8 @@ void StageParams::check_all_used(const std::vector<std::string>& known) const {
     if (used_[i]) continue;
     std::string list;
     for (const auto& k : known) list += (list.empty() ? "" : ", ") + k;
-    KVSLIM_FAIL(ErrorCode::kRecipe, "recipe stage '{}': unknown key '{}' (known keys: {})", stage_,
-                kv_[i].first, list.empty() ? "none" : list);
+    KVSLIM_FAIL(ErrorCode::kRecipe, "recipe stage '{}': unknown key '{}' (known keys: {})",
+                detail::clip_recipe(stage_), detail::clip_recipe(kv_[i].first), list.empty() ? "none" : list);
   }
 }
 

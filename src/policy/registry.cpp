@@ -3,6 +3,7 @@
 #include <map>
 #include <mutex>
 
+#include "cache/recipe_text.h"
 #include "check.h"
 #include "policy/codecs.h"
 #include "policy/registry.h"
@@ -27,6 +28,35 @@ struct Registry {
     entries["kivi"] = {StageKind::kCodec, [](StageParams& p, int d) { return detail::make_kivi_codec(p, d); }};
   }
 };
+
+// Names the planned methods will take. Until one is registered (by the library, when its issue
+// lands, or by an engine through register_stage) a recipe naming it is told so, rather than
+// that the name is unknown.
+struct Reserved {
+  const char* name;
+  const char* planned;
+};
+constexpr Reserved kReserved[] = {
+    {"cq", "codec family, CQ coupled quantization with codebooks"},
+    {"ems", "eviction + merge family, EMS evict-then-merge"},
+    {"h2o", "eviction family, H2O heavy hitters"},
+    {"kvmerger", "merge family, KVMerger merging of similar adjacent keys"},
+    {"l2norm", "eviction family, keep tokens with low key L2 norm"},
+    {"mikv", "eviction family, MiKV demotion to low precision"},
+    {"minicache", "merge family, MiniCache cross-layer merging"},
+    {"nuq", "codec family, KVQuant non-uniform quantization"},
+    {"random", "eviction family, random-eviction baseline"},
+    {"razor", "eviction family, RazorAttention retrieval heads + compensation token"},
+    {"snapkv", "eviction family, SnapKV observation-window selection"},
+    {"streaming", "eviction family, StreamingLLM sinks + recent window"},
+    {"zipcache", "codec family, ZipCache saliency-based mixed precision"},
+};
+
+const Reserved* find_reserved(const std::string& name) {
+  for (const Reserved& r : kReserved)
+    if (name == r.name) return &r;
+  return nullptr;
+}
 
 Registry& registry() {
   static Registry r;
@@ -62,9 +92,15 @@ BuiltStage build_stage(const StageSpec& spec, int head_dim) {
     std::lock_guard<std::mutex> lock(r.mu);
     auto it = r.entries.find(spec.name);
     if (it == r.entries.end()) {
-      std::string known;
+      if (const Reserved* res = find_reserved(spec.name))
+        KVSLIM_FAIL(ErrorCode::kRecipe, "recipe stage '{}' is reserved but not implemented yet (planned: {})",
+                    spec.name, res->planned);  // a reserved name is short
+      std::string known, reserved;
       for (const auto& [name, e] : r.entries) known += (known.empty() ? "" : ", ") + name;
-      KVSLIM_FAIL(ErrorCode::kRecipe, "unknown recipe stage '{}' (known stages: {})", spec.name, known);
+      for (const Reserved& res : kReserved)
+        if (!r.entries.count(res.name)) reserved += (reserved.empty() ? "" : ", ") + std::string(res.name);
+      KVSLIM_FAIL(ErrorCode::kRecipe, "unknown recipe stage '{}' (known stages: {}; reserved, not implemented yet: {})",
+                  detail::clip_recipe(spec.name), known, reserved);
     }
     factory = it->second.factory;
     kind = it->second.kind;

@@ -14,6 +14,12 @@ bool exists(const std::string& path) {
   std::error_code ec;
   return std::filesystem::exists(path, ec);
 }
+bool in_ci() {
+  const char* env = std::getenv("CI");
+  if (!env) return false;
+  const std::string v = env;
+  return !(v.empty() || v == "0" || v == "false" || v == "FALSE" || v == "False" || v == "no");
+}
 
 }  // namespace kvslim::test
 

@@ -1,4 +1,5 @@
-// Shared test helpers: where ../shared is, and a skip macro with a clear message.
+// Shared test helpers: where ../shared is, and a skip macro with a clear message (a failure
+// in CI, so a CI run without the shared data cannot pass).
 #pragma once
 
 #include <gtest/gtest.h>
@@ -13,16 +14,25 @@ std::string shared_dir();
 std::string shared_path(const std::string& rel);
 /// True if the path exists.
 bool exists(const std::string& path);
+/// True when running in CI: $CI is set to anything but "", "0", "false" or "no"
+/// (GitHub Actions, GitLab and most others set CI=true).
+bool in_ci();
 
 }  // namespace kvslim::test
 
-/// Skip the current test with a message naming the missing shared file or directory.
-#define KVSLIM_REQUIRE_SHARED(rel)                                                         \
-  do {                                                                                     \
-    const std::string kvslim_p_ = ::kvslim::test::shared_path(rel);                        \
-    if (!::kvslim::test::exists(kvslim_p_))                                                \
-      GTEST_SKIP() << "shared file missing: " << kvslim_p_                                 \
-                   << " (set KVSLIM_SHARED to the directory holding models/ and data/)";   \
+/// Skip the current test with a message naming the missing shared file or directory. In CI
+/// (see in_ci()) a missing file fails the test instead: CI must not go green without data.
+#define KVSLIM_REQUIRE_SHARED(rel)                                                                \
+  do {                                                                                            \
+    const std::string kvslim_p_ = ::kvslim::test::shared_path(rel);                               \
+    if (!::kvslim::test::exists(kvslim_p_)) {                                                     \
+      if (::kvslim::test::in_ci())                                                                \
+        GTEST_FAIL() << "shared file missing: " << kvslim_p_                                      \
+                     << " (CI is set, so this is a failure, not a skip; set KVSLIM_SHARED to the " \
+                        "directory holding models/ and data/)";                                   \
+      GTEST_SKIP() << "shared file missing: " << kvslim_p_                                        \
+                   << " (set KVSLIM_SHARED to the directory holding models/ and data/)";          \
+    }                                                                                             \
   } while (0)
 
 namespace kvslim::test {

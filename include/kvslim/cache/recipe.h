@@ -1,6 +1,6 @@
 // Recipe strings: one line that says how every (layer, kv head) of a cache is compressed.
 //
-//   recipe   := chain ( ';' override )*
+//   recipe   := chain ( sep override )*        sep := ';' | a line break before the '['
 //   override := '[' selector ( ' ' selector )* ']' chain
 //   selector := ( 'layers' | 'heads' ) '=' range ( ',' range )*      range := N | N '-' M
 //   chain    := stage ( '|' stage )*
@@ -14,8 +14,10 @@
 //   "h2o:budget=256,recent=64 | kivi:kbits=4,vbits=2"
 //   "kivi:kbits=2,vbits=2 ; [layers=0-1] f16 ; [layers=4 heads=0] f32"
 //
-// In an override, `heads` are kv heads; a later override wins over an earlier one. Unknown
-// stage names, unknown keys and malformed values throw Error(kRecipe) naming them.
+// '#' starts a comment to the end of the line; line breaks are whitespace. In an override,
+// `heads` are kv heads; a later override wins over an earlier one. Unknown stage names,
+// unknown keys, repeated selectors and malformed values throw Error(kRecipe) naming them (and,
+// for syntax errors, the line and column). Full grammar and keys: docs/recipes.md.
 #pragma once
 
 #include <memory>
