@@ -442,9 +442,10 @@ CacheStats KVCache::stats() const {
   st.head_dim = m.cfg.head_dim;
   st.heads.reserve(m.stores.size());
   for (const TokenStore* s : m.stores) {
-    st.heads.push_back({s->size(), s->bytes()});
+    st.heads.push_back({s->size(), s->bytes(), s->seen()});
     st.total_tokens += s->size();
     st.total_bytes += s->bytes();
+    st.total_seen += s->seen();
   }
   st.shared_bytes = m.shared.bytes;
   st.total_bytes += st.shared_bytes;
@@ -452,6 +453,11 @@ CacheStats KVCache::stats() const {
     st.bits_per_value = static_cast<double>(st.total_bytes) * 8.0 /
                         (static_cast<double>(st.total_tokens) * m.cfg.head_dim * 2.0);
     st.ratio_vs_f32 = 32.0 / st.bits_per_value;
+  }
+  if (st.total_seen > 0) {
+    st.kept = static_cast<double>(st.total_tokens) / static_cast<double>(st.total_seen);
+    if (st.total_bytes > 0)
+      st.ratio_seen = static_cast<double>(st.total_seen) * m.cfg.head_dim * 2.0 * 4.0 / static_cast<double>(st.total_bytes);
   }
   return st;
 }

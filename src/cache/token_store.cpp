@@ -130,6 +130,7 @@ void TokenStore::append(const kernels::KernelTable& kt, const float* k, std::int
     }
   }
   last_append_ = n;
+  seen_ += n;
   if (!pipeline_->scorers.empty()) {
     // New tokens sit before the specials in index order.
     importance_.insert(importance_.end() - specials(), static_cast<std::size_t>(n), 0.0f);
@@ -302,6 +303,7 @@ void TokenStore::reset() {
   sinks_ = window_ = 0;
   last_pos_ = -1;
   last_append_ = 0;
+  seen_ = 0;
 }
 
 }  // namespace kvslim

@@ -49,10 +49,11 @@ struct DenseKV {
   std::vector<float> log_weights;        // [tokens]: 0, or ln(weight) for merged tokens
 };
 
-/// Tokens kept and bytes allocated by one (layer, kv head).
+/// Tokens kept, tokens seen and bytes allocated by one (layer, kv head).
 struct HeadStats {
-  std::int64_t tokens = 0;
-  std::int64_t bytes = 0;
+  std::int64_t tokens = 0;  // held now (all segments)
+  std::int64_t bytes = 0;   // allocated now
+  std::int64_t seen = 0;    // appended since construction / reset(), evicted ones included
 };
 
 struct CacheStats {
@@ -68,6 +69,12 @@ struct CacheStats {
   double bits_per_value = 0.0;
   /// 32 / bits_per_value: compression against an f32 cache holding the same tokens.
   double ratio_vs_f32 = 0.0;
+  std::int64_t total_seen = 0;      // sum of heads' seen tokens
+  /// (total_seen * head_dim * 2 * 4) / total_bytes: the memory saved against an f32 cache of
+  /// every token seen (eviction counts as saving, unlike ratio_vs_f32). 0 if empty.
+  double ratio_seen = 0.0;
+  /// total_tokens / total_seen: the fraction of seen tokens still held. 0 if nothing seen.
+  double kept = 0.0;
 
   /// Throws Error(kOutOfRange) for a layer or head outside the cache.
   const HeadStats& head(int layer, int kv_head) const;

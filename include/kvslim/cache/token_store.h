@@ -69,6 +69,8 @@ class TokenStore {
   std::int64_t last_position() const noexcept { return last_pos_; }
   /// Tokens in the most recent append (the queries attend() may causally mask).
   std::int64_t last_append_count() const noexcept { return last_append_; }
+  /// Tokens appended since construction or reset(), evicted ones included.
+  std::int64_t seen() const noexcept { return seen_; }
   /// Per-token importance maintained by the pipeline's scorers (empty if it has none).
   std::span<float> importance() noexcept { return {importance_.data(), importance_.size()}; }
   std::span<const float> importance() const noexcept { return {importance_.data(), importance_.size()}; }
@@ -137,6 +139,7 @@ class TokenStore {
   Floats importance_;
   std::int64_t last_pos_ = -1;
   std::int64_t last_append_ = 0;
+  std::int64_t seen_ = 0;
 };
 
 }  // namespace kvslim
