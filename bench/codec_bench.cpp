@@ -38,13 +38,13 @@ std::shared_ptr<const Codec> codec_of(const Format& f) { return build_pipeline(p
 
 void encode_all(const kernels::KernelTable& kt, const Codec& c, const float* k, const float* v, std::size_t pages,
                 std::byte* out) {
-  const std::size_t pb = c.page_bytes(kD), n = static_cast<std::size_t>(kPage) * kD;
+  const std::size_t pb = c.page_bytes(kPage, kD), n = static_cast<std::size_t>(kPage) * kD;
   for (std::size_t i = 0; i < pages; ++i) c.encode(kt, k + i * n, v + i * n, kPage, kD, out + i * pb);
 }
 
 void decode_all(const kernels::KernelTable& kt, const Codec& c, const std::byte* in, std::size_t pages, float* k,
                 float* v) {
-  const std::size_t pb = c.page_bytes(kD), n = static_cast<std::size_t>(kPage) * kD;
+  const std::size_t pb = c.page_bytes(kPage, kD), n = static_cast<std::size_t>(kPage) * kD;
   for (std::size_t i = 0; i < pages; ++i) c.decode(kt, in + i * pb, kPage, kD, k + i * n, v + i * n);
 }
 
@@ -53,14 +53,14 @@ void BM_encode(benchmark::State& state, Isa isa, Format f) {
   const auto& in = big_input();
   const auto codec = codec_of(f);
   const std::size_t half = in.size() / 2, pages = half / (static_cast<std::size_t>(kPage) * kD);
-  std::vector<std::byte> out(pages * codec->page_bytes(kD), std::byte{1});
+  std::vector<std::byte> out(pages * codec->page_bytes(kPage, kD), std::byte{1});
   for (auto _ : state) {
     encode_all(kt, *codec, in.data(), in.data() + half, pages, out.data());
     benchmark::ClobberMemory();
   }
   state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations()) *
                           static_cast<std::int64_t>(in.size() * sizeof(float)));
-  state.counters["ratio_vs_f32"] = static_cast<double>(2 * kPage * kD * 4) / static_cast<double>(codec->page_bytes(kD));
+  state.counters["ratio_vs_f32"] = static_cast<double>(2 * kPage * kD * 4) / static_cast<double>(codec->page_bytes(kPage, kD));
 }
 
 void BM_decode(benchmark::State& state, Isa isa, Format f) {
@@ -68,7 +68,7 @@ void BM_decode(benchmark::State& state, Isa isa, Format f) {
   const auto& in = big_input();
   const auto codec = codec_of(f);
   const std::size_t half = in.size() / 2, pages = half / (static_cast<std::size_t>(kPage) * kD);
-  std::vector<std::byte> enc(pages * codec->page_bytes(kD));
+  std::vector<std::byte> enc(pages * codec->page_bytes(kPage, kD));
   encode_all(kt, *codec, in.data(), in.data() + half, pages, enc.data());
   std::vector<float> out(in.size(), 1.0f);
   for (auto _ : state) {

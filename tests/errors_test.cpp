@@ -132,7 +132,8 @@ class FixedBudget final : public EvictionPolicy {
   explicit FixedBudget(std::int64_t b) : b_(b) {}
   std::string describe() const override { return "fixed:budget=" + std::to_string(b_); }
   EvictAction action() const override { return EvictAction::kDrop; }
-  std::int64_t budget() const override { return b_; }
+  std::int64_t budget(std::int64_t) const override { return b_; }
+  std::int64_t fixed_budget() const override { return b_; }
   void select(const TokenStore&, std::vector<std::int64_t>&) const override {}
 
  private:
@@ -150,16 +151,16 @@ TEST(Errors, BudgetLargerThanCapacity) {
                {"eviction budget 600", "larger than the cache capacity max_tokens 512"});
   expect_error([] { KVCache c(CacheConfig{1, 1, 1, 8, 512, "kivi:sinks=513"}); }, ErrorCode::kCapacity,
                {"sinks=513 is larger than the cache capacity max_tokens 512"});
-  // Within capacity the stage builds, and the cache says plainly that it cannot run it yet.
-  expect_error([] { KVCache c(CacheConfig{1, 1, 1, 8, 512, "fixed:budget=100 | kivi"}); }, ErrorCode::kRecipe,
-               {"does not run them yet"});
+  // Within capacity an engine-defined policy builds and runs.
+  KVCache ok(CacheConfig{1, 1, 1, 8, 512, "fixed:budget=100 | kivi"});
+  EXPECT_EQ(ok.recipe_for(0, 0).substr(0, 18), "fixed:budget=100 |");
 }
 
 TEST(Errors, RecipeErrorsReachTheConstructor) {
   expect_error([] { KVCache c(CacheConfig{1, 1, 1, 8, 10, "kivi:kbits=9"}); }, ErrorCode::kInvalidArgument,
                {"kbits=9 is not a supported bit width"});
-  expect_error([] { KVCache c(CacheConfig{1, 1, 1, 8, 10, "h2o:budget=4 | f16"}); }, ErrorCode::kRecipe,
-               {"recipe stage 'h2o' is reserved but not implemented yet"});
+  expect_error([] { KVCache c(CacheConfig{1, 1, 1, 8, 10, "razor:window=4 | f16"}); }, ErrorCode::kRecipe,
+               {"recipe stage 'razor' is reserved but not implemented yet"});
   expect_error([] { KVCache c(CacheConfig{1, 1, 1, 8, 10, "kivi:vgroup=3"}); }, ErrorCode::kInvalidArgument,
                {"vgroup=3 does not divide head_dim 8"});
   expect_error([] { KVCache c(CacheConfig{1, 1, 1, 8, 10, "f32:bits=3"}); }, ErrorCode::kRecipe,

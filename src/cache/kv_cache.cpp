@@ -216,18 +216,17 @@ KVCache::KVCache(const CacheConfig& config) : impl_(std::make_unique<Impl>()) {
       if (idx == built_from.size()) {
         auto p = std::make_unique<Pipeline>(build_pipeline(chain, c.head_dim));
         // Budgets are checked against the capacity before anything else about the stage.
-        if (p->eviction)
-          KVSLIM_CHECK(p->eviction->budget() >= 1 && p->eviction->budget() <= c.max_tokens, ErrorCode::kCapacity,
-                       "recipe '{}': eviction budget {} of '{}' is larger than the cache capacity max_tokens {} "
-                       "(or below 1)",
-                       detail::clip_recipe(chain.text()), p->eviction->budget(), p->eviction->describe(),
+        if (p->eviction && p->eviction->fixed_budget() > 0)
+          KVSLIM_CHECK(p->eviction->fixed_budget() <= c.max_tokens, ErrorCode::kCapacity,
+                       "recipe '{}': eviction budget {} of '{}' is larger than the cache capacity max_tokens {}",
+                       detail::clip_recipe(chain.text()), p->eviction->fixed_budget(), p->eviction->describe(),
                        c.max_tokens);
         KVSLIM_CHECK(p->codec->sinks() <= c.max_tokens, ErrorCode::kCapacity,
                      "recipe '{}': sinks={} is larger than the cache capacity max_tokens {}",
                      detail::clip_recipe(chain.text()), p->codec->sinks(), c.max_tokens);
-        KVSLIM_CHECK(!p->eviction && !p->merge, ErrorCode::kRecipe,
-                     "recipe '{}': eviction and merge stages parse and build, but the token store does not run "
-                     "them yet (see docs/architecture.md)",
+        KVSLIM_CHECK(!p->merge, ErrorCode::kRecipe,
+                     "recipe '{}': merge stages parse and build, but the token store does not run them yet "
+                     "(see docs/architecture.md)",
                      detail::clip_recipe(chain.text()));
         m.pipelines.push_back(std::move(p));
         built_from.push_back(&chain);
@@ -264,7 +263,10 @@ void KVCache::append(int layer, TensorView<const float> k, TensorView<const floa
   KVSLIM_CHECK(positions.empty() || static_cast<std::int64_t>(positions.size()) == n, ErrorCode::kShapeMismatch,
                "append to layer {}: {} positions for {} tokens", layer, positions.size(), n);
 
-  // Validate everything before touching any head, so a failed append changes nothing.
+  // What the previous append still owes (eviction, sealing) happens first, so the capacity
+  // check sees the budgeted cache. Then validate everything before adding anything, so a
+  // failed append adds nothing.
+  for (int h = 0; h < c.kv_heads; ++h) m.at(layer, h).flush(*m.kt);
   const TokenStore& s0 = m.at(layer, 0);
   KVSLIM_CHECK(!positions.empty() || s0.last_position() <= std::numeric_limits<std::int64_t>::max() - n,
                ErrorCode::kPosition,
@@ -323,10 +325,10 @@ void KVCache::attend(int layer, TensorView<const float> q, TensorView<float> out
   }
   for (int h = 0; h < c.kv_heads; ++h)
     for (const auto& sc : m.at(layer, h).pipeline().scorers)
-      KVSLIM_CHECK(!sc->needs_attention() || (options.mass != nullptr && !options.accumulate_mass),
-                   ErrorCode::kInvalidArgument,
-                   "attend on layer {}: recipe scorer '{}' needs attention mass: pass AttendOptions.mass (not "
-                   "accumulated)",
+      KVSLIM_CHECK(!sc->needs_attention() || !options.accumulate_mass, ErrorCode::kInvalidArgument,
+                   "attend on layer {}: recipe scorer '{}' computes its own attention mass; "
+                   "AttendOptions.accumulate_mass would sum calls whose token order eviction changes between them "
+                   "(use plain mass, or observe())",
                    layer, sc->describe());
   KVSLIM_CHECK(std::isfinite(options.scale) && options.scale >= 0.0f, ErrorCode::kInvalidArgument,
                "attend: scale {} must be finite and >= 0 (0 = 1/sqrt(head_dim))", options.scale);
@@ -377,12 +379,25 @@ void KVCache::attend(int layer, TensorView<const float> q, TensorView<float> out
       mass = t.options->mass + h * t.options->mass_stride;
       if (!t.options->accumulate_mass) std::fill(mass, mass + s.size(), 0.0f);
     }
+    // Scorers that consume attention get it as a by-product, into a buffer of the
+    // cache's (per thread), whether or not the engine asked for the mass too.
+    int obs_window = -1;  // -1: no scorer needs attention
+    for (const auto& sc : s.pipeline().scorers)
+      if (sc->needs_attention()) obs_window = std::max(obs_window, sc->observation_window());
+    ws.keep_probs = obs_window >= 0;
     s.attend(*t.m->kt, ws.q.data(), t.nq, static_cast<int>(nt), ws.out.data(), mass, ws);
+    if (obs_window >= 0) {
+      ws.mass.assign(static_cast<std::size_t>(s.size()), 0.0f);
+      const int first = obs_window > 0 ? std::max(0, static_cast<int>(nt) - obs_window) : 0;
+      s.collect_mass(ws, t.nq, static_cast<int>(nt), first, ws.mass.data());
+      for (const auto& sc : s.pipeline().scorers)
+        if (sc->needs_attention()) sc->on_attention(s, ws.mass);
+    }
     for (int g = 0; g < group; ++g)
       for (std::int64_t i = 0; i < nt; ++i)
         std::memcpy(t.out->row(h * group + g, i), ws.out.data() + (g * nt + i) * d, static_cast<std::size_t>(d) * 4);
-    // The queries have attended: seal what the latest append no longer needs in full
-    // precision, so stats() reports the steady state right after the call.
+    // The queries have attended: evict, and seal what the latest append no longer needs in
+    // full precision, so stats() reports the steady state right after the call.
     s.flush(*t.m->kt);
   };
   const int group = c.q_heads / c.kv_heads;
@@ -395,13 +410,6 @@ void KVCache::attend(int layer, TensorView<const float> q, TensorView<float> out
     m.pool->run(c.kv_heads, head, &task);
   } else {
     for (int h = 0; h < c.kv_heads; ++h) head(&task, h);
-  }
-  // Scorers that consume attention see this call's mass.
-  for (int h = 0; h < c.kv_heads; ++h) {
-    TokenStore& s = m.at(layer, h);
-    for (const auto& sc : s.pipeline().scorers)
-      if (sc->needs_attention())
-        sc->on_attention(s, {options.mass + h * options.mass_stride, static_cast<std::size_t>(s.size())});
   }
 }
 

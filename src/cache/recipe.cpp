@@ -311,6 +311,10 @@ Pipeline build_pipeline(const ChainSpec& chain, int head_dim) {
   if (p.eviction) text += p.eviction->describe() + " | ";
   if (p.merge) text += p.merge->describe() + " | ";
   p.text = text + p.codec->describe();
+  // A policy that reads scores brings its scorer when the chain names none (not printed:
+  // the canonical text re-parses to the same pipeline).
+  if (p.eviction && p.scorers.empty())
+    if (auto sc = p.eviction->implied_scorer()) p.scorers.push_back(std::move(sc));
   return p;
 }
 

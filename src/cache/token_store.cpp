@@ -1,5 +1,6 @@
 #include "kvslim/cache/token_store.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -17,7 +18,25 @@ constexpr int kDenseBlock = 64;
 // reference machine: 4 is best for KIVI's 3-5 KB pages and neutral for f16/f32 pages).
 constexpr std::size_t kPrefetchAhead = 4;
 
-std::int64_t round16(std::size_t n) { return static_cast<std::int64_t>((n + 15) & ~std::size_t{15}); }
+std::size_t round16(std::size_t n) { return (n + 15) & ~std::size_t{15}; }
+
+// Erase rows [n][d] of a row-major buffer whose indices are in sorted `idx` (relative).
+template <class V>
+std::int64_t erase_rows(V& buf, std::int64_t rows, int d, const std::vector<std::int64_t>& idx) {
+  std::int64_t w = 0;
+  std::size_t x = 0;
+  const std::size_t ud = static_cast<std::size_t>(d);
+  for (std::int64_t r = 0; r < rows; ++r) {
+    if (x < idx.size() && idx[x] == r) {
+      ++x;
+      continue;
+    }
+    if (w != r) std::memmove(buf.data() + w * d, buf.data() + r * d, ud * sizeof(buf[0]));
+    ++w;
+  }
+  buf.resize(static_cast<std::size_t>(w) * ud);
+  return w;
+}
 }  // namespace
 
 TokenStore::TokenStore(int head_dim, const Pipeline* pipeline)
@@ -26,12 +45,12 @@ TokenStore::TokenStore(int head_dim, const Pipeline* pipeline)
       page_tokens_(pipeline->codec->page_tokens()),
       // Pages are rounded to 16 bytes, the allocator's own alignment, so what we count is
       // what we ask for.
-      page_bytes_(round16(pipeline->codec->page_bytes(head_dim))),
+      page_bytes_(static_cast<std::int64_t>(round16(pipeline->codec->page_bytes(page_tokens_, head_dim)))),
       residual_(pipeline->codec->residual()),
       sink_target_(pipeline->codec->sinks()),
       sink_k_(TrackedAllocator<float>(&counter_)),
       sink_v_(TrackedAllocator<float>(&counter_)),
-      pages_(TrackedAllocator<Bytes>(&counter_)),
+      pages_(TrackedAllocator<Page>(&counter_)),
       win_k_(TrackedAllocator<float>(&counter_)),
       win_v_(TrackedAllocator<float>(&counter_)),
       special_k_(TrackedAllocator<float>(&counter_)),
@@ -42,6 +61,12 @@ TokenStore::TokenStore(int head_dim, const Pipeline* pipeline)
       importance_(TrackedAllocator<float>(&counter_)) {}
 
 TokenStore::~TokenStore() = default;
+
+std::int64_t TokenStore::page_slots() const noexcept {
+  std::int64_t n = 0;
+  for (const Page& p : pages_) n += p.ntok;
+  return n;
+}
 
 std::vector<std::int64_t> TokenStore::positions() const {
   std::vector<std::int64_t> out;
@@ -75,17 +100,35 @@ void TokenStore::grow_window(std::int64_t rows) {
   win_v_.resize(n);
 }
 
-// Seal every complete page that is not needed for the residual window. Called after attend()
-// and at the start of append(), so an append's tokens stay full precision for its own
-// attend() (KIVI's prefill semantics) and are sealed right after it.
+TokenStore::Page TokenStore::make_page(int ntok) {
+  Page p{Bytes(round16(pipeline_->codec->page_bytes(ntok, d_)), std::byte{0}, TrackedAllocator<std::byte>(&counter_)),
+         Words(TrackedAllocator<std::uint64_t>(&counter_)), ntok, ntok};
+  return p;
+}
+
 void TokenStore::flush(const kernels::KernelTable& kt) {
+  // Eviction first, so tokens about to leave are never sealed.
+  if (evict_pending_) {
+    evict_pending_ = false;
+    if (pipeline_->eviction) {
+      victims_.clear();
+      pipeline_->eviction->select(*this, victims_);
+      if (!victims_.empty()) drop(kt, victims_);
+    }
+  }
+  seal_pages(kt);
+}
+
+// Seal every complete page that is not needed for the residual window.
+void TokenStore::seal_pages(const kernels::KernelTable& kt) {
   const std::int64_t g = page_tokens_;
   std::int64_t sealed = 0;
   while (window_ - sealed - g >= residual_) {
-    Bytes page(static_cast<std::size_t>(page_bytes_), std::byte{0}, TrackedAllocator<std::byte>(&counter_));
+    Page page = make_page(page_tokens_);
     const std::size_t off = static_cast<std::size_t>(sealed * d_);
-    pipeline_->codec->encode(kt, win_k_.data() + off, win_v_.data() + off, page_tokens_, d_, page.data());
+    pipeline_->codec->encode(kt, win_k_.data() + off, win_v_.data() + off, page_tokens_, d_, page.data.data());
     pages_.push_back(std::move(page));
+    sealed_live_ += g;
     sealed += g;
   }
   if (sealed == 0) return;
@@ -98,7 +141,9 @@ void TokenStore::flush(const kernels::KernelTable& kt) {
   // After a large prefill chunk the window buffer is much larger than it will ever need to
   // be again; give the memory back so stats() stays honest.
   const std::size_t steady = static_cast<std::size_t>((residual_ + g) * d_);
-  if (win_k_.capacity() > 2 * std::max(steady, keep)) {
+  // An empty window (residual 0: everything sealed) holds no memory either: the next
+  // append regrows it, a few doublings per page.
+  if (window_ == 0 || win_k_.capacity() > 2 * std::max(steady, keep)) {
     win_k_.shrink_to_fit();
     win_v_.shrink_to_fit();
   }
@@ -107,11 +152,11 @@ void TokenStore::flush(const kernels::KernelTable& kt) {
 void TokenStore::append(const kernels::KernelTable& kt, const float* k, std::int64_t k_stride, const float* v,
                         std::int64_t v_stride, std::int64_t n, const std::int64_t* pos) {
   flush(kt);
-  const std::int64_t first = sinks_ + sealed_tokens() + window_;
+  const std::int64_t first = ordinary();
   std::int64_t i = 0;
   // The first tokens of the sequence become sinks.
   const std::int64_t sink_first = sinks_;
-  while (i < n && sinks_ < sink_target_ && window_ == 0 && pages_.empty()) {
+  while (i < n && seen_ + i < sink_target_ && window_ == 0 && pages_.empty()) {
     sink_k_.insert(sink_k_.end(), k + i * k_stride, k + i * k_stride + d_);
     sink_v_.insert(sink_v_.end(), v + i * v_stride, v + i * v_stride + d_);
     push_position(pos[i]);
@@ -131,6 +176,7 @@ void TokenStore::append(const kernels::KernelTable& kt, const float* k, std::int
   }
   last_append_ = n;
   seen_ += n;
+  evict_pending_ = true;
   if (!pipeline_->scorers.empty()) {
     // New tokens sit before the specials in index order.
     importance_.insert(importance_.end() - specials(), static_cast<std::size_t>(n), 0.0f);
@@ -139,6 +185,169 @@ void TokenStore::append(const kernels::KernelTable& kt, const float* k, std::int
       if (n > n_sink) sc->on_append(*this, first + n_sink, n - n_sink, win_k_.data() + win_first * d_);
     }
   }
+}
+
+void TokenStore::drop(const kernels::KernelTable& kt, std::span<const std::int64_t> victims) {
+  if (victims.empty()) return;
+  std::vector<std::int64_t> idx(victims.begin(), victims.end());
+  std::sort(idx.begin(), idx.end());
+  idx.erase(std::unique(idx.begin(), idx.end()), idx.end());
+  const std::int64_t total = size();
+  KVSLIM_CHECK(idx.front() >= 0 && idx.back() < total, ErrorCode::kOutOfRange,
+               "drop: token index {} is out of range [0, {})", idx.front() < 0 ? idx.front() : idx.back(), total);
+  const std::int64_t ord = ordinary();
+
+  // The latest append's queries are the last ordinary tokens; if any of them leaves, only the
+  // suffix after the last one dropped can still attend (KVCache checks n <= last_append_).
+  const std::int64_t chunk_first = ord - last_append_;
+  for (auto it = idx.rbegin(); it != idx.rend(); ++it)
+    if (*it < ord && *it >= chunk_first) {
+      last_append_ = ord - 1 - *it;
+      break;
+    }
+
+  // Positions and importance, in index order.
+  {
+    std::vector<std::int64_t> pos = positions();
+    std::size_t x = 0, w = 0;
+    for (std::size_t j = 0; j < pos.size(); ++j) {
+      if (x < idx.size() && idx[x] == static_cast<std::int64_t>(j)) {
+        ++x;
+        continue;
+      }
+      pos[w] = pos[j];
+      if (!importance_.empty()) importance_[w] = importance_[j];
+      ++w;
+    }
+    if (!importance_.empty()) importance_.resize(w);
+    runs_.clear();
+    const std::size_t dropped_ord =
+        static_cast<std::size_t>(std::lower_bound(idx.begin(), idx.end(), ord) - idx.begin());
+    const std::size_t n_ord = static_cast<std::size_t>(ord) - dropped_ord;
+    const std::int64_t keep_last = last_pos_;
+    for (std::size_t j = 0; j < n_ord; ++j) push_position(pos[j]);
+    last_pos_ = keep_last;  // positions keep increasing from the last one appended
+    special_pos_.assign(pos.begin() + static_cast<std::ptrdiff_t>(n_ord), pos.begin() + static_cast<std::ptrdiff_t>(w));
+  }
+
+  // Split the victims by segment (relative indices).
+  std::vector<std::int64_t> in_sinks, in_window, in_specials;
+  std::size_t x = 0;
+  for (; x < idx.size() && idx[x] < sinks_; ++x) in_sinks.push_back(idx[x]);
+  std::int64_t base = sinks_;
+  bool touched = false;
+  for (Page& p : pages_) {
+    if (x >= idx.size() || idx[x] >= sinks_ + sealed_live_) break;
+    // Walk the page's live slots: logical base .. base + live.
+    int live_seen = 0;
+    for (int j = 0; j < p.ntok && x < idx.size() && idx[x] < base + p.live; ++j) {
+      if (p.is_dead(j)) continue;
+      if (idx[x] == base + live_seen) {
+        if (p.dead.empty()) p.dead.assign(static_cast<std::size_t>((p.ntok + 63) / 64), 0);
+        p.dead[static_cast<std::size_t>(j) >> 6] |= std::uint64_t{1} << (j & 63);
+        ++x;
+        touched = true;
+      }
+      ++live_seen;
+    }
+    base += p.live;
+  }
+  // Recount live slots per page (bits set = dead).
+  sealed_live_ = 0;
+  for (Page& p : pages_) {
+    int dead = 0;
+    for (std::uint64_t w : p.dead) dead += __builtin_popcountll(w);
+    p.live = p.ntok - dead;
+    sealed_live_ += p.live;
+  }
+  for (; x < idx.size() && idx[x] < ord; ++x) in_window.push_back(idx[x] - (ord - window_));
+  for (; x < idx.size(); ++x) in_specials.push_back(idx[x] - ord);
+
+  if (!in_sinks.empty()) {
+    erase_rows(sink_k_, sinks_, d_, in_sinks);
+    sinks_ = erase_rows(sink_v_, sinks_, d_, in_sinks);
+  }
+  if (!in_window.empty()) {
+    erase_rows(win_k_, window_, d_, in_window);
+    window_ = erase_rows(win_v_, window_, d_, in_window);
+  }
+  if (!in_specials.empty()) {
+    const std::int64_t ns = specials();
+    erase_rows(special_k_, ns, d_, in_specials);
+    erase_rows(special_v_, ns, d_, in_specials);
+    erase_rows(special_w_, ns, 1, in_specials);
+  }
+  if (touched) repack(kt);
+}
+
+// Re-pack pages whose slots are more than half dead, merging them with adjacent small pages
+// (fewer than half of page_tokens() slots) while the live tokens fit in one page: decode the
+// live rows, encode them as one page. Lossless for f32/f16/bf16 (decode then encode gives
+// the same bits); KIVI re-quantizes keys over the merged page's range (values per token come
+// back to the same codes up to rounding). Order, positions and importance are unchanged.
+void TokenStore::repack(const kernels::KernelTable& kt) {
+  const int g = page_tokens_;
+  auto candidate = [](const Page& p) { return 2 * p.live < p.ntok; };
+  auto small = [g](const Page& p) { return 2 * p.ntok < g; };
+  bool any = false;
+  for (const Page& p : pages_) any |= candidate(p);
+  if (!any) return;
+
+  std::vector<Page, TrackedAllocator<Page>> out{TrackedAllocator<Page>(&counter_)};
+  out.reserve(pages_.size());
+  std::vector<float> k, v, rk, rv;  // scratch, freed on return
+  const std::size_t ud = static_cast<std::size_t>(d_);
+  const std::size_t n = pages_.size();
+  std::size_t i = 0;
+  while (i < n) {
+    if (!candidate(pages_[i]) && !small(pages_[i])) {
+      out.push_back(std::move(pages_[i++]));
+      continue;
+    }
+    std::size_t j = i;
+    bool has_cand = false;
+    while (j < n && (candidate(pages_[j]) || small(pages_[j]))) has_cand |= candidate(pages_[j++]);
+    if (!has_cand && j - i == 1) {
+      out.push_back(std::move(pages_[i++]));
+      continue;
+    }
+    // Greedy groups of [a, b) with at most g live tokens each.
+    std::size_t a = i;
+    while (a < j) {
+      std::size_t b = a;
+      int total = 0;
+      while (b < j && total + pages_[b].live <= g) total += pages_[b++].live;
+      if (b == a) b = a + 1;
+      if (b - a == 1 && !candidate(pages_[a])) {
+        out.push_back(std::move(pages_[a]));
+        a = b;
+        continue;
+      }
+      if (total > 0) {
+        rk.resize(static_cast<std::size_t>(total) * ud);
+        rv.resize(rk.size());
+        std::size_t row = 0;
+        for (std::size_t q = a; q < b; ++q) {
+          const Page& p = pages_[q];
+          k.resize(static_cast<std::size_t>(p.ntok) * ud);
+          v.resize(k.size());
+          pipeline_->codec->decode(kt, p.data.data(), p.ntok, d_, k.data(), v.data());
+          for (int s = 0; s < p.ntok; ++s) {
+            if (p.is_dead(s)) continue;
+            std::memcpy(rk.data() + row * ud, k.data() + static_cast<std::size_t>(s) * ud, ud * sizeof(float));
+            std::memcpy(rv.data() + row * ud, v.data() + static_cast<std::size_t>(s) * ud, ud * sizeof(float));
+            ++row;
+          }
+        }
+        Page np = make_page(total);
+        pipeline_->codec->encode(kt, rk.data(), rv.data(), total, d_, np.data.data());
+        out.push_back(std::move(np));
+      }
+      a = b;
+    }
+    i = j;
+  }
+  pages_.swap(out);
 }
 
 void TokenStore::add_special(const float* k, const float* v, float weight, std::int64_t position) {
@@ -161,9 +370,18 @@ void TokenStore::materialize(const kernels::KernelTable& kt, float* k, float* v,
     row += static_cast<std::size_t>(n);
   };
   copy_rows(sink_k_.data(), sink_v_.data(), sinks_);
-  for (const Bytes& p : pages_) {
-    pipeline_->codec->decode(kt, p.data(), page_tokens_, d_, k + row * d, v + row * d);
-    row += static_cast<std::size_t>(page_tokens_);
+  std::vector<float> pk, pv;
+  for (const Page& p : pages_) {
+    if (p.live == p.ntok) {
+      pipeline_->codec->decode(kt, p.data.data(), p.ntok, d_, k + row * d, v + row * d);
+      row += static_cast<std::size_t>(p.ntok);
+      continue;
+    }
+    pk.resize(static_cast<std::size_t>(p.ntok) * d);
+    pv.resize(pk.size());
+    pipeline_->codec->decode(kt, p.data.data(), p.ntok, d_, pk.data(), pv.data());
+    for (int s = 0; s < p.ntok; ++s)
+      if (!p.is_dead(s)) copy_rows(pk.data() + s * d, pv.data() + s * d, 1);
   }
   copy_rows(win_k_.data(), win_v_.data(), window_);
   copy_rows(special_k_.data(), special_v_.data(), specials());
@@ -183,14 +401,18 @@ void TokenStore::attend(const kernels::KernelTable& kt, const float* q, int nq, 
   std::fill(out, out + unq * d, 0.0f);
   const int block = std::max(page_tokens_, kDenseBlock);
   if (ws.s.size() < unq * block) ws.s.resize(unq * block);
-  const std::int64_t total = size();
-  if (mass) {
-    ws.probs.resize(unq * static_cast<std::size_t>(total));
+  const bool want_probs = mass != nullptr || ws.keep_probs;
+  // Physical slots: dead page slots are scored (then masked) like the others.
+  const std::int64_t slots = sinks_ + page_slots() + window_ + specials();
+  ws.blocks.clear();
+  ws.slots = slots;
+  if (want_probs) {
+    ws.probs.resize(unq * static_cast<std::size_t>(slots));
     ws.block_max.clear();
-    ws.block_start.clear();
   }
   float* s = ws.s.data();
-  std::int64_t index = 0;  // store index of the block's first token
+  std::int64_t slot = 0;   // physical slot of the block's first token
+  std::int64_t index = 0;  // logical index of the block's first live token
 
   // Causal mask within the latest append. Its tokens are the last last_append_ ordinary
   // (non-special) tokens in index order, whichever segments they landed in (sinks, pages or
@@ -198,29 +420,34 @@ void TokenStore::attend(const kernels::KernelTable& kt, const float* q, int nq, 
   // row r sees ordinary tokens with index < causal_end - nquery + (r % nquery) + 1. Only a
   // block that reaches past the first query's limit needs masking; in decode (one query,
   // the newest token) none does.
-  const std::int64_t causal_end = sinks_ + sealed_tokens() + window_;
+  const std::int64_t causal_end = ordinary();
   const std::int64_t first_limit = causal_end - nquery + 1;
-  auto mask_causal = [&](int ntok) {
-    if (index + ntok <= first_limit) return;
+  auto mask_causal = [&](int ntok, int live, const std::uint64_t* dead) {
+    if (index + live <= first_limit) return;
     for (int r = 0; r < nq; ++r) {
       const std::int64_t limit = first_limit + (r % nquery);
-      for (std::int64_t j = std::max<std::int64_t>(0, limit - index); j < ntok; ++j) s[r * ntok + j] = kNegInf;
+      std::int64_t lg = index;
+      for (int j = 0; j < ntok; ++j) {
+        if (dead && ((dead[j >> 6] >> (j & 63)) & 1u)) continue;
+        if (lg++ >= limit) s[r * ntok + j] = kNegInf;
+      }
     }
   };
 
   // Shared tail of every block: online softmax, keep probabilities for the mass output,
   // then the weighted value sum.
-  auto finish_block = [&](int ntok, auto&& accumulate) {
+  auto finish_block = [&](int ntok, int live, const std::uint64_t* dead, auto&& accumulate) {
     kt.softmax_block(s, nq, ntok, ws.m.data(), ws.l.data(), out, d);
-    if (mass) {
-      ws.block_start.push_back(index);
+    if (want_probs) {
+      ws.blocks.push_back({slot, index, ntok, dead});
       ws.block_max.insert(ws.block_max.end(), ws.m.begin(), ws.m.end());
       for (int r = 0; r < nq; ++r)
-        std::memcpy(ws.probs.data() + static_cast<std::size_t>(r) * total + index, s + r * ntok,
+        std::memcpy(ws.probs.data() + static_cast<std::size_t>(r) * slots + slot, s + r * ntok,
                     static_cast<std::size_t>(ntok) * sizeof(float));
     }
     accumulate();
-    index += ntok;
+    slot += ntok;
+    index += live;
   };
   // Full-precision rows [n][d]: ordinary tokens (causally masked) or specials (a per-token
   // logit bias ln(weight), never masked: they stand for tokens of the past).
@@ -232,8 +459,8 @@ void TokenStore::attend(const kernels::KernelTable& kt, const float* q, int nq, 
         for (int r = 0; r < nq; ++r)
           for (int j = 0; j < bn; ++j) s[r * bn + j] += bias[b0 + j];
       else
-        mask_causal(bn);
-      finish_block(bn, [&] { kt.accum_f32(s, nq, vs + b0 * d, bn, d, out); });
+        mask_causal(bn, bn, nullptr);
+      finish_block(bn, bn, nullptr, [&] { kt.accum_f32(s, nq, vs + b0 * d, bn, d, out); });
     }
   };
 
@@ -243,18 +470,25 @@ void TokenStore::attend(const kernels::KernelTable& kt, const float* q, int nq, 
   // the kernels' arithmetic does not overlap misses well on its own: ask for the page
   // kPrefetchAhead pages on while this one is processed, its first half before the scores
   // (keys come first in every page layout) and the rest before the values.
-  const std::size_t npages = pages_.size(), half = static_cast<std::size_t>(page_bytes_) / 2;
+  const std::size_t npages = pages_.size();
   auto prefetch = [](const std::byte* b, std::size_t from, std::size_t to) {
     for (std::size_t o = from; o < to; o += 64) __builtin_prefetch(b + o, 0, 3);
   };
   for (std::size_t i = 0; i < npages; ++i) {
-    const std::byte* p = pages_[i].data();
-    const std::byte* next = i + kPrefetchAhead < npages ? pages_[i + kPrefetchAhead].data() : nullptr;
-    if (next) prefetch(next, 0, half);
-    codec.scores(kt, p, page_tokens_, d, q, nq, s);
-    mask_causal(page_tokens_);
-    if (next) prefetch(next, half, 2 * half);
-    finish_block(page_tokens_, [&] { codec.accumulate(kt, p, page_tokens_, d, s, nq, out); });
+    const Page& pg = pages_[i];
+    const std::byte* p = pg.data.data();
+    const Page* next = i + kPrefetchAhead < npages ? &pages_[i + kPrefetchAhead] : nullptr;
+    const std::size_t half = next ? next->data.size() / 2 : 0;
+    if (next) prefetch(next->data.data(), 0, half);
+    codec.scores(kt, p, pg.ntok, d, q, nq, s);
+    const std::uint64_t* dead = pg.dead.empty() ? nullptr : pg.dead.data();
+    if (dead)  // dropped tokens contribute exactly nothing
+      for (int r = 0; r < nq; ++r)
+        for (int j = 0; j < pg.ntok; ++j)
+          if ((dead[j >> 6] >> (j & 63)) & 1u) s[r * pg.ntok + j] = kNegInf;
+    mask_causal(pg.ntok, pg.live, dead);
+    if (next) prefetch(next->data.data(), half, 2 * half);
+    finish_block(pg.ntok, pg.live, dead, [&] { codec.accumulate(kt, p, pg.ntok, d, s, nq, out); });
   }
   dense(win_k_.data(), win_v_.data(), window_, nullptr);
   dense(special_k_.data(), special_v_.data(), specials(), special_w_.data());
@@ -268,16 +502,25 @@ void TokenStore::attend(const kernels::KernelTable& kt, const float* q, int nq, 
                                                : 0.0f;
     for (int c = 0; c < d; ++c) out[r * d + c] = all_ok || ws.row_ok[r] ? out[r * d + c] * inv : inv;
   }
-  if (mass) {
-    const std::size_t nb = ws.block_start.size();
-    for (std::size_t b = 0; b < nb; ++b) {
-      const std::int64_t j0 = ws.block_start[b];
-      const std::int64_t j1 = b + 1 < nb ? ws.block_start[b + 1] : total;
-      for (int r = 0; r < nq; ++r) {
-        if (ws.l[r] <= 0.0f || (!all_ok && !ws.row_ok[r])) continue;
-        const float c = std::exp(ws.block_max[b * unq + r] - ws.m[r]) / ws.l[r];
-        const float* pr = ws.probs.data() + static_cast<std::size_t>(r) * total;
-        for (std::int64_t j = j0; j < j1; ++j) mass[j] += pr[j] * c;
+  if (mass) collect_mass(ws, nq, nquery, 0, mass);
+}
+
+void TokenStore::collect_mass(const AttendWorkspace& ws, int nq, int nquery, int first_query, float* mass) const {
+  const std::size_t unq = static_cast<std::size_t>(nq);
+  const bool all_ok = ws.row_ok.empty();
+  const std::size_t nb = ws.blocks.size();
+  for (std::size_t b = 0; b < nb; ++b) {
+    const AttendWorkspace::Block& blk = ws.blocks[b];
+    for (int r = 0; r < nq; ++r) {
+      if (ws.l[r] <= 0.0f || (!all_ok && !ws.row_ok[r]) || (r % nquery) < first_query) continue;
+      // Probabilities were normalized by the running max of their block; rescale to the
+      // final max and divide by the final sum.
+      const float c = std::exp(ws.block_max[b * unq + r] - ws.m[r]) / ws.l[r];
+      const float* pr = ws.probs.data() + static_cast<std::size_t>(r) * ws.slots + blk.slot;
+      std::int64_t lg = blk.index;
+      for (int j = 0; j < blk.ntok; ++j) {
+        if (blk.dead && ((blk.dead[j >> 6] >> (j & 63)) & 1u)) continue;
+        mass[lg++] += pr[j] * c;
       }
     }
   }
@@ -301,9 +544,11 @@ void TokenStore::reset() {
   release(runs_);
   release(importance_);
   sinks_ = window_ = 0;
+  sealed_live_ = 0;
   last_pos_ = -1;
   last_append_ = 0;
   seen_ = 0;
+  evict_pending_ = false;
 }
 
 }  // namespace kvslim

@@ -1,5 +1,5 @@
-// Full-precision and half-precision pages: f32, f16, bf16. Page layout: K [group][d] then
-// V [group][d] in the codec's dtype.
+// Full-precision and half-precision pages: f32, f16, bf16. Page layout: K [ntok][d] then
+// V [ntok][d] in the codec's dtype (ntok = group for pages sealed from the window).
 #include <cmath>
 #include <cstring>
 
@@ -39,8 +39,8 @@ class FloatCodec final : public Codec {
   int page_tokens() const override { return o_.group; }
   int residual() const override { return o_.residual; }
   int sinks() const override { return o_.sinks; }
-  std::size_t page_bytes(int d) const override {
-    return 2u * static_cast<std::size_t>(o_.group) * d * dtype_size(dtype_);
+  std::size_t page_bytes(int ntok, int d) const override {
+    return 2u * static_cast<std::size_t>(ntok) * d * dtype_size(dtype_);
   }
   void check_rows(const float* k, const float* v, int ntok, int d) const override {
     if (dtype_ != DType::kF16) return;
@@ -49,8 +49,7 @@ class FloatCodec final : public Codec {
   }
   void encode(const kernels::KernelTable& kt, const float* k, const float* v, int ntok, int d,
               std::byte* page) const override {
-    // V always starts after a full page of K, whatever ntok is.
-    const std::size_t n = static_cast<std::size_t>(ntok) * d, vo = static_cast<std::size_t>(o_.group) * d;
+    const std::size_t n = static_cast<std::size_t>(ntok) * d, vo = n;
     switch (dtype_) {
       case DType::kF32:
         std::memcpy(page, k, n * 4);
@@ -68,7 +67,7 @@ class FloatCodec final : public Codec {
   }
   void decode(const kernels::KernelTable& kt, const std::byte* page, int ntok, int d, float* k,
               float* v) const override {
-    const std::size_t n = static_cast<std::size_t>(ntok) * d, vo = static_cast<std::size_t>(o_.group) * d;
+    const std::size_t n = static_cast<std::size_t>(ntok) * d, vo = n;
     switch (dtype_) {
       case DType::kF32:
         std::memcpy(k, page, n * 4);
@@ -94,7 +93,7 @@ class FloatCodec final : public Codec {
   }
   void accumulate(const kernels::KernelTable& kt, const std::byte* page, int ntok, int d, const float* p, int nq,
                   float* o) const override {
-    const std::size_t n = static_cast<std::size_t>(o_.group) * d;  // V follows a full page of K
+    const std::size_t n = static_cast<std::size_t>(ntok) * d;  // V follows the page's K
     switch (dtype_) {
       case DType::kF32: kt.accum_f32(p, nq, f32(page) + n, ntok, d, o); break;
       case DType::kF16: kt.accum_f16(p, nq, u16(page) + n, ntok, d, o); break;

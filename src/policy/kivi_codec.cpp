@@ -15,16 +15,23 @@ namespace {
 
 class KiviCodec final : public Codec {
  public:
-  KiviCodec(int kbits, int vbits, int vgroup, PagingOptions o, int d)
-      : kbits_(kbits), vbits_(vbits), vgroup_(vgroup), o_(o) {
-    const std::size_t g = static_cast<std::size_t>(o_.group);
-    kcodes_off_ = 4u * d;
-    vscale_off_ = kcodes_off_ + g * kernels::row_bytes(d, kbits_);
-    vscale_off_ += vscale_off_ & 1u;  // f16 alignment
+  KiviCodec(int kbits, int vbits, int vgroup, PagingOptions o) : kbits_(kbits), vbits_(vbits), vgroup_(vgroup), o_(o) {}
+
+  // Offsets of a page of ntok tokens (docs/formats.md).
+  struct Layout {
+    std::size_t kcodes, vscale, vzero, vcodes, bytes;
+  };
+  Layout layout(int ntok, int d) const {
+    const std::size_t g = static_cast<std::size_t>(ntok);
+    Layout l;
+    l.kcodes = 4u * static_cast<std::size_t>(d);
+    l.vscale = l.kcodes + g * static_cast<std::size_t>(kernels::row_bytes(d, kbits_));
+    l.vscale += l.vscale & 1u;  // f16 alignment
     const std::size_t ng = static_cast<std::size_t>(d / vgroup_);
-    vzero_off_ = vscale_off_ + 2u * g * ng;
-    vcodes_off_ = vzero_off_ + 2u * g * ng;
-    bytes_ = vcodes_off_ + g * kernels::row_bytes(d, vbits_);
+    l.vzero = l.vscale + 2u * g * ng;
+    l.vcodes = l.vzero + 2u * g * ng;
+    l.bytes = l.vcodes + g * static_cast<std::size_t>(kernels::row_bytes(d, vbits_));
+    return l;
   }
 
   std::string describe() const override {
@@ -34,31 +41,32 @@ class KiviCodec final : public Codec {
   int page_tokens() const override { return o_.group; }
   int residual() const override { return o_.residual; }
   int sinks() const override { return o_.sinks; }
-  std::size_t page_bytes(int /*d*/) const override { return bytes_; }
+  std::size_t page_bytes(int ntok, int d) const override { return layout(ntok, d).bytes; }
   void check_rows(const float* k, const float* v, int ntok, int d) const override {
     check_f16_range("kivi", k, ntok, d, "key");
     check_f16_range("kivi", v, ntok, d, "value");
   }
   void encode(const kernels::KernelTable& kt, const float* k, const float* v, int ntok, int d,
               std::byte* page) const override {
-    kt.kivi_quant_keys(k, ntok, d, kbits_, u16(page), u16(page) + d, u8(page + kcodes_off_));
-    kt.kivi_quant_values(v, ntok, d, vbits_, vgroup_, u16(page + vscale_off_), u16(page + vzero_off_),
-                         u8(page + vcodes_off_));
+    const Layout l = layout(ntok, d);
+    kt.kivi_quant_keys(k, ntok, d, kbits_, u16(page), u16(page) + d, u8(page + l.kcodes));
+    kt.kivi_quant_values(v, ntok, d, vbits_, vgroup_, u16(page + l.vscale), u16(page + l.vzero), u8(page + l.vcodes));
   }
   void decode(const kernels::KernelTable& kt, const std::byte* page, int ntok, int d, float* k,
               float* v) const override {
-    kt.kivi_dequant_keys(u16(page), u16(page) + d, u8(page + kcodes_off_), ntok, d, kbits_, k);
-    kt.kivi_dequant_values(u16(page + vscale_off_), u16(page + vzero_off_), u8(page + vcodes_off_), ntok, d,
-                           vbits_, vgroup_, v);
+    const Layout l = layout(ntok, d);
+    kt.kivi_dequant_keys(u16(page), u16(page) + d, u8(page + l.kcodes), ntok, d, kbits_, k);
+    kt.kivi_dequant_values(u16(page + l.vscale), u16(page + l.vzero), u8(page + l.vcodes), ntok, d, vbits_, vgroup_,
+                           v);
   }
   void scores(const kernels::KernelTable& kt, const std::byte* page, int ntok, int d, const float* q, int nq,
               float* s) const override {
-    kt.kivi_scores(q, nq, u16(page), u16(page) + d, u8(page + kcodes_off_), ntok, d, kbits_, s);
+    kt.kivi_scores(q, nq, u16(page), u16(page) + d, u8(page + layout(ntok, d).kcodes), ntok, d, kbits_, s);
   }
   void accumulate(const kernels::KernelTable& kt, const std::byte* page, int ntok, int d, const float* p, int nq,
                   float* o) const override {
-    kt.kivi_accum(p, nq, u16(page + vscale_off_), u16(page + vzero_off_), u8(page + vcodes_off_), ntok, d,
-                  vbits_, vgroup_, o);
+    const Layout l = layout(ntok, d);
+    kt.kivi_accum(p, nq, u16(page + l.vscale), u16(page + l.vzero), u8(page + l.vcodes), ntok, d, vbits_, vgroup_, o);
   }
 
  private:
@@ -69,7 +77,6 @@ class KiviCodec final : public Codec {
 
   int kbits_, vbits_, vgroup_;
   PagingOptions o_;
-  std::size_t kcodes_off_, vscale_off_, vzero_off_, vcodes_off_, bytes_;
 };
 
 int read_bits(StageParams& p, const char* key) {
@@ -94,7 +101,7 @@ BuiltStage make_kivi_codec(StageParams& p, int head_dim) {
   const PagingOptions o = read_paging(p, PagingOptions{32, 128, 0});
   p.check_all_used({"kbits", "vbits", "group", "vgroup", "residual", "sinks"});
   BuiltStage b{StageKind::kCodec, nullptr, nullptr, nullptr, nullptr};
-  b.codec = std::make_shared<KiviCodec>(kbits, vbits, vgroup, o, head_dim);
+  b.codec = std::make_shared<KiviCodec>(kbits, vbits, vgroup, o);
   return b;
 }
 

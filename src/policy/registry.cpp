@@ -26,6 +26,11 @@ struct Registry {
     entries["f16"] = {StageKind::kCodec, [](StageParams& p, int d) { return make_float_codec(DType::kF16, p, d); }};
     entries["bf16"] = {StageKind::kCodec, [](StageParams& p, int d) { return make_float_codec(DType::kBF16, p, d); }};
     entries["kivi"] = {StageKind::kCodec, [](StageParams& p, int d) { return detail::make_kivi_codec(p, d); }};
+    entries["h2o"] = {StageKind::kEviction, detail::make_h2o};
+    entries["streaming"] = {StageKind::kEviction, detail::make_streaming};
+    entries["l2norm"] = {StageKind::kEviction, detail::make_l2norm};
+    entries["snapkv"] = {StageKind::kEviction, detail::make_snapkv};
+    entries["random"] = {StageKind::kEviction, detail::make_random};
   }
 };
 

@@ -33,6 +33,10 @@ struct AttendOptions {
   /// If set: attention mass per kept token, layout [kv_heads][mass_stride]; entry (h, j) is
   /// the probability token j of kv head h (in positions() order) received, summed over the
   /// head's query heads and the call's queries. mass_stride >= tokens(layer, h) for all h.
+  /// The order is the one during the call: an eviction policy runs right after attention
+  /// and may drop tokens before attend() returns (positions() then shows what is kept).
+  /// Policies that need attention (h2o, snapkv) do not need this: attend() computes the
+  /// mass for them in buffers of its own.
   float* mass = nullptr;
   std::int64_t mass_stride = 0;
   /// Add into `mass` instead of overwriting it.

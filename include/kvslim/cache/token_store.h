@@ -1,8 +1,11 @@
 // TokenStore: everything one (layer, kv head) of a cache holds.
 //
 //   index order   [ sinks | sealed pages ... | window (full precision) | special tokens ]
-//   sinks         first Codec::sinks() tokens of the sequence, f32, never evicted
-//   sealed pages  Codec::page_tokens() tokens each, encoded by the head's codec
+//   sinks         first Codec::sinks() tokens of the sequence, f32, evicted only by a policy
+//                 that says so
+//   sealed pages  up to Codec::page_tokens() tokens each, encoded by the head's codec; a
+//                 dropped token is masked at once (its slot gets logit -inf) and its memory is
+//                 reclaimed when the page is re-packed (more than half of its slots dead)
 //   window        newest tokens in f32: KIVI's residual plus the not-yet-complete group, and
 //                 the tokens of the latest append until they have attended (flush() runs
 //                 after attend and before the next append, so a prefill chunk attends to its
@@ -10,8 +13,10 @@
 //   specials      weighted f32 tokens (merged tokens, compensation tokens): a special token
 //                 of weight w adds ln(w) to its logit, i.e. counts as w identical tokens
 //
-// Positions are kept apart from slots (run-length coded: consecutive positions cost one
-// run) so eviction never confuses RoPE positions. Policy authors read tokens through this
+// "Index" below is the logical index: kept tokens only, in this order (dead page slots are
+// not counted). Positions are kept apart from slots (run-length coded: consecutive positions
+// cost one run) so eviction never confuses RoPE positions; importance scores are in index
+// order and follow their tokens through drops and re-packing. Policy authors read tokens through this
 // class; engines normally use KVCache only.
 #pragma once
 
@@ -35,10 +40,20 @@ struct AttendWorkspace {
   std::vector<float> q, out;            // gathered query rows and outputs [nq][d] (KVCache)
   std::vector<float> m, l, s;           // online softmax state [nq], [nq]; logits [nq][block]
   std::vector<float> probs, block_max;  // only when attention mass is requested
-  std::vector<std::int64_t> block_start;
   /// Per query row: 0 if the row is non-finite (its output becomes NaN and it adds no
   /// attention mass). Empty = every row is finite. Set by KVCache before TokenStore::attend.
   std::vector<unsigned char> row_ok;
+  /// Set by the caller: keep per-token probabilities for collect_mass() even when attend()
+  /// gets no mass pointer. Filled by attend(): one entry per block of slots.
+  bool keep_probs = false;
+  struct Block {
+    std::int64_t slot, index;  // first physical slot (into probs) and first logical index
+    int ntok;
+    const std::uint64_t* dead;  // page dead bits, or null
+  };
+  std::vector<Block> blocks;
+  std::vector<float> mass;  // KVCache: scorer mass of one head
+  std::int64_t slots = 0;  // physical slots covered by probs rows
 };
 
 class TokenStore {
@@ -56,9 +71,14 @@ class TokenStore {
   /// Tokens held, all segments.
   std::int64_t size() const noexcept { return sinks_ + sealed_tokens() + window_ + specials(); }
   std::int64_t sink_count() const noexcept { return sinks_; }
-  std::int64_t sealed_tokens() const noexcept {
-    return static_cast<std::int64_t>(pages_.size()) * page_tokens_;
-  }
+  /// Kept tokens in sealed pages.
+  std::int64_t sealed_tokens() const noexcept { return sealed_live_; }
+  /// Sealed pages, and page slots (kept + masked dropped tokens not yet reclaimed).
+  std::int64_t page_count() const noexcept { return static_cast<std::int64_t>(pages_.size()); }
+  std::int64_t page_slots() const noexcept;
+  /// Kept tokens that are not special (sinks + pages + window), i.e. the index where the
+  /// specials start.
+  std::int64_t ordinary() const noexcept { return sinks_ + sealed_live_ + window_; }
   std::int64_t window_count() const noexcept { return window_; }
   std::int64_t specials() const noexcept { return static_cast<std::int64_t>(special_w_.size()); }
   /// Bytes this store has allocated (all containers).
@@ -80,9 +100,15 @@ class TokenStore {
   void append(const kernels::KernelTable& kt, const float* k, std::int64_t k_stride, const float* v,
               std::int64_t v_stride, std::int64_t n, const std::int64_t* pos);
 
-  /// Seal every complete page of window tokens beyond the codec's residual. KVCache calls it
-  /// after attend() and at the start of append(); idempotent.
+  /// Run what waits for the latest append to have attended: the eviction policy (once per
+  /// append), then sealing of every complete page of window tokens beyond the codec's
+  /// residual. KVCache calls it after attend() and at the start of append(); idempotent.
   void flush(const kernels::KernelTable& kt);
+
+  /// Remove tokens by index (any order; duplicates ignored). Throws Error(kOutOfRange) for
+  /// an index outside [0, size()). Page slots are masked at once; pages with more than half
+  /// of their slots dead are re-packed with their neighbours (see docs/architecture.md).
+  void drop(const kernels::KernelTable& kt, std::span<const std::int64_t> victims);
 
   /// Add a weighted full-precision token (merge / compensation). weight >= 1 counts it as
   /// `weight` identical tokens in the softmax.
@@ -104,6 +130,10 @@ class TokenStore {
   /// plus O(nq * size()) only when mass is requested.
   void attend(const kernels::KernelTable& kt, const float* q, int nq, int nquery, float* out, float* mass,
               AttendWorkspace& ws) const;
+  /// After attend() with a mass request (mass may be null there and the probabilities are
+  /// still kept when keep_probs is set): add into mass [size()] the probability each token
+  /// received from the rows whose query index (r % nquery) >= first_query.
+  void collect_mass(const AttendWorkspace& ws, int nq, int nquery, int first_query, float* mass) const;
 
   /// Drop everything; keep the pipeline.
   void reset();
@@ -115,10 +145,24 @@ class TokenStore {
   };
   using Bytes = std::vector<std::byte, TrackedAllocator<std::byte>>;
   using Floats = std::vector<float, TrackedAllocator<float>>;
+  using Words = std::vector<std::uint64_t, TrackedAllocator<std::uint64_t>>;
+  /// A sealed page: ntok slots encoded by the codec; `dead` has one bit per slot (set =
+  /// dropped), empty while every slot is live.
+  struct Page {
+    Bytes data;
+    Words dead;
+    int ntok = 0;
+    int live = 0;
+    bool is_dead(int j) const noexcept {
+      return !dead.empty() && ((dead[static_cast<std::size_t>(j) >> 6] >> (j & 63)) & 1u);
+    }
+  };
 
   void grow_window(std::int64_t rows);
   void push_position(std::int64_t p);
-  const std::byte* page(std::size_t i) const noexcept { return pages_[i].data(); }
+  void seal_pages(const kernels::KernelTable& kt);
+  void repack(const kernels::KernelTable& kt);
+  Page make_page(int ntok);
 
   int d_;
   const Pipeline* pipeline_;
@@ -130,7 +174,8 @@ class TokenStore {
 
   Floats sink_k_, sink_v_;  // [sinks][d]
   std::int64_t sinks_ = 0;
-  std::vector<Bytes, TrackedAllocator<Bytes>> pages_;
+  std::vector<Page, TrackedAllocator<Page>> pages_;
+  std::int64_t sealed_live_ = 0;
   Floats win_k_, win_v_;  // [window capacity][d]
   std::int64_t window_ = 0;
   Floats special_k_, special_v_, special_w_;  // [n][d], [n][d], [n] (ln weight)
@@ -140,6 +185,8 @@ class TokenStore {
   std::int64_t last_pos_ = -1;
   std::int64_t last_append_ = 0;
   std::int64_t seen_ = 0;
+  bool evict_pending_ = false;
+  std::vector<std::int64_t> victims_;  // scratch for the eviction policy (not kept memory)
 };
 
 }  // namespace kvslim

@@ -52,10 +52,12 @@ class StageParams {
   std::vector<bool> used_;
 };
 
-/// How a page of tokens is stored. A codec encodes `page_tokens()` tokens at a time, from
-/// full-precision rows, and provides the two halves of attention over its format: logits
-/// q.k for every token of a page, and the probability-weighted sum of the page's values.
-/// Attention never decodes a page into a buffer; decode() exists for materialize() and tests.
+/// How a page of tokens is stored. A codec encodes pages of `page_tokens()` tokens from
+/// full-precision rows (and smaller pages of 1..page_tokens() tokens when eviction re-packs
+/// sparse pages), and provides the two halves of attention over its format: logits q.k for
+/// every token of a page, and the probability-weighted sum of the page's values. Attention
+/// never decodes a page into a buffer; decode() exists for materialize(), re-packing and tests.
+/// In every call below, ntok is the page's own token count and the layout depends on it.
 class Codec {
  public:
   virtual ~Codec() = default;
@@ -67,11 +69,11 @@ class Codec {
   virtual int residual() const = 0;
   /// First tokens of a sequence kept in full precision forever (attention sinks).
   virtual int sinks() const = 0;
-  /// Encoded bytes of one full page at this head_dim.
-  virtual std::size_t page_bytes(int head_dim) const = 0;
+  /// Encoded bytes of a page of ntok (1..page_tokens()) tokens at this head_dim.
+  virtual std::size_t page_bytes(int ntok, int head_dim) const = 0;
   /// Throws Error if rows cannot be encoded faithfully (e.g. outside the f16 range).
   virtual void check_rows(const float* k, const float* v, int ntok, int d) const = 0;
-  /// k, v: [ntok][d] contiguous, ntok == page_tokens(). page: page_bytes(d) bytes.
+  /// k, v: [ntok][d] contiguous, 1 <= ntok <= page_tokens(). page: page_bytes(ntok, d) bytes.
   virtual void encode(const kernels::KernelTable& kt, const float* k, const float* v, int ntok,
                       int d, std::byte* page) const = 0;
   /// Inverse of encode (lossy): k, v [ntok][d].
@@ -97,8 +99,12 @@ class Scorer {
   virtual void on_append(TokenStore& store, std::int64_t first, std::int64_t count,
                          const float* k) const = 0;
   /// mass[j] = attention the store's token j received in one attend()/observe() call,
-  /// summed over the kv head's query heads and the call's queries.
+  /// summed over the kv head's query heads and the call's queries (only the last
+  /// observation_window() queries of the call when that is > 0).
   virtual void on_attention(TokenStore& store, std::span<const float> mass) const = 0;
+  /// > 0: on_attention wants the mass of the call's last W queries only (SnapKV's
+  /// observation window); 0: of every query.
+  virtual int observation_window() const { return 0; }
 };
 
 /// What happens to tokens an eviction policy selects.
@@ -108,17 +114,26 @@ enum class EvictAction {
   kCompensate,  // folded into the head's compensation token (RazorAttention)
 };
 
-/// Chooses which tokens leave full service. Runs after every append (so the budget holds at
-/// every decode step) and reads the store's importance scores and positions.
+/// Chooses which tokens leave full service. select() runs once per append, after the
+/// append's queries have attended (TokenStore::flush: at the end of attend(), at the next
+/// append, or on KVCache::flush()), so the budget holds at every decode step, and a policy
+/// that needs attention sees the newest step's. It reads the store's importance scores and
+/// positions. Codec sinks (TokenStore::sink_count()) are never selected unless the policy
+/// says so in its own rule (StreamingLLM keeps its sinks by index instead).
 class EvictionPolicy {
  public:
   virtual ~EvictionPolicy() = default;
   virtual std::string describe() const = 0;
   virtual EvictAction action() const = 0;
-  /// Most tokens the head may hold at full service after enforcement.
-  virtual std::int64_t budget() const = 0;
+  /// Most tokens the head may hold after enforcement, given the tokens it has seen.
+  virtual std::int64_t budget(std::int64_t seen) const = 0;
+  /// The absolute budget (checked against CacheConfig::max_tokens), or 0 for a relative one.
+  virtual std::int64_t fixed_budget() const = 0;
   /// Append the store indices of tokens to evict/demote to `victims` (any order).
   virtual void select(const TokenStore& store, std::vector<std::int64_t>& victims) const = 0;
+  /// The scorer this policy reads, added to the pipeline when the chain names none (H2O's
+  /// accumulated attention, L2-norm's key norms, ...). Null if it reads no scores.
+  virtual std::shared_ptr<const Scorer> implied_scorer() const { return nullptr; }
   /// For kDemote: the codec demoted tokens are stored with; null otherwise.
   virtual const Codec* demote_codec() const { return nullptr; }
 };
