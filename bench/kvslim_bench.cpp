@@ -9,6 +9,11 @@
 //       metadata included), bytes_per_second (kv_bytes read per second), bits_per_value.
 //       Google Benchmark appends "/real_time" to every name (wall time is measured, so that
 //       threads:2 is timed correctly).
+//   BM_evict/<isa>/<format>/h2o:4096/ctx:65536
+//       a whole decode step with eviction: append one token, attend (the scorer's mass, the
+//       H2O selection, dropping and re-packing included) on a cache that has seen 64K tokens
+//       and holds at most 4096 per head (h2o:budget=4096,recent=512). The target compares it
+//       with BM_attend/<isa>/<format>/ctx:4096 (plain attention over as many tokens).
 // bench/README.md has the results on the reference machine and how to reproduce them.
 #include <benchmark/benchmark.h>
 
@@ -76,6 +81,47 @@ void BM_attend(benchmark::State& state, Isa isa, AttendFormat f, int ctx, int th
   state.counters["bits_per_value"] = st.bits_per_value;
 }
 
+void BM_evict(benchmark::State& state, Isa isa, AttendFormat f, int ctx) {
+  constexpr int kQH = 32, kKVH = 8, kD = 128, kChunk = 1024, kBudget = 4096;
+  set_active_isa(isa);
+  CacheConfig cfg{1, kQH, kKVH, kD, 2 * kBudget, std::string("h2o:budget=4096,recent=512 | ") + f.recipe};
+  KVCache cache(cfg);
+  std::vector<float> k(static_cast<std::size_t>(kKVH) * kChunk * kD), v(k.size()), q(static_cast<std::size_t>(kQH) * kD),
+      out(q.size());
+  fill_random(k.data(), k.size(), 1);
+  fill_random(v.data(), v.size(), 2);
+  fill_random(q.data(), q.size(), 3);
+  const TensorView<const float> qv(q.data(), {kQH, 1, kD});
+  const TensorView<float> ov(out.data(), {kQH, 1, kD});
+  // Fill to ctx seen tokens by decoding in chunks: chunks of kBudget/4 queries (their last
+  // query attends; H2O scores then evict down to the budget).
+  for (int t = 0; t < ctx; t += kChunk) {
+    const int n = std::min(kChunk, ctx - t);
+    Layout l;
+    l.rank = 3;
+    l.shape = {kKVH, n, kD, 0};
+    l.strides = {static_cast<std::int64_t>(kChunk) * kD, kD, 1, 0};
+    cache.append(0, TensorView<const float>(k.data(), l), TensorView<const float>(v.data(), l));
+    cache.attend(0, qv, ov);
+  }
+  int step = 0;
+  for (auto _ : state) {
+    const std::size_t off = static_cast<std::size_t>(step++ % kChunk) * kD;
+    Layout l;
+    l.rank = 3;
+    l.shape = {kKVH, 1, kD, 0};
+    l.strides = {static_cast<std::int64_t>(kChunk) * kD, kD, 1, 0};
+    cache.append(0, TensorView<const float>(k.data() + off, l), TensorView<const float>(v.data() + off, l));
+    cache.attend(0, qv, ov);
+    benchmark::DoNotOptimize(out.data());
+    benchmark::ClobberMemory();
+  }
+  const CacheStats st = cache.stats();
+  state.counters["kv_bytes"] = static_cast<double>(st.total_bytes);
+  state.counters["tokens_per_head"] = static_cast<double>(st.total_tokens) / kKVH;
+  state.counters["ratio_seen"] = st.ratio_seen;
+}
+
 }  // namespace
 
 void register_attend() {
@@ -93,6 +139,17 @@ void register_attend() {
               ->ComputeStatistics("min", min_of)
               ->Unit(benchmark::kMillisecond);
         }
+  for (Isa isa : available_isas()) {
+    if (isa == Isa::kScalar) continue;
+    for (const AttendFormat& f : kAttendFormats) {
+      if (std::string(f.name) != "f16" && std::string(f.name) != "kivi4" && std::string(f.name) != "kivi2") continue;
+      const std::string name = std::string("BM_evict/") + isa_name(isa) + "/" + f.name + "/h2o:4096/ctx:65536";
+      benchmark::RegisterBenchmark(name.c_str(), BM_evict, isa, f, 65536)
+          ->UseRealTime()
+          ->ComputeStatistics("min", min_of)
+          ->Unit(benchmark::kMillisecond);
+    }
+  }
 }
 
 }  // namespace kvslim::bench
