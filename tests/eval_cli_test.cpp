@@ -2,12 +2,16 @@
 // naming the bad value and exit code 2 (bad numbers used to print just "stoi", and --tokens
 // 0 / -1 silently meant "all"); every recipe is checked against the recordings' shapes before
 // the first replay, so a typo in the last recipe prints no rows at all; a good run prints one
-// row per recipe.
+// row per recipe, whose JSON has the documented keys (ratio_seen and kept added by issue 8;
+// without eviction kept is 1 and ratio_seen equals ratio).
 #include <gtest/gtest.h>
+
+#include <nlohmann/json.hpp>
 
 #include <sys/wait.h>
 
 #include <cstdio>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -92,6 +96,32 @@ TEST(EvalCli, GoodRunPrintsOneRowPerRecipe) {
   ASSERT_EQ(r.status, 0) << r.out;
   EXPECT_TRUE(has(r.out, "{\"recipe\": \"f32\"")) << r.out;
   EXPECT_TRUE(has(r.out, "{\"recipe\": \"f16\"")) << r.out;
+  std::istringstream lines(r.out);
+  std::string line;
+  int rows = 0;
+  while (std::getline(lines, line)) {
+    if (line.empty()) continue;
+    ++rows;
+    const nlohmann::json row = nlohmann::json::parse(line);
+    EXPECT_EQ(row.size(), 9u) << line;
+    for (const char* key : {"bits_per_value", "bytes", "ratio", "rel_err_mean", "rel_err_p99",
+                            "cosine_mean", "ratio_seen", "kept"})
+      EXPECT_TRUE(row.at(key).is_number()) << key << ": " << line;
+    EXPECT_EQ(row.at("kept").get<double>(), 1.0) << line;
+    // Both printed with 4 decimals from the same summed bytes.
+    EXPECT_NEAR(row.at("ratio_seen").get<double>(), row.at("ratio").get<double>(), 1.5e-4) << line;
+  }
+  EXPECT_EQ(rows, 2) << r.out;
+}
+
+TEST(EvalCli, TableShowsBothRatiosAndKept) {
+  KVSLIM_REQUIRE_SHARED(kDumps);
+  const RunResult r = run({"--dumps", test::shared_path(kDumps), "--recipe",
+                           "kivi:kbits=4,vbits=4", "--tokens", "40"},
+                          " 2>/dev/null");
+  ASSERT_EQ(r.status, 0) << r.out;
+  for (const char* col : {"ratio", "ratio_seen", "kept"}) EXPECT_TRUE(has(r.out, col)) << r.out;
+  EXPECT_TRUE(has(r.out, " 100.0% ")) << r.out;
 }
 
 }  // namespace

@@ -28,13 +28,16 @@ void usage(std::FILE* f) {
       "  Replays every recording directory under DIR (each holds meta.json, k.f32, v.f32, q.f32,\n"
       "  attn_out.f32) token by token through a KVCache per recipe: append k, v then attend q.\n"
       "  Reports bits per value (all metadata included), bytes at the end of each recording (summed),\n"
-      "  compression ratio vs f32, attention-output relative L2 error (mean, p99) and mean cosine\n"
+      "  compression ratio vs an f32 cache of the tokens kept (ratio) and of every token seen\n"
+      "  (ratio_seen: eviction counts as saving; both from the summed bytes), the fraction of seen\n"
+      "  tokens kept (kept, at each recording's end, mean over recordings; 1 without eviction),\n"
+      "  attention-output relative L2 error (mean, p99) and mean cosine\n"
       "  similarity vs the recorded attn_out. Every recipe is checked against every recording's\n"
       "  shape before the first replay starts.\n"
       "  --chunk N   tokens per append/attend, N >= 1 (default 1 = decode; >1 = chunked prefill)\n"
       "  --tokens N  use only the first N >= 1 tokens of each recording (default: all)\n"
       "  --json      one JSON object per recipe: recipe, bits_per_value, bytes, ratio, rel_err_mean,\n"
-      "              rel_err_p99, cosine_mean\n"
+      "              rel_err_p99, cosine_mean, ratio_seen, kept\n"
       "  Exit status: 0 success, 1 error (I/O, bad recipe, bad recording), 2 bad command line.\n",
       f);
 }
@@ -119,8 +122,8 @@ int main(int argc, char** argv) {
     }
     if (!json) {
       fmt::print("{} recordings under {}\n", recs.size(), dumps);
-      fmt::print("{:<48} {:>8} {:>11} {:>7} {:>11} {:>11} {:>9}\n", "recipe", "bits/val", "bytes", "ratio",
-                 "rel_err", "rel_err_p99", "cosine");
+      fmt::print("{:<48} {:>8} {:>11} {:>7} {:>10} {:>7} {:>11} {:>11} {:>9}\n", "recipe", "bits/val", "bytes",
+                 "ratio", "ratio_seen", "kept", "rel_err", "rel_err_p99", "cosine");
     }
     for (const auto& r : recipes) {
       // Progress on stderr: redrawn in place on a terminal, one line per recipe otherwise.
@@ -131,12 +134,14 @@ int main(int argc, char** argv) {
       });
       if (json) {
         fmt::print("{{\"recipe\": {}, \"bits_per_value\": {:.4f}, \"bytes\": {}, \"ratio\": {:.4f}, "
-                   "\"rel_err_mean\": {:.6g}, \"rel_err_p99\": {:.6g}, \"cosine_mean\": {:.8f}}}\n",
+                   "\"rel_err_mean\": {:.6g}, \"rel_err_p99\": {:.6g}, \"cosine_mean\": {:.8f}, "
+                   "\"ratio_seen\": {:.4f}, \"kept\": {:.6f}}}\n",
                    kvslim::json::quote(r), res.bits_per_value, res.bytes, res.ratio, res.rel_err_mean,
-                   res.rel_err_p99, res.cosine_mean);
+                   res.rel_err_p99, res.cosine_mean, res.ratio_seen, res.kept);
       } else {
-        fmt::print("{:<48} {:>8.3f} {:>11} {:>7.2f} {:>11.3e} {:>11.3e} {:>9.6f}\n", r, res.bits_per_value, res.bytes,
-                   res.ratio, res.rel_err_mean, res.rel_err_p99, res.cosine_mean);
+        fmt::print("{:<48} {:>8.3f} {:>11} {:>7.2f} {:>10.2f} {:>6.1f}% {:>11.3e} {:>11.3e} {:>9.6f}\n", r,
+                   res.bits_per_value, res.bytes, res.ratio, res.ratio_seen, 100.0 * res.kept, res.rel_err_mean,
+                   res.rel_err_p99, res.cosine_mean);
       }
       std::fflush(stdout);
     }

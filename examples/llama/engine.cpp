@@ -12,13 +12,16 @@ using RowMat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMa
 using MapMat = Eigen::Map<RowMat>;
 using ConstMapMat = Eigen::Map<const RowMat>;
 
-CacheConfig cache_config(const ModelConfig& c, const std::string& recipe) {
+CacheConfig cache_config(const ModelConfig& c, const std::string& recipe,
+                         std::int64_t max_positions) {
+  KVSLIM_CHECK(max_positions >= 1, ErrorCode::kInvalidArgument,
+               "max_positions {} must be at least 1", max_positions);
   CacheConfig cfg;
   cfg.layers = c.n_layers;
   cfg.q_heads = c.n_heads;
   cfg.kv_heads = c.n_kv_heads;
   cfg.head_dim = c.head_dim;
-  cfg.max_tokens = c.seq_len;
+  cfg.max_tokens = max_positions;
   cfg.recipe = recipe;
   return cfg;
 }
@@ -56,16 +59,21 @@ void ensure(std::vector<float>& v, std::size_t n) {
 }  // namespace
 
 Engine::Engine(const Model& model, const std::string& recipe)
-    : model_(&model), cache_(cache_config(model.config, recipe)) {
+    : Engine(model, recipe, model.config.seq_len) {}
+
+Engine::Engine(const Model& model, const std::string& recipe, std::int64_t max_positions)
+    : model_(&model),
+      cache_(cache_config(model.config, recipe, max_positions)),
+      max_positions_(max_positions) {
   const ModelConfig& c = model.config;
   const int half = c.head_dim / 2;
-  cos_.resize(static_cast<std::size_t>(c.seq_len) * half);
+  cos_.resize(static_cast<std::size_t>(max_positions) * half);
   sin_.resize(cos_.size());
   // Angles in double: at position 511 a float angle would carry ~3e-5 rad of rounding.
-  for (int p = 0; p < c.seq_len; ++p) {
+  for (std::int64_t p = 0; p < max_positions; ++p) {
     for (int j = 0; j < half; ++j) {
       const double freq = std::pow(c.rope_theta, -2.0 * j / c.head_dim);
-      const double a = p * freq;
+      const double a = static_cast<double>(p) * freq;
       cos_[static_cast<std::size_t>(p) * half + j] = static_cast<float>(std::cos(a));
       sin_[static_cast<std::size_t>(p) * half + j] = static_cast<float>(std::sin(a));
     }
@@ -103,9 +111,10 @@ std::span<const float> Engine::forward(std::span<const int> tokens, Logits which
   const ModelConfig& c = model_->config;
   const int n = static_cast<int>(tokens.size());
   KVSLIM_CHECK(n > 0, ErrorCode::kInvalidArgument, "forward() needs at least one token");
-  KVSLIM_CHECK(position_ + n <= c.seq_len, ErrorCode::kCapacity,
-               "forward() of {} tokens at position {} exceeds the model's context of {} tokens",
-               n, position_, c.seq_len);
+  KVSLIM_CHECK(position_ + n <= max_positions_, ErrorCode::kCapacity,
+               "forward() of {} tokens at position {} exceeds the {} of {} tokens", n, position_,
+               max_positions_ == c.seq_len ? "model's context" : "engine's max_positions",
+               max_positions_);
   for (int t = 0; t < n; ++t)
     KVSLIM_CHECK(tokens[t] >= 0 && tokens[t] < c.vocab_size, ErrorCode::kOutOfRange,
                  "token id {} at chunk index {} is outside the vocabulary [0, {})", tokens[t], t,

@@ -54,10 +54,16 @@ class Engine {
   /// up to the model's seq_len tokens. Throws kvslim::Error for a bad recipe.
   Engine(const Model& model, const std::string& recipe);
 
+  /// Same, but positions (and the cache's max_tokens) run up to `max_positions` >= 1, which
+  /// may exceed the model's seq_len: RoPE is extended past the trained context (the model
+  /// was never trained there, so quality degrades; used to exercise long sequences with
+  /// eviction, examples/long_generation.cpp).
+  Engine(const Model& model, const std::string& recipe, std::int64_t max_positions);
+
   /// Runs `tokens` at positions position() .. position()+n-1 and returns the logits
   /// (row-major, see Logits). The span stays valid until the next call. Throws
   /// Error(kOutOfRange) for token ids outside the vocabulary and Error(kCapacity) past
-  /// seq_len.
+  /// seq_len (or max_positions).
   std::span<const float> forward(std::span<const int> tokens, Logits which = Logits::kAll,
                                  ForwardObserver* observer = nullptr);
 
@@ -65,6 +71,7 @@ class Engine {
   void reset();
 
   std::int64_t position() const noexcept { return position_; }
+  std::int64_t max_positions() const noexcept { return max_positions_; }
   const Model& model() const noexcept { return *model_; }
   KVCache& cache() noexcept { return cache_; }
   const KVCache& cache() const noexcept { return cache_; }
@@ -74,8 +81,9 @@ class Engine {
 
   const Model* model_;
   KVCache cache_;
+  std::int64_t max_positions_;
   std::int64_t position_ = 0;
-  std::vector<float> cos_, sin_;  // [seq_len][head_dim/2]
+  std::vector<float> cos_, sin_;  // [max_positions][head_dim/2]
   // Scratch, [n][width] row-major, reused across calls.
   std::vector<float> x_, xn_, q_, k_, k_pre_, v_, att_, h1_, h3_, logits_;
 };

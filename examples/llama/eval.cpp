@@ -1,5 +1,6 @@
 #include "eval.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <filesystem>
@@ -152,10 +153,21 @@ PerplexityReport evaluate_perplexity(const Model& model, std::span<const int> st
                                      const PerplexityOptions& options) {
   const ModelConfig& c = model.config;
   const int V = c.vocab_size;
-  const auto windows =
-      windows_of(stream.size(), static_cast<std::size_t>(c.seq_len), options.max_windows);
+  const std::size_t W = static_cast<std::size_t>(c.seq_len);
+  KVSLIM_CHECK(options.prefill < W, ErrorCode::kInvalidArgument,
+               "prefill of {} tokens must be smaller than the window length ({} tokens, the "
+               "model's context)",
+               options.prefill, W);
+  // Tokens fed before the first scored prediction: the prefill chunk, or the first token
+  // alone when decoding token by token (prefill 1 computes exactly the same thing).
+  const std::size_t head = std::max<std::size_t>(options.prefill, 1);
+  auto windows = windows_of(stream.size(), W, 0);
+  std::erase_if(windows, [&](const auto& w) { return w.second - w.first <= head; });
+  if (options.max_windows && windows.size() > options.max_windows)
+    windows.resize(options.max_windows);
   KVSLIM_CHECK(!windows.empty(), ErrorCode::kInvalidArgument,
-               "the text has {} tokens: nothing to evaluate (need at least 2)", stream.size());
+               "the text has {} tokens: nothing to evaluate (need at least {})", stream.size(),
+               head + 1);
 
   // Build every cache first so that a bad recipe fails before any long run.
   Engine ref(model, "f32");
@@ -164,60 +176,87 @@ PerplexityReport evaluate_perplexity(const Model& model, std::span<const int> st
     engines.push_back(std::make_unique<Engine>(model, r));
 
   struct Acc {
-    double nll = 0.0, kl = 0.0, bytes = 0.0, ratio = 0.0, per_token = 0.0, bits = 0.0,
-           seconds = 0.0;
+    double nll = 0.0, kl = 0.0, bytes = 0.0, ratio = 0.0, ratio_seen = 0.0, kept = 0.0,
+           per_token = 0.0, bits = 0.0, seconds = 0.0;
     std::int64_t agree = 0, decoded = 0;
   };
   std::vector<Acc> acc(recipes.size());
   double ref_nll = 0.0;
   std::int64_t predicted = 0;
 
-  const std::size_t W = static_cast<std::size_t>(c.seq_len);
   std::vector<float> ref_lp(W * V), ref_p(W * V), lp(static_cast<std::size_t>(V));
   std::vector<int> ref_top(W);
   const std::size_t total_runs = windows.size() * (1 + recipes.size());
   std::size_t done = 0;
 
-  for (const auto& [b, e] : windows) {
-    const int n = static_cast<int>(e - b);
-    ref.reset();
-    for (int t = 0; t < n; ++t) {
-      const std::span<const float> logits =
-          ref.forward(stream.subspan(b + static_cast<std::size_t>(t), 1), Logits::kLast);
-      if (t + 1 == n) break;
-      float* row = ref_lp.data() + static_cast<std::size_t>(t) * V;
-      ref_top[static_cast<std::size_t>(t)] = log_softmax(logits.data(), V, row);
-      ref_nll -= row[stream[b + static_cast<std::size_t>(t) + 1]];
-      float* prow = ref_p.data() + static_cast<std::size_t>(t) * V;
-      for (int v = 0; v < V; ++v) prow[v] = std::exp(row[v]);
+  // One window through `eng` under the protocol: the first `head` tokens in one forward
+  // call, then one token per call up to the window's last token (so that the cache ends
+  // holding the whole window). score(i, logits) receives the prediction of token
+  // b + head + i. Forward calls of one token are timed into `seconds` / counted in `calls`
+  // (with prefill, the chunk is not: tok/s stays a decode speed).
+  auto run_window = [&](Engine& eng, std::size_t b, std::size_t n, auto&& score,
+                        double& seconds, std::int64_t& calls) {
+    eng.reset();
+    const auto t0 = Clock::now();
+    std::span<const float> logits = eng.forward(stream.subspan(b, head), Logits::kLast);
+    if (head == 1) {
+      seconds += std::chrono::duration<double>(Clock::now() - t0).count();
+      ++calls;
     }
-    predicted += n - 1;
+    for (std::size_t t = head;; ++t) {
+      score(t - head, logits);
+      if (t + 1 == n) break;  // the last token's logits predict nothing in this window
+      const auto t1 = Clock::now();
+      logits = eng.forward(stream.subspan(b + t, 1), Logits::kLast);
+      seconds += std::chrono::duration<double>(Clock::now() - t1).count();
+      ++calls;
+    }
+    // Feed the last token too: a full window's cache holds the whole context.
+    const auto t2 = Clock::now();
+    eng.forward(stream.subspan(b + n - 1, 1), Logits::kLast);
+    seconds += std::chrono::duration<double>(Clock::now() - t2).count();
+    ++calls;
+  };
+
+  double ref_seconds = 0.0;
+  std::int64_t ref_calls = 0;
+  for (const auto& [b, e] : windows) {
+    const std::size_t n = e - b;
+    run_window(
+        ref, b, n,
+        [&](std::size_t i, std::span<const float> logits) {
+          float* row = ref_lp.data() + i * V;
+          ref_top[i] = log_softmax(logits.data(), V, row);
+          ref_nll -= row[stream[b + head + i]];
+          float* prow = ref_p.data() + i * V;
+          for (int v = 0; v < V; ++v) prow[v] = std::exp(row[v]);
+        },
+        ref_seconds, ref_calls);
+    predicted += static_cast<std::int64_t>(n - head);
     if (options.progress) options.progress(++done, total_runs);
 
     for (std::size_t r = 0; r < recipes.size(); ++r) {
       Engine& eng = *engines[r];
       Acc& a = acc[r];
-      eng.reset();
-      for (int t = 0; t < n; ++t) {
-        const auto t0 = Clock::now();
-        const std::span<const float> logits =
-            eng.forward(stream.subspan(b + static_cast<std::size_t>(t), 1), Logits::kLast);
-        a.seconds += std::chrono::duration<double>(Clock::now() - t0).count();
-        ++a.decoded;
-        if (t + 1 == n) break;
-        const int top = log_softmax(logits.data(), V, lp.data());
-        a.nll -= lp[static_cast<std::size_t>(stream[b + static_cast<std::size_t>(t) + 1])];
-        a.agree += top == ref_top[static_cast<std::size_t>(t)];
-        const float* rrow = ref_lp.data() + static_cast<std::size_t>(t) * V;
-        const float* prow = ref_p.data() + static_cast<std::size_t>(t) * V;
-        double kl = 0.0;
-        for (int v = 0; v < V; ++v)
-          kl += static_cast<double>(prow[v]) * static_cast<double>(rrow[v] - lp[v]);
-        a.kl += kl;
-      }
+      run_window(
+          eng, b, n,
+          [&](std::size_t i, std::span<const float> logits) {
+            const int top = log_softmax(logits.data(), V, lp.data());
+            a.nll -= lp[static_cast<std::size_t>(stream[b + head + i])];
+            a.agree += top == ref_top[i];
+            const float* rrow = ref_lp.data() + i * V;
+            const float* prow = ref_p.data() + i * V;
+            double kl = 0.0;
+            for (int v = 0; v < V; ++v)
+              kl += static_cast<double>(prow[v]) * static_cast<double>(rrow[v] - lp[v]);
+            a.kl += kl;
+          },
+          a.seconds, a.decoded);
       const CacheStats st = eng.cache().stats();
       a.bytes += static_cast<double>(st.total_bytes);
       a.ratio += st.ratio_vs_f32;
+      a.ratio_seen += st.ratio_seen;
+      a.kept += st.kept;
       a.per_token += bytes_per_token(st);
       a.bits += st.bits_per_value;
       if (options.progress) options.progress(++done, total_runs);
@@ -226,8 +265,10 @@ PerplexityReport evaluate_perplexity(const Model& model, std::span<const int> st
 
   PerplexityReport rep;
   rep.windows = windows.size();
+  rep.prefill = options.prefill;
   rep.tokens = predicted;
   const double count = static_cast<double>(predicted);
+  const double nw = static_cast<double>(windows.size());
   rep.ppl_f32 = std::exp(ref_nll / count);
   for (std::size_t r = 0; r < recipes.size(); ++r) {
     const Acc& a = acc[r];
@@ -237,10 +278,12 @@ PerplexityReport evaluate_perplexity(const Model& model, std::span<const int> st
     m.dppl_rel = m.ppl / rep.ppl_f32 - 1.0;
     m.kld_mean = a.kl / count;
     m.top1_agree = static_cast<double>(a.agree) / count;
-    m.kv_bytes = a.bytes / static_cast<double>(windows.size());
-    m.ratio = a.ratio / static_cast<double>(windows.size());
-    m.bytes_per_token = a.per_token / static_cast<double>(windows.size());
-    m.bits_per_value = a.bits / static_cast<double>(windows.size());
+    m.kv_bytes = a.bytes / nw;
+    m.ratio = a.ratio / nw;
+    m.ratio_seen = a.ratio_seen / nw;
+    m.kept = a.kept / nw;
+    m.bytes_per_token = a.per_token / nw;
+    m.bits_per_value = a.bits / nw;
     m.tokens_per_s = a.seconds > 0.0 ? static_cast<double>(a.decoded) / a.seconds : 0.0;
     m.tokens = predicted;
     rep.recipes.push_back(std::move(m));

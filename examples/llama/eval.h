@@ -38,6 +38,8 @@ struct RecipeMetrics {
   double top1_agree = 0.0;   // fraction of tokens whose argmax matches the f32 run's
   double kv_bytes = 0.0;     // stats().total_bytes at each window's end, mean over windows
   double ratio = 0.0;        // stats().ratio_vs_f32 at each window's end, mean over windows
+  double ratio_seen = 0.0;   // stats().ratio_seen (vs an f32 cache of every token seen), same
+  double kept = 0.0;         // stats().kept (tokens kept / tokens seen), same points
   double bytes_per_token = 0.0;  // total_bytes / tokens kept per (layer, kv head), same points
   double bits_per_value = 0.0;   // stats().bits_per_value, same points
   double tokens_per_s = 0.0; // decode throughput (forward calls only, metrics excluded)
@@ -46,6 +48,13 @@ struct RecipeMetrics {
 
 struct PerplexityOptions {
   std::size_t max_windows = 0;  // 0 = all windows
+  /// 0: decode every window token by token (append 1, attend, next). N >= 1: send the first
+  /// N tokens of each window as one prefill chunk (one append + attend per layer), then
+  /// decode the rest token by token; only tokens N .. end of the window are scored (their
+  /// predictions come from the prefill's last row and the decode steps). N = 1 scores and
+  /// computes exactly what 0 does. Must be smaller than the model's context length; windows
+  /// of N tokens or fewer (a short last window) are skipped.
+  std::size_t prefill = 0;
   /// Called after each (window, run) with the number of runs done and the total.
   std::function<void(std::size_t done, std::size_t total)> progress;
 };
@@ -54,14 +63,17 @@ struct PerplexityOptions {
 struct PerplexityReport {
   double ppl_f32 = 0.0;
   std::size_t windows = 0;
-  std::int64_t tokens = 0;  // predicted tokens per recipe
+  std::size_t prefill = 0;  // PerplexityOptions::prefill of the run
+  std::int64_t tokens = 0;  // predicted (scored) tokens per recipe
   std::vector<RecipeMetrics> recipes;
 };
 
 /// Cuts `stream` into windows of the model's context length; in each window, from an empty
-/// cache, decodes token by token (append 1, attend, next) with an f32 reference cache and
-/// with each recipe's cache, and compares their next-token distributions. Every recipe,
+/// cache, decodes token by token (append 1, attend, next; or prefill then decode, see
+/// PerplexityOptions::prefill) with an f32 reference cache and with each recipe's cache, both
+/// under the same protocol, and compares their next-token distributions. Every recipe,
 /// "f32" included, runs on its own cache, so a nonzero f32 KLD would expose nondeterminism.
+/// Throws Error(kInvalidArgument) for a prefill not smaller than the context length.
 PerplexityReport evaluate_perplexity(const Model& model, std::span<const int> stream,
                                      std::span<const std::string> recipes,
                                      const PerplexityOptions& options = {});

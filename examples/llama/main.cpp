@@ -31,8 +31,8 @@ commands:
       (EOS token, token limit or full context), the decode speed, the KV cache's bytes,
       bytes per token and compression ratio vs f32.
 
-  ppl --model PATH --text FILE --recipe R [--recipe R2 ...] [--windows N] [--json]
-      [--no-progress]
+  ppl --model PATH --text FILE --recipe R [--recipe R2 ...] [--windows N] [--prefill N]
+      [--json] [--no-progress]
       Splits FILE at <|endoftext|> (BOS + encoding per stripped, non-empty piece), cuts the
       token stream into consecutive windows of the model's context length and decodes each
       window token by token from an empty cache, once with an f32 reference cache and once per
@@ -42,12 +42,22 @@ commands:
       window, averaged over windows (a full window holds the whole context); B/token = KV
       bytes / tokens kept (all layers and kv heads of one token); bits/val =
       stats().bits_per_value (metadata included); vs f32 = stats().ratio_vs_f32 (f32 cache
-      bytes / this cache's bytes, same tokens) and vs f16 = half of it, all at the same
-      points, averaged; tok/s = decode forward passes per second of forward() time.
+      bytes / this cache's bytes, same tokens) and vs f16 = half of it; vs seen =
+      stats().ratio_seen (bytes of an f32 cache of every token seen / this cache's bytes:
+      eviction counts as saving); kept = stats().kept (tokens kept / tokens seen, 1 without
+      eviction); all at the same points, averaged; tok/s = decode forward passes (one token
+      each) per second of forward() time.
       --windows N evaluates the first N windows (default all).
+      --prefill N (1 <= N < context length): prompt-then-decode protocol. Each window's first
+      N tokens go through the cache as one prefill chunk (one append + attend per layer),
+      the rest are decoded token by token; the f32 reference uses the same protocol. ppl,
+      dPPL, KLD and top-1 are then measured on the tokens after the prefill only (tokens
+      N .. end of each window; windows of N tokens or fewer are skipped), and tok/s counts
+      the decode steps only. Default: token by token from the first token (= --prefill 1).
       --json prints one JSON object per recipe per line with keys recipe, ppl, dppl_rel,
       kld_mean, top1_agree, kv_bytes, ratio (vs f32), tokens_per_s, bytes_per_token,
-      bits_per_value, ratio_vs_f16. A progress bar goes to stderr when it is a terminal
+      bits_per_value, ratio_vs_f16, ratio_seen (vs f32 of every token seen), kept (tokens
+      kept / tokens seen). A progress bar goes to stderr when it is a terminal
       (--no-progress: never).
 
   dump --model PATH --text FILE --offset BYTES --out DIR
@@ -69,7 +79,7 @@ struct Args {
   std::string command;
   std::string model, prompt, text, out;
   std::vector<std::string> recipes;
-  std::int64_t tokens = 256, windows = 0, offset = -1;
+  std::int64_t tokens = 256, windows = 0, offset = -1, prefill = 0;
   bool json = false, progress = true;
 };
 
@@ -112,6 +122,8 @@ Args parse_args(int argc, char** argv) {
       a.text = value();
     } else if (opt == "--windows" && a.command == "ppl") {
       a.windows = parse_int(opt, value(), 1);
+    } else if (opt == "--prefill" && a.command == "ppl") {
+      a.prefill = parse_int(opt, value(), 1);  // the upper bound needs the model: run_ppl
     } else if (opt == "--json" && a.command == "ppl") {
       a.json = true;
     } else if (opt == "--no-progress" && a.command == "ppl") {
@@ -192,8 +204,14 @@ int run_ppl(const Args& a) {
   const Tokenizer::UnknownCount before = model.tokenizer->unknown();
   const std::vector<int> stream = token_stream(*model.tokenizer, text);
   warn_unknown(model, before, fmt::format("'{}'", a.text));
+  if (a.prefill >= model.config.seq_len)
+    throw UsageError{fmt::format(
+        "--prefill expects an integer >= 1 and smaller than the window length ({} tokens, the "
+        "context of {}), got '{}'",
+        model.config.seq_len, model.name, a.prefill)};
   PerplexityOptions opt;
   opt.max_windows = static_cast<std::size_t>(a.windows);
+  opt.prefill = static_cast<std::size_t>(a.prefill);
   // The bar redraws itself with \r, which only makes sense on a terminal; a log gets nothing.
   if (a.progress && isatty(2)) {
     opt.progress = [](std::size_t done, std::size_t total) {
@@ -211,31 +229,43 @@ int run_ppl(const Args& a) {
       fmt::print(
           "{{\"recipe\": {}, \"ppl\": {}, \"dppl_rel\": {}, \"kld_mean\": {}, \"top1_agree\": "
           "{}, \"kv_bytes\": {}, \"ratio\": {}, \"tokens_per_s\": {}, \"bytes_per_token\": "
-          "{}, \"bits_per_value\": {}, \"ratio_vs_f16\": {}}}\n",
+          "{}, \"bits_per_value\": {}, \"ratio_vs_f16\": {}, \"ratio_seen\": {}, \"kept\": {}}}\n",
           kvslim::json::quote(m.recipe), num(m.ppl), num(m.dppl_rel), num(m.kld_mean),
           num(m.top1_agree), num(m.kv_bytes), num(m.ratio), num(m.tokens_per_s),
-          num(m.bytes_per_token), num(m.bits_per_value), num(m.ratio / 2.0));
+          num(m.bytes_per_token), num(m.bits_per_value), num(m.ratio / 2.0), num(m.ratio_seen),
+          num(m.kept));
     return 0;
   }
   fmt::print("model {} ({}), {} windows of up to {} tokens, {} predicted tokens per recipe\n",
              model.name, model.kind, rep.windows, model.config.seq_len, rep.tokens);
+  if (rep.prefill > 0)
+    fmt::print("protocol: prefill {} tokens in one chunk, then decode token by token; scored: "
+               "the tokens after the prefill\n",
+               rep.prefill);
+  else
+    fmt::print("protocol: token by token from the first token\n");
   fmt::print("f32 reference perplexity {:.4f}\n", rep.ppl_f32);
   std::size_t w = 6;
   for (const RecipeMetrics& m : rep.recipes) w = std::max(w, m.recipe.size());
-  fmt::print("{:<{}}  {:>9}  {:>9}  {:>9}  {:>7}  {:>9}  {:>8}  {:>7}  {:>7}  {:>7}\n", "recipe",
-             w, "ppl", "dPPL", "KLD", "top1", "B/token", "bits/val", "vs f32", "vs f16", "tok/s");
+  fmt::print(
+      "{:<{}}  {:>9}  {:>9}  {:>9}  {:>7}  {:>9}  {:>8}  {:>7}  {:>7}  {:>7}  {:>7}  {:>7}\n",
+      "recipe", w, "ppl", "dPPL", "KLD", "top1", "B/token", "bits/val", "vs f32", "vs f16",
+      "vs seen", "kept", "tok/s");
   for (const RecipeMetrics& m : rep.recipes)
     fmt::print(
         "{:<{}}  {:>9.4f}  {:>+8.3f}%  {:>9.2e}  {:>6.2f}%  {:>9.1f}  {:>8.2f}  {:>6.2f}x  "
-        "{:>6.2f}x  {:>7.0f}\n",
+        "{:>6.2f}x  {:>6.2f}x  {:>6.1f}%  {:>7.0f}\n",
         m.recipe, w, m.ppl, 100.0 * m.dppl_rel, m.kld_mean, 100.0 * m.top1_agree,
-        m.bytes_per_token, m.bits_per_value, m.ratio, m.ratio / 2.0, m.tokens_per_s);
+        m.bytes_per_token, m.bits_per_value, m.ratio, m.ratio / 2.0, m.ratio_seen,
+        100.0 * m.kept, m.tokens_per_s);
   const ModelConfig& c = model.config;
   const int f32_per_token = c.n_layers * c.n_kv_heads * c.head_dim * 2 * 4;
   fmt::print(
       "B/token: KV bytes / tokens kept, all {} layers x {} kv heads (raw f32: {} B, f16: {} B).\n"
       "bits/val: bits per stored K or V value, metadata included. vs f32, vs f16: times smaller\n"
       "  than an f32 / f16 cache holding the same tokens (above 1x = memory saved).\n"
+      "vs seen: times smaller than an f32 cache of every token seen (evicted ones included:\n"
+      "  eviction counts as saving). kept: tokens kept / tokens seen (100% without eviction).\n"
       "f32 is slightly below 1.00x: the window buffer of not-yet-sealed tokens and the page and\n"
       "  position bookkeeping are counted.\n",
       c.n_layers, c.n_kv_heads, f32_per_token, f32_per_token / 2);

@@ -15,7 +15,8 @@ ReplayResult replay(const std::vector<Recording>& recs, const std::string& recip
   res.recipe = recipe;
   std::vector<double> errs;
   double cos_sum = 0.0;
-  std::int64_t total_values = 0;
+  std::int64_t total_values = 0, seen_values = 0;
+  double kept_sum = 0.0;
   int done = 0;
   for (const Recording& r : recs) {
     CacheConfig cfg;
@@ -62,6 +63,8 @@ ReplayResult replay(const std::vector<Recording>& recs, const std::string& recip
     const CacheStats st = cache.stats();
     res.bytes += st.total_bytes;
     total_values += st.total_tokens * d * 2;
+    seen_values += st.total_seen * d * 2;
+    kept_sum += st.kept;
     if (progress) progress(++done, static_cast<int>(recs.size()));
   }
   res.samples = static_cast<std::int64_t>(errs.size());
@@ -78,6 +81,9 @@ ReplayResult replay(const std::vector<Recording>& recs, const std::string& recip
     res.bits_per_value = static_cast<double>(res.bytes) * 8.0 / static_cast<double>(total_values);
     res.ratio = 32.0 / res.bits_per_value;
   }
+  if (res.bytes > 0)
+    res.ratio_seen = static_cast<double>(seen_values) * 32.0 / (static_cast<double>(res.bytes) * 8.0);
+  if (!recs.empty()) res.kept = kept_sum / static_cast<double>(recs.size());
   return res;
 }
 

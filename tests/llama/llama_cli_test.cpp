@@ -1,6 +1,10 @@
 // The kvslim-llama executable: `ppl --json` prints one parseable JSON object per recipe with
-// the documented keys (the original eight unchanged, new ones only added), the `ppl` table
-// shows memory per token, bits per value and ratios labeled vs f32 / vs f16 with a legend,
+// the documented keys (the original eight unchanged, new ones only added; without eviction
+// kept is 1 and ratio_seen equals ratio), `ppl --prefill N` (prompt then decode) scores the
+// decoded tokens with the same keys, an f32 cache still giving KLD exactly 0, and rejects N
+// outside [1, context) with exit code 2, the `ppl` table
+// shows memory per token, bits per value and ratios labeled vs f32 / vs f16 / vs seen and
+// the kept fraction with a legend,
 // no progress bar is drawn into a non-terminal stderr, `generate` reports why it stopped and
 // what the cache costs, characters the vocabulary cannot represent produce one warning,
 // `dump` writes a recording the library's loader reads, bad usage and bad models exit
@@ -11,6 +15,7 @@
 #include <nlohmann/json.hpp>
 #include <sys/wait.h>
 
+#include <cmath>
 #include <cstdio>
 #include <sstream>
 #include <string>
@@ -59,31 +64,49 @@ RunResult run(const std::vector<std::string>& args, bool with_stderr = true) {
 
 bool has(const std::string& s, const std::string& sub) { return s.find(sub) != std::string::npos; }
 
+std::vector<nlohmann::json> json_rows(const std::string& out) {
+  std::istringstream lines(out);
+  std::string line;
+  std::vector<nlohmann::json> rows;
+  while (std::getline(lines, line))
+    if (!line.empty()) rows.push_back(nlohmann::json::parse(line));
+  return rows;
+}
+
+std::vector<std::string> keys_of(const nlohmann::json& row) {
+  std::vector<std::string> k;
+  for (const auto& [key, value] : row.items()) k.push_back(key);
+  return k;
+}
+
 TEST(Cli, PplJsonLines) {
   KVSLIM_REQUIRE_SHARED(test::kStoriesBin);
   KVSLIM_REQUIRE_SHARED(test::kText);
   const RunResult r = run({"ppl", "--model", kvslim::test::shared_path(test::kStories), "--text",
                            kvslim::test::shared_path(test::kText), "--recipe", "f32", "--recipe",
-                           "f16", "--windows", "1", "--json"},
+                           "f16", "--recipe", "kivi:kbits=2,vbits=2", "--windows", "1", "--json"},
                           /*with_stderr=*/false);
   ASSERT_EQ(r.status, 0) << r.out;
-  std::istringstream lines(r.out);
-  std::string line;
-  std::vector<nlohmann::json> rows;
-  while (std::getline(lines, line))
-    if (!line.empty()) rows.push_back(nlohmann::json::parse(line));
-  ASSERT_EQ(rows.size(), 2u) << r.out;
+  const std::vector<nlohmann::json> rows = json_rows(r.out);
+  ASSERT_EQ(rows.size(), 3u) << r.out;
   EXPECT_EQ(rows[0].at("recipe").get<std::string>(), "f32");
   EXPECT_EQ(rows[1].at("recipe").get<std::string>(), "f16");
   for (const nlohmann::json& row : rows) {
     // The original eight keys keep their names; bytes_per_token, bits_per_value and
-    // ratio_vs_f16 were added after them.
-    EXPECT_EQ(row.size(), 11u);
+    // ratio_vs_f16 were added after them, then ratio_seen and kept (issue 8).
+    EXPECT_EQ(row.size(), 13u);
     for (const char* key : {"ppl", "dppl_rel", "kld_mean", "top1_agree", "kv_bytes", "ratio",
-                            "tokens_per_s", "bytes_per_token", "bits_per_value", "ratio_vs_f16"})
+                            "tokens_per_s", "bytes_per_token", "bits_per_value", "ratio_vs_f16",
+                            "ratio_seen", "kept"})
       EXPECT_TRUE(row.at(key).is_number()) << key;
     EXPECT_DOUBLE_EQ(row.at("ratio_vs_f16").get<double>(), row.at("ratio").get<double>() / 2.0);
     EXPECT_NEAR(row.at("bits_per_value").get<double>() * row.at("ratio").get<double>(), 32.0, 0.5);
+    // No eviction: every token seen is kept, so both ratios are the same number (up to the
+    // last printed digit of two divisions done in a different order).
+    EXPECT_EQ(row.at("kept").get<double>(), 1.0) << row.dump();
+    EXPECT_NEAR(row.at("ratio_seen").get<double>(), row.at("ratio").get<double>(),
+                1e-9 * row.at("ratio").get<double>())
+        << row.dump();
   }
   EXPECT_EQ(rows[0].at("kld_mean").get<double>(), 0.0);
   EXPECT_GT(rows[1].at("ratio").get<double>(), rows[0].at("ratio").get<double>());
@@ -104,8 +127,13 @@ TEST(Cli, PplTableLabelsMemoryAndExplainsIt) {
       "kivi:kbits=2,vbits=2,residual=0", "--windows", "1"};
   const RunResult out = run_redirect(args, " 2>/dev/null");
   ASSERT_EQ(out.status, 0) << out.out;
-  for (const char* col : {"B/token", "bits/val", "vs f32", "vs f16", "tok/s"})
+  for (const char* col : {"B/token", "bits/val", "vs f32", "vs f16", "vs seen", "kept", "tok/s"})
     EXPECT_TRUE(has(out.out, col)) << col << "\n" << out.out;
+  EXPECT_TRUE(has(out.out, "protocol: token by token")) << out.out;
+  EXPECT_TRUE(has(out.out, "vs seen: times smaller than an f32 cache of every token seen"))
+      << out.out;
+  EXPECT_TRUE(has(out.out, "kept: tokens kept / tokens seen")) << out.out;
+  EXPECT_TRUE(has(out.out, " 100.0%  ")) << "kept without eviction:\n" << out.out;
   EXPECT_TRUE(has(out.out, "raw f32: 1280 B, f16: 640 B")) << out.out;
   EXPECT_TRUE(has(out.out, "f32 is slightly below 1.00x")) << out.out;
   EXPECT_TRUE(has(out.out, "At head_dim 8")) << out.out;
@@ -113,6 +141,69 @@ TEST(Cli, PplTableLabelsMemoryAndExplainsIt) {
   const RunResult err = run_redirect(args, " 2>&1 >/dev/null");
   EXPECT_EQ(err.status, 0);
   EXPECT_EQ(err.out, "") << err.out;
+}
+
+// Prompt then decode: the f32 reference and the recipes run the same protocol, so an f32
+// recipe's KLD is exactly 0 (same arithmetic, bit for bit); a recipe that quantizes every
+// token (KIVI-2, no full-precision window) differs on the decoded tokens.
+TEST(Cli, PplPrefillScoresTheDecodedTokens) {
+  KVSLIM_REQUIRE_SHARED(test::kStoriesBin);
+  KVSLIM_REQUIRE_SHARED(test::kText);
+  const std::vector<std::string> base = {
+      "ppl", "--model", kvslim::test::shared_path(test::kStories), "--text",
+      kvslim::test::shared_path(test::kText), "--recipe", "f32", "--recipe",
+      "kivi:kbits=2,vbits=2,residual=0", "--windows", "1"};
+  std::vector<std::string> args = base;
+  args.insert(args.end(), {"--prefill", "256", "--json"});
+  const RunResult r = run(args, /*with_stderr=*/false);
+  ASSERT_EQ(r.status, 0) << r.out;
+  const std::vector<nlohmann::json> rows = json_rows(r.out);
+  ASSERT_EQ(rows.size(), 2u) << r.out;
+  EXPECT_EQ(rows[0].at("kld_mean").get<double>(), 0.0) << rows[0].dump();
+  EXPECT_EQ(rows[0].at("top1_agree").get<double>(), 1.0) << rows[0].dump();
+  EXPECT_EQ(rows[0].at("dppl_rel").get<double>(), 0.0) << rows[0].dump();
+  ASSERT_TRUE(rows[1].at("kld_mean").is_number()) << rows[1].dump();  // null = NaN/Inf
+  const double kld = rows[1].at("kld_mean").get<double>();
+  EXPECT_TRUE(std::isfinite(kld) && kld > 0.0) << rows[1].dump();
+
+  // Same keys as a token-by-token run.
+  std::vector<std::string> plain = base;
+  plain.push_back("--json");
+  const RunResult p = run(plain, /*with_stderr=*/false);
+  ASSERT_EQ(p.status, 0) << p.out;
+  const std::vector<nlohmann::json> prow = json_rows(p.out);
+  ASSERT_EQ(prow.size(), 2u) << p.out;
+  EXPECT_EQ(keys_of(rows[0]), keys_of(prow[0]));
+  EXPECT_EQ(keys_of(rows[1]), keys_of(prow[1]));
+  // The prefill run scores 512 - 256 tokens of the window, the default 511: different numbers.
+  EXPECT_NE(rows[1].at("kld_mean").get<double>(), prow[1].at("kld_mean").get<double>());
+
+  // The table names the protocol.
+  std::vector<std::string> table = base;
+  table.insert(table.end(), {"--prefill", "256"});
+  const RunResult t = run(table, /*with_stderr=*/false);
+  ASSERT_EQ(t.status, 0) << t.out;
+  EXPECT_TRUE(has(t.out, "protocol: prefill 256 tokens in one chunk")) << t.out;
+  EXPECT_TRUE(has(t.out, "256 predicted tokens per recipe")) << t.out;
+}
+
+TEST(Cli, PplPrefillMustBeInRange) {
+  for (const char* bad : {"0", "abc", "-3", "12x"}) {
+    const RunResult r = run({"ppl", "--model", "/nonexistent/model.bin", "--text", "x",
+                             "--recipe", "f32", "--prefill", bad});
+    EXPECT_EQ(r.status, 2) << bad << ": " << r.out;
+    EXPECT_TRUE(has(r.out, std::string("--prefill expects an integer >= 1, got '") + bad + "'"))
+        << r.out;
+  }
+  KVSLIM_REQUIRE_SHARED(test::kStoriesBin);
+  KVSLIM_REQUIRE_SHARED(test::kText);
+  // stories260K's context (= the window length) is 512 tokens.
+  const RunResult big = run({"ppl", "--model", kvslim::test::shared_path(test::kStories),
+                             "--text", kvslim::test::shared_path(test::kText), "--recipe", "f32",
+                             "--prefill", "512"});
+  EXPECT_EQ(big.status, 2) << big.out;
+  EXPECT_TRUE(has(big.out, "smaller than the window length (512 tokens")) << big.out;
+  EXPECT_TRUE(has(big.out, "got '512'")) << big.out;
 }
 
 TEST(Cli, GenerateReportsStopReasonAndMemory) {

@@ -24,7 +24,11 @@ struct ReplayResult {
   std::string recipe;
   double bits_per_value = 0.0;  // at the end of each recording, metadata included
   std::int64_t bytes = 0;       // cache bytes at the end of a recording, summed over recordings
-  double ratio = 0.0;           // vs an f32 cache of the same tokens
+  double ratio = 0.0;           // vs an f32 cache of the same tokens (summed bytes)
+  /// vs an f32 cache of every token seen (evicted ones included), from the summed bytes like
+  /// `ratio`: equal to it without eviction.
+  double ratio_seen = 0.0;
+  double kept = 0.0;            // stats().kept (tokens kept / seen) at each recording's end, mean
   double rel_err_mean = 0.0;    // ||out - ref|| / ||ref|| over (recording, layer, q head, token)
   double rel_err_p99 = 0.0;
   double cosine_mean = 0.0;
