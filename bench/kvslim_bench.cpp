@@ -119,6 +119,10 @@ void BM_evict(benchmark::State& state, Isa isa, AttendFormat f, int ctx) {
   const CacheStats st = cache.stats();
   state.counters["kv_bytes"] = static_cast<double>(st.total_bytes);
   state.counters["tokens_per_head"] = static_cast<double>(st.total_tokens) / kKVH;
+  // Page slots per kept page token: > 1 while dropped slots wait for their page's re-pack.
+  const TokenStore& s0 = cache.store(0, 0);
+  state.counters["slots_per_token"] = static_cast<double>(s0.page_slots()) / static_cast<double>(std::max<std::int64_t>(1, s0.sealed_tokens()));
+  state.counters["pages"] = static_cast<double>(s0.page_count());
   state.counters["ratio_seen"] = st.ratio_seen;
 }
 

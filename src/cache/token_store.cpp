@@ -206,28 +206,44 @@ void TokenStore::drop(const kernels::KernelTable& kt, std::span<const std::int64
       break;
     }
 
-  // Positions and importance, in index order.
-  {
-    std::vector<std::int64_t> pos = positions();
+  // Importance (index order) and positions: runs of ordinary tokens are split around the
+  // victims in one pass, so a decode step that drops one token costs O(runs), not O(tokens).
+  if (!importance_.empty()) {
     std::size_t x = 0, w = 0;
-    for (std::size_t j = 0; j < pos.size(); ++j) {
+    for (std::size_t j = 0; j < importance_.size(); ++j) {
       if (x < idx.size() && idx[x] == static_cast<std::int64_t>(j)) {
         ++x;
         continue;
       }
-      pos[w] = pos[j];
-      if (!importance_.empty()) importance_[w] = importance_[j];
-      ++w;
+      importance_[w++] = importance_[j];
     }
-    if (!importance_.empty()) importance_.resize(w);
-    runs_.clear();
-    const std::size_t dropped_ord =
-        static_cast<std::size_t>(std::lower_bound(idx.begin(), idx.end(), ord) - idx.begin());
-    const std::size_t n_ord = static_cast<std::size_t>(ord) - dropped_ord;
-    const std::int64_t keep_last = last_pos_;
-    for (std::size_t j = 0; j < n_ord; ++j) push_position(pos[j]);
-    last_pos_ = keep_last;  // positions keep increasing from the last one appended
-    special_pos_.assign(pos.begin() + static_cast<std::ptrdiff_t>(n_ord), pos.begin() + static_cast<std::ptrdiff_t>(w));
+    importance_.resize(w);
+  }
+  {
+    decltype(runs_) out(runs_.get_allocator());
+    out.reserve(runs_.size() + idx.size());
+    std::size_t x = 0;
+    std::int64_t base = 0;
+    for (const PosRun& r : runs_) {
+      std::int64_t from = 0;  // offset in the run of the next piece
+      for (; x < idx.size() && idx[x] < base + r.count; ++x) {
+        const std::int64_t off = idx[x] - base;
+        if (off > from) out.push_back({r.first + from, off - from});
+        from = off + 1;
+      }
+      if (from < r.count) out.push_back({r.first + from, r.count - from});
+      base += r.count;
+    }
+    runs_.swap(out);
+    std::size_t w = 0;
+    for (std::size_t j = 0; j < special_pos_.size(); ++j) {
+      if (x < idx.size() && idx[x] == ord + static_cast<std::int64_t>(j)) {
+        ++x;
+        continue;
+      }
+      special_pos_[w++] = special_pos_[j];
+    }
+    special_pos_.resize(w);
   }
 
   // Split the victims by segment (relative indices).
@@ -287,7 +303,7 @@ void TokenStore::drop(const kernels::KernelTable& kt, std::span<const std::int64
 // back to the same codes up to rounding). Order, positions and importance are unchanged.
 void TokenStore::repack(const kernels::KernelTable& kt) {
   const int g = page_tokens_;
-  auto candidate = [](const Page& p) { return 2 * p.live < p.ntok; };
+  auto candidate = [](const Page& p) { return 4 * p.live < 3 * p.ntok; };
   auto small = [g](const Page& p) { return 2 * p.ntok < g; };
   bool any = false;
   for (const Page& p : pages_) any |= candidate(p);
@@ -483,9 +499,11 @@ void TokenStore::attend(const kernels::KernelTable& kt, const float* q, int nq, 
     codec.scores(kt, p, pg.ntok, d, q, nq, s);
     const std::uint64_t* dead = pg.dead.empty() ? nullptr : pg.dead.data();
     if (dead)  // dropped tokens contribute exactly nothing
-      for (int r = 0; r < nq; ++r)
-        for (int j = 0; j < pg.ntok; ++j)
-          if ((dead[j >> 6] >> (j & 63)) & 1u) s[r * pg.ntok + j] = kNegInf;
+      for (std::size_t w = 0; w < pg.dead.size(); ++w)
+        for (std::uint64_t bits = dead[w]; bits; bits &= bits - 1) {
+          const int j = static_cast<int>(w * 64) + __builtin_ctzll(bits);
+          for (int r = 0; r < nq; ++r) s[r * pg.ntok + j] = kNegInf;
+        }
     mask_causal(pg.ntok, pg.live, dead);
     if (next) prefetch(next->data.data(), half, 2 * half);
     finish_block(pg.ntok, pg.live, dead, [&] { codec.accumulate(kt, p, pg.ntok, d, s, nq, out); });
@@ -517,10 +535,14 @@ void TokenStore::collect_mass(const AttendWorkspace& ws, int nq, int nquery, int
       // final max and divide by the final sum.
       const float c = std::exp(ws.block_max[b * unq + r] - ws.m[r]) / ws.l[r];
       const float* pr = ws.probs.data() + static_cast<std::size_t>(r) * ws.slots + blk.slot;
-      std::int64_t lg = blk.index;
+      float* mo = mass + blk.index;
+      if (!blk.dead) {
+        for (int j = 0; j < blk.ntok; ++j) mo[j] += pr[j] * c;
+        continue;
+      }
       for (int j = 0; j < blk.ntok; ++j) {
-        if (blk.dead && ((blk.dead[j >> 6] >> (j & 63)) & 1u)) continue;
-        mass[lg++] += pr[j] * c;
+        if ((blk.dead[j >> 6] >> (j & 63)) & 1u) continue;
+        *mo++ += pr[j] * c;
       }
     }
   }

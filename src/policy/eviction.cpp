@@ -57,6 +57,13 @@ void lowest_scored(const TokenStore& store, Evictable range, std::int64_t count,
   count = std::min(count, range.end - range.first);
   if (count <= 0) return;
   const auto imp = store.importance();
+  if (count == 1) {  // a decode step: one linear scan, no allocation
+    std::int64_t best = range.first;
+    for (std::int64_t j = range.first + 1; j < range.end; ++j)
+      if (imp[j] < imp[best]) best = j;  // strict: ties keep the older token
+    victims.push_back(best);
+    return;
+  }
   std::vector<std::int64_t> cand;
   cand.reserve(static_cast<std::size_t>(range.end - range.first));
   for (std::int64_t j = range.first; j < range.end; ++j) cand.push_back(j);
