@@ -14,7 +14,8 @@
 // probabilities summed over the group's query heads and the chunk's queries.
 //
 // New codecs and policies join by adding one line to kCases ("{s}" is replaced by the sinks
-// count). Tolerances: float formats differ from the double reference by float rounding over
+// count; `lossless` also compares with the original rows, which needs a chain that keeps
+// every token). Tolerances: float formats differ from the double reference by float rounding over
 // at most ~150 terms (2e-5 relative); KIVI computes q.k on the codes with the key scale
 // folded into the query (and VNNI integer paths at head_dim 64), so 1e-3.
 #include <gtest/gtest.h>
@@ -52,6 +53,14 @@ const Case kCases[] = {
     {"kivi:kbits=3,vbits=3,sinks={s}", 16, 1e-3, false},
     {"kivi:kbits=4,vbits=4,group=16,residual=0,sinks={s}", 64, 1e-3, false},
     {"kivi:kbits=2,vbits=2,group=16,residual=0,sinks={s}", 80, 1e-3, false},
+    // Eviction chains: the reference is what the cache holds before each attend (eviction
+    // runs after it), so dropped, masked and re-packed tokens are judged the same way.
+    {"h2o:budget=40,recent=8 | f32:group=8,sinks={s}", 16, 2e-5, false},
+    {"h2o:ratio=0.3,recent=8 | kivi:kbits=2,vbits=2,group=16,residual=0,sinks={s}", 16, 1e-3, false},
+    {"random:budget=50,recent=10,seed=3 | kivi:kbits=4,vbits=4,group=8,residual=0,sinks={s}", 64, 1e-3, false},
+    {"streaming:sinks=3,window=30 | f16:sinks={s}", 16, 2e-5, false},
+    {"l2norm:budget=60,recent=16 | bf16:group=16,sinks={s}", 16, 2e-5, false},
+    {"snapkv:budget=64,window=8,kernel=5 | kivi:kbits=8,vbits=8,residual=0,sinks={s}", 16, 1e-3, false},
 };
 const int kSinks[] = {0, 1, 4};
 

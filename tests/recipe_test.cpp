@@ -234,7 +234,8 @@ TEST(Recipe, DocsExamplesParse) {
       continue;
     }
     if (!in_block || line.empty()) continue;
-    EXPECT_NO_THROW(build_pipeline(parse_recipe(line).base, 64)) << line;
+    // A whole cache, so overrides and budgets are checked too, not only the base chain.
+    EXPECT_NO_THROW(KVCache(CacheConfig{8, 8, 4, 64, 4096, line})) << line;
     ++parsed;
   }
   EXPECT_GE(parsed, 5);

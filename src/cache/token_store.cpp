@@ -57,7 +57,7 @@ TokenStore::TokenStore(int head_dim, const Pipeline* pipeline)
       special_v_(TrackedAllocator<float>(&counter_)),
       special_w_(TrackedAllocator<float>(&counter_)),
       special_pos_(TrackedAllocator<std::int64_t>(&counter_)),
-      runs_(TrackedAllocator<PosRun>(&counter_)),
+      runs_(&counter_),
       importance_(TrackedAllocator<float>(&counter_)) {}
 
 TokenStore::~TokenStore() = default;
@@ -68,21 +68,67 @@ std::int64_t TokenStore::page_slots() const noexcept {
   return n;
 }
 
+void TokenStore::PositionRuns::put(std::uint64_t v) {
+  while (v >= 0x80) {
+    bytes_.push_back(static_cast<std::byte>((v & 0x7F) | 0x80));
+    v >>= 7;
+  }
+  bytes_.push_back(static_cast<std::byte>(v));
+}
+
+void TokenStore::PositionRuns::push_run(std::int64_t first, std::int64_t count) {
+  if (open_count_ > 0 && first == open_first_ + open_count_) {
+    open_count_ += count;
+    return;
+  }
+  if (open_count_ > 0) {
+    put(static_cast<std::uint64_t>(open_first_ - closed_end_));
+    put(static_cast<std::uint64_t>(open_count_ - 1));
+    closed_end_ = open_first_ + open_count_;
+  }
+  open_first_ = first;
+  open_count_ = count;
+}
+
+template <class F>
+void TokenStore::PositionRuns::for_each_run(F&& f) const {
+  std::size_t i = 0;
+  std::int64_t end = 0;
+  auto get = [&] {
+    std::uint64_t v = 0;
+    for (int shift = 0;; shift += 7) {
+      const auto b = static_cast<std::uint64_t>(bytes_[i++]);
+      v |= (b & 0x7F) << shift;
+      if (!(b & 0x80)) return v;
+    }
+  };
+  while (i < bytes_.size()) {
+    const std::int64_t first = end + static_cast<std::int64_t>(get());
+    const std::int64_t count = static_cast<std::int64_t>(get()) + 1;
+    f(first, count);
+    end = first + count;
+  }
+  if (open_count_ > 0) f(open_first_, open_count_);
+}
+
+void TokenStore::PositionRuns::clear() {
+  Bytes empty(bytes_.get_allocator());
+  bytes_.swap(empty);
+  closed_end_ = open_first_ = open_count_ = 0;
+}
+
 std::vector<std::int64_t> TokenStore::positions() const {
   std::vector<std::int64_t> out;
   out.reserve(static_cast<std::size_t>(size()));
-  for (const PosRun& r : runs_)
-    for (std::int64_t i = 0; i < r.count; ++i) out.push_back(r.first + i);
+  runs_.for_each_run([&](std::int64_t first, std::int64_t count) {
+    for (std::int64_t i = 0; i < count; ++i) out.push_back(first + i);
+  });
   out.insert(out.end(), special_pos_.begin(), special_pos_.end());
   return out;
 }
 
 void TokenStore::push_position(std::int64_t p) {
-  if (!runs_.empty() && runs_.back().first + runs_.back().count == p) {
-    ++runs_.back().count;
-  } else {
-    runs_.push_back({p, 1});
-  }
+  runs_.push_run(p, 1);
   last_pos_ = p;
 }
 
@@ -220,21 +266,21 @@ void TokenStore::drop(const kernels::KernelTable& kt, std::span<const std::int64
     importance_.resize(w);
   }
   {
-    decltype(runs_) out(runs_.get_allocator());
-    out.reserve(runs_.size() + idx.size());
+    std::vector<std::pair<std::int64_t, std::int64_t>> pieces;
     std::size_t x = 0;
     std::int64_t base = 0;
-    for (const PosRun& r : runs_) {
+    runs_.for_each_run([&](std::int64_t first, std::int64_t count) {
       std::int64_t from = 0;  // offset in the run of the next piece
-      for (; x < idx.size() && idx[x] < base + r.count; ++x) {
+      for (; x < idx.size() && idx[x] < base + count; ++x) {
         const std::int64_t off = idx[x] - base;
-        if (off > from) out.push_back({r.first + from, off - from});
+        if (off > from) pieces.emplace_back(first + from, off - from);
         from = off + 1;
       }
-      if (from < r.count) out.push_back({r.first + from, r.count - from});
-      base += r.count;
-    }
-    runs_.swap(out);
+      if (from < count) pieces.emplace_back(first + from, count - from);
+      base += count;
+    });
+    runs_.clear();
+    for (const auto& [first, count] : pieces) runs_.push_run(first, count);
     std::size_t w = 0;
     for (std::size_t j = 0; j < special_pos_.size(); ++j) {
       if (x < idx.size() && idx[x] == ord + static_cast<std::int64_t>(j)) {
@@ -563,7 +609,7 @@ void TokenStore::reset() {
   release(special_v_);
   release(special_w_);
   release(special_pos_);
-  release(runs_);
+  runs_.clear();
   release(importance_);
   sinks_ = window_ = 0;
   sealed_live_ = 0;

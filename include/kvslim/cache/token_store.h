@@ -139,11 +139,25 @@ class TokenStore {
   void reset();
 
  private:
-  struct PosRun {
-    std::int64_t first;
-    std::int64_t count;
-  };
   using Bytes = std::vector<std::byte, TrackedAllocator<std::byte>>;
+  /// Positions of the ordinary tokens in index order, as runs of consecutive positions.
+  /// Closed runs are varint coded (gap from the previous run's end, count - 1): a contiguous
+  /// prompt costs a few bytes, a token kept alone among evicted neighbours about two.
+  class PositionRuns {
+   public:
+    explicit PositionRuns(ByteCounter* c) : bytes_(TrackedAllocator<std::byte>(c)) {}
+    void push_run(std::int64_t first, std::int64_t count);
+    template <class F>
+    void for_each_run(F&& f) const;  // f(first, count) in index order
+    void clear();
+    std::size_t bytes_size() const noexcept { return bytes_.size(); }
+
+   private:
+    void put(std::uint64_t v);
+    Bytes bytes_;
+    std::int64_t closed_end_ = 0;  // one past the last closed run's last position
+    std::int64_t open_first_ = 0, open_count_ = 0;
+  };
   using Floats = std::vector<float, TrackedAllocator<float>>;
   using Words = std::vector<std::uint64_t, TrackedAllocator<std::uint64_t>>;
   /// A sealed page: ntok slots encoded by the codec; `dead` has one bit per slot (set =
@@ -180,7 +194,7 @@ class TokenStore {
   std::int64_t window_ = 0;
   Floats special_k_, special_v_, special_w_;  // [n][d], [n][d], [n] (ln weight)
   std::vector<std::int64_t, TrackedAllocator<std::int64_t>> special_pos_;
-  std::vector<PosRun, TrackedAllocator<PosRun>> runs_;
+  PositionRuns runs_;
   Floats importance_;
   std::int64_t last_pos_ = -1;
   std::int64_t last_append_ = 0;
