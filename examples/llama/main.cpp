@@ -266,8 +266,8 @@ int run_ppl(const Args& a) {
       "  than an f32 / f16 cache holding the same tokens (above 1x = memory saved).\n"
       "vs seen: times smaller than an f32 cache of every token seen (evicted ones included:\n"
       "  eviction counts as saving). kept: tokens kept / tokens seen (100% without eviction).\n"
-      "f32 is slightly below 1.00x: the window buffer of not-yet-sealed tokens and the page and\n"
-      "  position bookkeeping are counted.\n",
+      "f32 is slightly below 1.00x: every allocated byte is counted (the page index, positions,\n"
+      "  the f32 window of tokens not yet sealed into a page; eviction adds scores and masks).\n",
       c.n_layers, c.n_kv_heads, f32_per_token, f32_per_token / 2);
   if (c.head_dim < 64)
     fmt::print(
