@@ -6,7 +6,7 @@
 //   - StreamingLLM, L2-norm and random keep exactly the tokens their rules name;
 //   - the budget holds after every append+attend, for every decode-time policy, codec and
 //     chunk size, and CacheStats tokens/seen/kept/ratio_seen agree with what was appended;
-//   - memory is released: 20K decode steps hold the bytes of 2K steps;
+//   - memory is released: the bytes at 20K decode steps are within 1.1x of those at 2K;
 //   - every policy composes with every codec; per-layer (PyramidKV-style) budgets;
 //   - typed errors naming the bad value.
 // Tolerances are written at each check.
@@ -302,18 +302,12 @@ TEST(EvictionBudget, HoldsAfterEveryAttendWithConsistentStats) {
 
 // ---------------------------------------------------------------------------------------
 // 6. Memory really released: a 20K-step decode on generator data (1 layer, 4 q / 1 kv heads,
-// d = 64) holds bounded bytes. Eviction starts at step 1024, and a page's dropped slots are
-// reclaimed only when it is more than half dead, so the page slack (and the run-length
-// position runs) grow until the pages reach a steady mix of live and dead slots, which takes
-// several budget turnovers. Measured here: bytes at 20K are 1.147x (kivi) / 1.119x (f16)
-// those at 2K, 1.08x those at 4K; a 60K-token run is flat from ~30K on (1.08x / 1.11x its 2K
-// bytes). So the "20K <= 1.1 x 2K" does not hold for this design (it is not a leak);
-// checked instead:
-//   - the structural bound that proves dropped slots are reclaimed, every 1K steps: page
-//     slots <= 2 x sealed live tokens + one page (every page is at least half live);
-//   - the plateau: bytes at every 1K step after 10K <= 1.1 x bytes at 10K;
-//   - bytes at 20K <= 1.25 x bytes at 2K (the transient above; a leak of dropped pages would
-//     grow ~10x over 18K steps).
+// d = 64) with budget 1K: bytes at step 20K are at most 1.1x the bytes at step 2K (the
+// issue's criterion). A page is re-packed once more than a quarter of its slots are dead,
+// so page slots stay below 4/3 of the live sealed tokens plus one page (checked every 1K
+// steps), and bytes after 10K stay within 1.1x of those at 10K. Measured: 1.077x (kivi) and
+// 1.010x (f16) of the 2K bytes at 20K. With the first design's 1/2 threshold this was
+// 1.147x / 1.119x (slack settling over several budget turnovers, not a leak).
 TEST(EvictionMemory, LongDecodeHoldsSteadyBytes) {
   constexpr int kT = 20000;
   kvslim::testing::SyntheticOptions o;
@@ -340,7 +334,7 @@ TEST(EvictionMemory, LongDecodeHoldsSteadyBytes) {
       if (t + 1 > 10000 && (t + 1) % 1000 == 0) peak_after_10k = std::max(peak_after_10k, cache.stats().total_bytes);
       if ((t + 1) % 1000 == 0) {
         const TokenStore& s = cache.store(0, 0);
-        ASSERT_LE(s.page_slots(), 2 * s.sealed_tokens() + s.codec().page_tokens()) << "step " << t + 1;
+        ASSERT_LE(3 * s.page_slots(), 4 * s.sealed_tokens() + 3 * s.codec().page_tokens()) << "step " << t + 1;
       }
     }
     const CacheStats st = cache.stats();
@@ -355,7 +349,7 @@ TEST(EvictionMemory, LongDecodeHoldsSteadyBytes) {
     EXPECT_EQ(st.total_tokens, 1024);
     EXPECT_EQ(st.total_seen, kT);
     EXPECT_LE(static_cast<double>(peak_after_10k), 1.1 * static_cast<double>(bytes_10k));
-    EXPECT_LE(static_cast<double>(st.total_bytes), 1.25 * static_cast<double>(bytes_2k));
+    EXPECT_LE(static_cast<double>(st.total_bytes), 1.1 * static_cast<double>(bytes_2k));
   }
 }
 
