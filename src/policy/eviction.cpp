@@ -84,15 +84,15 @@ std::uint64_t splitmix(std::uint64_t x) {
 }
 }  // namespace
 
+void LowestScoreEviction::select(const TokenStore& store, std::vector<std::int64_t>& victims) const {
+  lowest_scored(store, evictable(store, b_.recent), excess(store, budget(store.seen())), victims);
+}
+
 // ---- H2O ----
 
 void AccumulatedAttention::on_attention(TokenStore& store, std::span<const float> mass) const {
   auto imp = store.importance();
   for (std::size_t j = 0; j < mass.size() && j < imp.size(); ++j) imp[j] += mass[j];
-}
-
-void H2OEviction::select(const TokenStore& store, std::vector<std::int64_t>& victims) const {
-  lowest_scored(store, evictable(store, b_.recent), excess(store, budget(store.seen())), victims);
 }
 
 std::shared_ptr<const Scorer> H2OEviction::implied_scorer() const { return std::make_shared<AccumulatedAttention>(); }
@@ -118,10 +118,6 @@ void KeyNormScore::on_append(TokenStore& store, std::int64_t first, std::int64_t
   }
 }
 
-void L2NormEviction::select(const TokenStore& store, std::vector<std::int64_t>& victims) const {
-  lowest_scored(store, evictable(store, b_.recent), excess(store, budget(store.seen())), victims);
-}
-
 std::shared_ptr<const Scorer> L2NormEviction::implied_scorer() const { return std::make_shared<KeyNormScore>(); }
 
 // ---- random ----
@@ -137,10 +133,6 @@ void RandomScore::on_append(TokenStore& store, std::int64_t first, std::int64_t 
 }
 
 std::string RandomEviction::describe() const { return fmt::format("random:{},seed={}", b_.describe(), seed_); }
-
-void RandomEviction::select(const TokenStore& store, std::vector<std::int64_t>& victims) const {
-  lowest_scored(store, evictable(store, b_.recent), excess(store, budget(store.seen())), victims);
-}
 
 std::shared_ptr<const Scorer> RandomEviction::implied_scorer() const { return std::make_shared<RandomScore>(seed_); }
 

@@ -27,35 +27,11 @@
 namespace kvslim::llama {
 namespace {
 
-struct RunResult {
-  int status = -1;
-  std::string out;  // stdout + stderr
-};
+using kvslim::test::RunResult;
 
-std::string quote_arg(const std::string& s) {
-  std::string q = "'";
-  for (char c : s) q += c == '\'' ? std::string("'\\''") : std::string(1, c);
-  return q + "'";
-}
-
-/// Runs kvslim-llama with `redirect` appended to the shell command (" 2>&1": stdout + stderr;
-/// " 2>/dev/null": stdout only; " 2>&1 >/dev/null": stderr only). stderr is never a terminal.
+/// Runs kvslim-llama with `redirect` appended to the shell command (see run_command).
 RunResult run_redirect(const std::vector<std::string>& args, const char* redirect) {
-  std::string cmd = quote_arg(KVSLIM_LLAMA_EXE);
-  for (const auto& a : args) {
-    cmd += ' ';
-    cmd += quote_arg(a);
-  }
-  cmd += redirect;
-  RunResult r;
-  FILE* p = ::popen(cmd.c_str(), "r");
-  if (!p) return r;
-  char buf[4096];
-  std::size_t n;
-  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) r.out.append(buf, n);
-  const int st = ::pclose(p);
-  r.status = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-  return r;
+  return kvslim::test::run_command(KVSLIM_LLAMA_EXE, args, redirect);
 }
 
 RunResult run(const std::vector<std::string>& args, bool with_stderr = true) {

@@ -20,30 +20,10 @@
 namespace kvslim::llama {
 namespace {
 
-struct RunResult {
-  int status = -1;
-  std::string out;
-};
-
-std::string quote_arg(const std::string& s) {
-  std::string q = "'";
-  for (char c : s) q += c == '\'' ? std::string("'\\''") : std::string(1, c);
-  return q + "'";
-}
+using kvslim::test::RunResult;
 
 RunResult run(const std::vector<std::string>& args, const char* redirect = " 2>&1") {
-  std::string cmd = quote_arg(KVSLIM_LONG_GENERATION_EXE);
-  for (const auto& a : args) cmd += ' ' + quote_arg(a);
-  cmd += redirect;
-  RunResult r;
-  FILE* p = ::popen(cmd.c_str(), "r");
-  if (!p) return r;
-  char buf[4096];
-  std::size_t n;
-  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) r.out.append(buf, n);
-  const int st = ::pclose(p);
-  r.status = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-  return r;
+  return kvslim::test::run_command(KVSLIM_LONG_GENERATION_EXE, args, redirect);
 }
 
 struct Row {

@@ -62,3 +62,34 @@ double rel_l2(const float* a, const float* b, long n) {
 }
 
 }  // namespace kvslim::test
+
+#include <sys/wait.h>
+
+#include <cstdio>
+
+namespace kvslim::test {
+
+namespace {
+std::string quote_arg(const std::string& s) {
+  std::string q = "'";
+  for (char c : s) q += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return q + "'";
+}
+}  // namespace
+
+RunResult run_command(const std::string& exe, const std::vector<std::string>& args, const char* redirect) {
+  std::string cmd = quote_arg(exe);
+  for (const auto& a : args) cmd += ' ' + quote_arg(a);
+  cmd += redirect;
+  RunResult r;
+  FILE* p = ::popen(cmd.c_str(), "r");
+  if (!p) return r;
+  char buf[4096];
+  std::size_t n;
+  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) r.out.append(buf, n);
+  const int st = ::pclose(p);
+  r.status = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+  return r;
+}
+
+}  // namespace kvslim::test

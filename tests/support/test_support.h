@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <string>
+#include <vector>
 
 namespace kvslim::test {
 
@@ -45,5 +46,14 @@ void ref_attention(const float* q, const float* k, const float* v, long ntok, in
 
 /// Relative L2 error ||a - b|| / ||b|| over n floats.
 double rel_l2(const float* a, const float* b, long n);
+
+/// Exit status (-1 if it did not exit normally) and captured stdout of a shell command.
+struct RunResult {
+  int status = -1;
+  std::string out;
+};
+/// Runs `exe args...` (each shell-quoted) with `redirect` appended (" 2>&1": stdout + stderr;
+/// " 2>/dev/null": stdout only; " 2>&1 >/dev/null": stderr only). stderr is never a terminal.
+RunResult run_command(const std::string& exe, const std::vector<std::string>& args, const char* redirect);
 
 }  // namespace kvslim::test

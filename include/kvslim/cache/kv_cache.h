@@ -104,6 +104,8 @@ class KVCache {
   ///   k, v       logical [kv_heads][n][head_dim], innermost stride 1, any other strides
   ///   positions  n strictly increasing positions, greater than the layer's last one;
   ///              empty = continue from the last position + 1 (0 for the first token)
+  /// It first finishes what the layer's previous append still owes (eviction and sealing,
+  /// if no attend() ran since), then validates everything; a call that throws adds nothing.
   void append(int layer, TensorView<const float> k, TensorView<const float> v,
               std::span<const std::int64_t> positions = {});
 
@@ -122,12 +124,14 @@ class KVCache {
   void attend(int layer, TensorView<const float> q, TensorView<float> out,
               const AttendOptions& options = {});
 
-  /// Seal, in every layer and head, what attend() would have sealed: complete pages beyond
-  /// the residual window. Idempotent; cheap when there is nothing to seal.
+  /// Do, in every layer and head, what attend() does after attention: run the eviction
+  /// policy once for the latest append, and seal complete pages beyond the residual window.
+  /// Idempotent; cheap when there is nothing to do.
   void flush();
 
-  /// Feed attention probabilities computed outside kvslim to the layer's scorers.
-  /// mass: [tokens(layer, kv_head)] in positions() order.
+  /// Feed attention probabilities computed outside kvslim to the layer's scorers (engines
+  /// that run their own attention over materialize()). mass: [tokens(layer, kv_head)] in
+  /// positions() order. Eviction then runs at flush() or at the layer's next append.
   void observe(int layer, int kv_head, std::span<const float> mass);
 
   /// Dense f32 copy of one head (decoded, lossy for lossy codecs).

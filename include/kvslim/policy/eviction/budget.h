@@ -7,10 +7,9 @@
 #include <string>
 #include <vector>
 
-namespace kvslim {
+#include "kvslim/policy/policy.h"
 
-class StageParams;
-class TokenStore;
+namespace kvslim {
 
 /// budget=N (tokens per kv head) or ratio=r (a fraction of the tokens seen so far, never
 /// below `recent`), plus recent=R, the newest tokens that are never evicted.
@@ -37,5 +36,19 @@ Evictable evictable(const TokenStore& store, int recent);
 /// Appends to victims the `count` evictable tokens with the lowest importance (ties: the
 /// older token goes first), so the result does not depend on the ISA or the sort.
 void lowest_scored(const TokenStore& store, Evictable range, std::int64_t count, std::vector<std::int64_t>& victims);
+
+/// The shape H2O, L2-norm and random share: hold the budget by dropping the lowest-importance
+/// tokens outside the recent window (and the codec sinks); they differ only in their scorer.
+class LowestScoreEviction : public EvictionPolicy {
+ public:
+  explicit LowestScoreEviction(TokenBudget b) : b_(b) {}
+  EvictAction action() const override { return EvictAction::kDrop; }
+  std::int64_t budget(std::int64_t seen) const override { return b_.at(seen); }
+  std::int64_t fixed_budget() const override { return b_.budget; }
+  void select(const TokenStore& store, std::vector<std::int64_t>& victims) const override;
+
+ protected:
+  TokenBudget b_;
+};
 
 }  // namespace kvslim

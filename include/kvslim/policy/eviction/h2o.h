@@ -25,18 +25,11 @@ class AccumulatedAttention final : public Scorer {
   void on_attention(TokenStore& store, std::span<const float> mass) const override;
 };
 
-class H2OEviction final : public EvictionPolicy {
+class H2OEviction final : public LowestScoreEviction {
  public:
-  explicit H2OEviction(TokenBudget b) : b_(b) {}
+  using LowestScoreEviction::LowestScoreEviction;
   std::string describe() const override { return "h2o:" + b_.describe(); }
-  EvictAction action() const override { return EvictAction::kDrop; }
-  std::int64_t budget(std::int64_t seen) const override { return b_.at(seen); }
-  std::int64_t fixed_budget() const override { return b_.budget; }
-  void select(const TokenStore& store, std::vector<std::int64_t>& victims) const override;
   std::shared_ptr<const Scorer> implied_scorer() const override;
-
- private:
-  TokenBudget b_;
 };
 
 }  // namespace kvslim

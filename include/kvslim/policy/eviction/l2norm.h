@@ -20,18 +20,11 @@ class KeyNormScore final : public Scorer {
   void on_attention(TokenStore&, std::span<const float>) const override {}
 };
 
-class L2NormEviction final : public EvictionPolicy {
+class L2NormEviction final : public LowestScoreEviction {
  public:
-  explicit L2NormEviction(TokenBudget b) : b_(b) {}
+  using LowestScoreEviction::LowestScoreEviction;
   std::string describe() const override { return "l2norm:" + b_.describe(); }
-  EvictAction action() const override { return EvictAction::kDrop; }
-  std::int64_t budget(std::int64_t seen) const override { return b_.at(seen); }
-  std::int64_t fixed_budget() const override { return b_.budget; }
-  void select(const TokenStore& store, std::vector<std::int64_t>& victims) const override;
   std::shared_ptr<const Scorer> implied_scorer() const override;
-
- private:
-  TokenBudget b_;
 };
 
 }  // namespace kvslim

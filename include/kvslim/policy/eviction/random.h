@@ -25,18 +25,13 @@ class RandomScore final : public Scorer {
   std::uint64_t seed_;
 };
 
-class RandomEviction final : public EvictionPolicy {
+class RandomEviction final : public LowestScoreEviction {
  public:
-  RandomEviction(TokenBudget b, std::uint64_t seed) : b_(b), seed_(seed) {}
+  RandomEviction(TokenBudget b, std::uint64_t seed) : LowestScoreEviction(b), seed_(seed) {}
   std::string describe() const override;
-  EvictAction action() const override { return EvictAction::kDrop; }
-  std::int64_t budget(std::int64_t seen) const override { return b_.at(seen); }
-  std::int64_t fixed_budget() const override { return b_.budget; }
-  void select(const TokenStore& store, std::vector<std::int64_t>& victims) const override;
   std::shared_ptr<const Scorer> implied_scorer() const override;
 
  private:
-  TokenBudget b_;
   std::uint64_t seed_;
 };
 
