@@ -342,11 +342,14 @@ void TokenStore::drop(const kernels::KernelTable& kt, std::span<const std::int64
   if (touched) repack(kt);
 }
 
-// Re-pack pages whose slots are more than half dead, merging them with adjacent small pages
-// (fewer than half of page_tokens() slots) while the live tokens fit in one page: decode the
-// live rows, encode them as one page. Lossless for f32/f16/bf16 (decode then encode gives
-// the same bits); KIVI re-quantizes keys over the merged page's range (values per token come
-// back to the same codes up to rounding). Order, positions and importance are unchanged.
+// Re-pack when a page has more than a quarter of its slots dead: every such page, and every
+// small page (fewer than half of page_tokens() slots) starts a run that takes the following
+// pages until the run holds at least page_tokens() live tokens; the run's live rows are
+// decoded and encoded again as full pages (the last one partial when the run ends short).
+// So pages stay full (the kernels' fast paths, few per-page costs) and at least 3/4 live.
+// Lossless for f32/f16/bf16 (decode then encode gives the same bits); KIVI re-quantizes keys
+// over each new page's range (values per token come back to the same codes up to rounding).
+// Order, positions and importance are unchanged.
 void TokenStore::repack(const kernels::KernelTable& kt) {
   const int g = page_tokens_;
   auto candidate = [](const Page& p) { return 4 * p.live < 3 * p.ntok; };
@@ -367,45 +370,29 @@ void TokenStore::repack(const kernels::KernelTable& kt) {
       continue;
     }
     std::size_t j = i;
-    bool has_cand = false;
-    while (j < n && (candidate(pages_[j]) || small(pages_[j]))) has_cand |= candidate(pages_[j++]);
-    if (!has_cand && j - i == 1) {
-      out.push_back(std::move(pages_[i++]));
-      continue;
+    std::int64_t total = 0;
+    while (j < n && total < g) total += pages_[j++].live;
+    rk.resize(static_cast<std::size_t>(total) * ud);
+    rv.resize(rk.size());
+    std::size_t row = 0;
+    for (std::size_t q = i; q < j; ++q) {
+      const Page& p = pages_[q];
+      k.resize(static_cast<std::size_t>(p.ntok) * ud);
+      v.resize(k.size());
+      pipeline_->codec->decode(kt, p.data.data(), p.ntok, d_, k.data(), v.data());
+      for (int s = 0; s < p.ntok; ++s) {
+        if (p.is_dead(s)) continue;
+        std::memcpy(rk.data() + row * ud, k.data() + static_cast<std::size_t>(s) * ud, ud * sizeof(float));
+        std::memcpy(rv.data() + row * ud, v.data() + static_cast<std::size_t>(s) * ud, ud * sizeof(float));
+        ++row;
+      }
     }
-    // Greedy groups of [a, b) with at most g live tokens each.
-    std::size_t a = i;
-    while (a < j) {
-      std::size_t b = a;
-      int total = 0;
-      while (b < j && total + pages_[b].live <= g) total += pages_[b++].live;
-      if (b == a) b = a + 1;
-      if (b - a == 1 && !candidate(pages_[a])) {
-        out.push_back(std::move(pages_[a]));
-        a = b;
-        continue;
-      }
-      if (total > 0) {
-        rk.resize(static_cast<std::size_t>(total) * ud);
-        rv.resize(rk.size());
-        std::size_t row = 0;
-        for (std::size_t q = a; q < b; ++q) {
-          const Page& p = pages_[q];
-          k.resize(static_cast<std::size_t>(p.ntok) * ud);
-          v.resize(k.size());
-          pipeline_->codec->decode(kt, p.data.data(), p.ntok, d_, k.data(), v.data());
-          for (int s = 0; s < p.ntok; ++s) {
-            if (p.is_dead(s)) continue;
-            std::memcpy(rk.data() + row * ud, k.data() + static_cast<std::size_t>(s) * ud, ud * sizeof(float));
-            std::memcpy(rv.data() + row * ud, v.data() + static_cast<std::size_t>(s) * ud, ud * sizeof(float));
-            ++row;
-          }
-        }
-        Page np = make_page(total);
-        pipeline_->codec->encode(kt, rk.data(), rv.data(), total, d_, np.data.data());
-        out.push_back(std::move(np));
-      }
-      a = b;
+    for (std::int64_t r0 = 0; r0 < total; r0 += g) {
+      const int nt = static_cast<int>(std::min<std::int64_t>(g, total - r0));
+      Page np = make_page(nt);
+      pipeline_->codec->encode(kt, rk.data() + r0 * d_, rv.data() + r0 * d_, nt, d_, np.data.data());
+      out.push_back(std::move(np));
+      ++repacked_pages_;
     }
     i = j;
   }
@@ -617,6 +604,7 @@ void TokenStore::reset() {
   last_append_ = 0;
   seen_ = 0;
   evict_pending_ = false;
+  repacked_pages_ = 0;
 }
 
 }  // namespace kvslim

@@ -76,6 +76,9 @@ class TokenStore {
   /// Sealed pages, and page slots (kept + masked dropped tokens not yet reclaimed).
   std::int64_t page_count() const noexcept { return static_cast<std::int64_t>(pages_.size()); }
   std::int64_t page_slots() const noexcept;
+  /// Pages encoded by re-packing since construction or reset() (each re-encodes its tokens:
+  /// lossless for float codecs, a second key rounding for KIVI).
+  std::int64_t repacked_pages() const noexcept { return repacked_pages_; }
   /// Kept tokens that are not special (sinks + pages + window), i.e. the index where the
   /// specials start.
   std::int64_t ordinary() const noexcept { return sinks_ + sealed_live_ + window_; }
@@ -200,6 +203,7 @@ class TokenStore {
   std::int64_t last_append_ = 0;
   std::int64_t seen_ = 0;
   bool evict_pending_ = false;
+  std::int64_t repacked_pages_ = 0;
   std::vector<std::int64_t> victims_;  // scratch for the eviction policy (not kept memory)
 };
 
