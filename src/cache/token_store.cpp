@@ -68,12 +68,20 @@ std::int64_t TokenStore::page_slots() const noexcept {
   return n;
 }
 
-void TokenStore::PositionRuns::put(std::uint64_t v) {
+void TokenStore::PositionRuns::put(Bytes& bytes, std::uint64_t v) {
   while (v >= 0x80) {
-    bytes_.push_back(static_cast<std::byte>((v & 0x7F) | 0x80));
+    bytes.push_back(static_cast<std::byte>((v & 0x7F) | 0x80));
     v >>= 7;
   }
-  bytes_.push_back(static_cast<std::byte>(v));
+  bytes.push_back(static_cast<std::byte>(v));
+}
+
+void TokenStore::PositionRuns::close_into(Block& b, std::int64_t first, std::int64_t count) {
+  put(b.bytes, static_cast<std::uint64_t>(first - b.end));
+  put(b.bytes, static_cast<std::uint64_t>(count - 1));
+  b.end = first + count;
+  b.tokens += count;
+  ++b.runs;
 }
 
 void TokenStore::PositionRuns::push_run(std::int64_t first, std::int64_t count) {
@@ -82,39 +90,84 @@ void TokenStore::PositionRuns::push_run(std::int64_t first, std::int64_t count) 
     return;
   }
   if (open_count_ > 0) {
-    put(static_cast<std::uint64_t>(open_first_ - closed_end_));
-    put(static_cast<std::uint64_t>(open_count_ - 1));
-    closed_end_ = open_first_ + open_count_;
+    if (blocks_.empty() || blocks_.back().runs >= kRunsPerBlock) {
+      const std::int64_t base = blocks_.empty() ? 0 : blocks_.back().end;
+      blocks_.push_back(Block{Bytes(TrackedAllocator<std::byte>(counter_)), base, base, 0, 0});
+    }
+    close_into(blocks_.back(), open_first_, open_count_);
   }
   open_first_ = first;
   open_count_ = count;
 }
 
 template <class F>
-void TokenStore::PositionRuns::for_each_run(F&& f) const {
+void TokenStore::PositionRuns::decode(const Block& b, F&& f) {
   std::size_t i = 0;
-  std::int64_t end = 0;
+  std::int64_t end = b.base;
   auto get = [&] {
     std::uint64_t v = 0;
     for (int shift = 0;; shift += 7) {
-      const auto b = static_cast<std::uint64_t>(bytes_[i++]);
-      v |= (b & 0x7F) << shift;
-      if (!(b & 0x80)) return v;
+      const auto byte = static_cast<std::uint64_t>(b.bytes[i++]);
+      v |= (byte & 0x7F) << shift;
+      if (!(byte & 0x80)) return v;
     }
   };
-  while (i < bytes_.size()) {
+  while (i < b.bytes.size()) {
     const std::int64_t first = end + static_cast<std::int64_t>(get());
     const std::int64_t count = static_cast<std::int64_t>(get()) + 1;
     f(first, count);
     end = first + count;
   }
+}
+
+template <class F>
+void TokenStore::PositionRuns::for_each_run(F&& f) const {
+  for (const Block& b : blocks_) decode(b, f);
   if (open_count_ > 0) f(open_first_, open_count_);
 }
 
+void TokenStore::PositionRuns::erase(const std::vector<std::int64_t>& idx) {
+  std::vector<std::pair<std::int64_t, std::int64_t>> pieces;
+  std::size_t x = 0;
+  std::int64_t start = 0;  // index of the current run's first token
+  // Split the runs of [first, first + count) around the victims at indices from `start`.
+  auto split = [&](std::int64_t first, std::int64_t count) {
+    std::int64_t from = 0;
+    for (; x < idx.size() && idx[x] < start + count; ++x) {
+      const std::int64_t off = idx[x] - start;
+      if (off > from) pieces.emplace_back(first + from, off - from);
+      from = off + 1;
+    }
+    if (from < count) pieces.emplace_back(first + from, count - from);
+    start += count;
+  };
+  for (Block& b : blocks_) {
+    if (x >= idx.size()) break;
+    if (idx[x] >= start + b.tokens) {  // untouched block
+      start += b.tokens;
+      continue;
+    }
+    pieces.clear();
+    decode(b, split);
+    b.bytes.clear();
+    b.end = b.base;
+    b.tokens = 0;
+    b.runs = 0;
+    for (const auto& [first, count] : pieces) close_into(b, first, count);
+  }
+  if (x < idx.size() && open_count_ > 0) {
+    pieces.clear();
+    split(open_first_, open_count_);
+    open_count_ = 0;
+    for (const auto& [first, count] : pieces) push_run(first, count);
+  }
+  std::erase_if(blocks_, [](const Block& b) { return b.tokens == 0; });
+}
+
 void TokenStore::PositionRuns::clear() {
-  Bytes empty(bytes_.get_allocator());
-  bytes_.swap(empty);
-  closed_end_ = open_first_ = open_count_ = 0;
+  decltype(blocks_) empty(blocks_.get_allocator());
+  blocks_.swap(empty);
+  open_first_ = open_count_ = 0;
 }
 
 std::vector<std::int64_t> TokenStore::positions() const {
@@ -255,32 +308,24 @@ void TokenStore::drop(const kernels::KernelTable& kt, std::span<const std::int64
   // Importance (index order) and positions: runs of ordinary tokens are split around the
   // victims in one pass, so a decode step that drops one token costs O(runs), not O(tokens).
   if (!importance_.empty()) {
-    std::size_t x = 0, w = 0;
-    for (std::size_t j = 0; j < importance_.size(); ++j) {
-      if (x < idx.size() && idx[x] == static_cast<std::int64_t>(j)) {
-        ++x;
-        continue;
-      }
-      importance_[w++] = importance_[j];
+    // Move the spans between victims down (memmove), not element by element.
+    std::size_t w = static_cast<std::size_t>(idx[0]);
+    for (std::size_t x = 0; x < idx.size(); ++x) {
+      const std::size_t from = static_cast<std::size_t>(idx[x]) + 1;
+      const std::size_t to = x + 1 < idx.size() ? static_cast<std::size_t>(idx[x + 1]) : importance_.size();
+      if (to > from) std::memmove(importance_.data() + w, importance_.data() + from, (to - from) * sizeof(float));
+      w += to - from;
     }
     importance_.resize(w);
   }
   {
-    std::vector<std::pair<std::int64_t, std::int64_t>> pieces;
-    std::size_t x = 0;
-    std::int64_t base = 0;
-    runs_.for_each_run([&](std::int64_t first, std::int64_t count) {
-      std::int64_t from = 0;  // offset in the run of the next piece
-      for (; x < idx.size() && idx[x] < base + count; ++x) {
-        const std::int64_t off = idx[x] - base;
-        if (off > from) pieces.emplace_back(first + from, off - from);
-        from = off + 1;
-      }
-      if (from < count) pieces.emplace_back(first + from, count - from);
-      base += count;
-    });
-    runs_.clear();
-    for (const auto& [first, count] : pieces) runs_.push_run(first, count);
+    const std::size_t dropped_ord =
+        static_cast<std::size_t>(std::lower_bound(idx.begin(), idx.end(), ord) - idx.begin());
+    if (dropped_ord > 0) {
+      const std::vector<std::int64_t> ord_idx(idx.begin(), idx.begin() + static_cast<std::ptrdiff_t>(dropped_ord));
+      runs_.erase(ord_idx);
+    }
+    std::size_t x = dropped_ord;
     std::size_t w = 0;
     for (std::size_t j = 0; j < special_pos_.size(); ++j) {
       if (x < idx.size() && idx[x] == ord + static_cast<std::int64_t>(j)) {
@@ -556,27 +601,32 @@ void TokenStore::attend(const kernels::KernelTable& kt, const float* q, int nq, 
   if (mass) collect_mass(ws, nq, nquery, 0, mass);
 }
 
-void TokenStore::collect_mass(const AttendWorkspace& ws, int nq, int nquery, int first_query, float* mass) const {
+void TokenStore::collect_mass(AttendWorkspace& ws, int nq, int nquery, int first_query, float* mass) const {
   const std::size_t unq = static_cast<std::size_t>(nq);
   const bool all_ok = ws.row_ok.empty();
   const std::size_t nb = ws.blocks.size();
+  std::vector<float>& sum = ws.block_sum;
   for (std::size_t b = 0; b < nb; ++b) {
     const AttendWorkspace::Block& blk = ws.blocks[b];
+    // Sum the rows over the block's slots first (contiguous, vectorized); skipping dead slots
+    // then costs one pass per block instead of one per row.
+    float* acc = mass + blk.index;
+    if (blk.dead) {
+      sum.assign(static_cast<std::size_t>(blk.ntok), 0.0f);
+      acc = sum.data();
+    }
     for (int r = 0; r < nq; ++r) {
       if (ws.l[r] <= 0.0f || (!all_ok && !ws.row_ok[r]) || (r % nquery) < first_query) continue;
       // Probabilities were normalized by the running max of their block; rescale to the
       // final max and divide by the final sum.
       const float c = std::exp(ws.block_max[b * unq + r] - ws.m[r]) / ws.l[r];
       const float* pr = ws.probs.data() + static_cast<std::size_t>(r) * ws.slots + blk.slot;
+      for (int j = 0; j < blk.ntok; ++j) acc[j] += pr[j] * c;
+    }
+    if (blk.dead) {
       float* mo = mass + blk.index;
-      if (!blk.dead) {
-        for (int j = 0; j < blk.ntok; ++j) mo[j] += pr[j] * c;
-        continue;
-      }
-      for (int j = 0; j < blk.ntok; ++j) {
-        if ((blk.dead[j >> 6] >> (j & 63)) & 1u) continue;
-        *mo++ += pr[j] * c;
-      }
+      for (int j = 0; j < blk.ntok; ++j)
+        if (!((blk.dead[j >> 6] >> (j & 63)) & 1u)) *mo++ += sum[static_cast<std::size_t>(j)];
     }
   }
 }

@@ -52,7 +52,8 @@ struct AttendWorkspace {
     const std::uint64_t* dead;  // page dead bits, or null
   };
   std::vector<Block> blocks;
-  std::vector<float> mass;  // KVCache: scorer mass of one head
+  std::vector<float> mass;       // KVCache: scorer mass of one head
+  std::vector<float> block_sum;  // collect_mass: one block's probabilities summed over rows
   std::int64_t slots = 0;  // physical slots covered by probs rows
 };
 
@@ -136,7 +137,7 @@ class TokenStore {
   /// After attend() with a mass request (mass may be null there and the probabilities are
   /// still kept when keep_probs is set): add into mass [size()] the probability each token
   /// received from the rows whose query index (r % nquery) >= first_query.
-  void collect_mass(const AttendWorkspace& ws, int nq, int nquery, int first_query, float* mass) const;
+  void collect_mass(AttendWorkspace& ws, int nq, int nquery, int first_query, float* mass) const;
 
   /// Drop everything; keep the pipeline.
   void reset();
@@ -144,22 +145,35 @@ class TokenStore {
  private:
   using Bytes = std::vector<std::byte, TrackedAllocator<std::byte>>;
   /// Positions of the ordinary tokens in index order, as runs of consecutive positions.
-  /// Closed runs are varint coded (gap from the previous run's end, count - 1): a contiguous
-  /// prompt costs a few bytes, a token kept alone among evicted neighbours about two.
+  /// Closed runs are varint coded (gap from the previous run's end, count - 1) in blocks of
+  /// up to 128 runs: a contiguous prompt costs a few bytes, a token kept alone among evicted
+  /// neighbours about two, and dropping a token re-codes one block, not the whole list.
   class PositionRuns {
    public:
-    explicit PositionRuns(ByteCounter* c) : bytes_(TrackedAllocator<std::byte>(c)) {}
+    explicit PositionRuns(ByteCounter* c) : counter_(c), blocks_(TrackedAllocator<Block>(c)) {}
     void push_run(std::int64_t first, std::int64_t count);
     template <class F>
     void for_each_run(F&& f) const;  // f(first, count) in index order
+    /// Remove the tokens at `idx` (sorted, unique, all < the number of positions held).
+    void erase(const std::vector<std::int64_t>& idx);
     void clear();
-    std::size_t bytes_size() const noexcept { return bytes_.size(); }
 
    private:
-    void put(std::uint64_t v);
-    Bytes bytes_;
-    std::int64_t closed_end_ = 0;  // one past the last closed run's last position
-    std::int64_t open_first_ = 0, open_count_ = 0;
+    static constexpr int kRunsPerBlock = 128;
+    struct Block {
+      Bytes bytes;
+      std::int64_t base = 0;    // the first run's gap is counted from here
+      std::int64_t end = 0;     // one past the last run's last position
+      std::int64_t tokens = 0;  // positions in the block
+      int runs = 0;
+    };
+    template <class F>
+    static void decode(const Block& b, F&& f);
+    static void put(Bytes& bytes, std::uint64_t v);
+    static void close_into(Block& b, std::int64_t first, std::int64_t count);
+    ByteCounter* counter_;
+    std::vector<Block, TrackedAllocator<Block>> blocks_;
+    std::int64_t open_first_ = 0, open_count_ = 0;  // the last run, still growing
   };
   using Floats = std::vector<float, TrackedAllocator<float>>;
   using Words = std::vector<std::uint64_t, TrackedAllocator<std::uint64_t>>;
