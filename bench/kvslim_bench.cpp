@@ -18,6 +18,7 @@
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
+#include <functional>
 #include <random>
 #include <string>
 #include <vector>
@@ -46,6 +47,21 @@ const int kContexts[] = {4096, 16384, 65536};
 double min_of(const std::vector<double>& v) { return *std::min_element(v.begin(), v.end()); }
 const int kThreads[] = {1, 2};
 
+// Appends ctx tokens to layer 0 in chunks of `chunk`, cycling through k, v ([kvh][chunk][d]);
+// after_each (may be empty) runs after every chunk.
+void append_chunks(KVCache& cache, const std::vector<float>& k, const std::vector<float>& v, int kvh, int d, int chunk,
+                   int ctx, const std::function<void()>& after_each) {
+  for (int t = 0; t < ctx; t += chunk) {
+    const int n = std::min(chunk, ctx - t);
+    Layout l;
+    l.rank = 3;
+    l.shape = {kvh, n, d, 0};
+    l.strides = {static_cast<std::int64_t>(chunk) * d, d, 1, 0};
+    cache.append(0, TensorView<const float>(k.data(), l), TensorView<const float>(v.data(), l));
+    if (after_each) after_each();
+  }
+}
+
 void BM_attend(benchmark::State& state, Isa isa, AttendFormat f, int ctx, int threads) {
   constexpr int kQH = 32, kKVH = 8, kD = 128, kChunk = 1024;
   set_active_isa(isa);  // the cache binds its kernel table at construction
@@ -57,14 +73,7 @@ void BM_attend(benchmark::State& state, Isa isa, AttendFormat f, int ctx, int th
   fill_random(k.data(), k.size(), 1);
   fill_random(v.data(), v.size(), 2);
   fill_random(q.data(), q.size(), 3);
-  for (int t = 0; t < ctx; t += kChunk) {
-    const int n = std::min(kChunk, ctx - t);
-    Layout l;
-    l.rank = 3;
-    l.shape = {kKVH, n, kD, 0};
-    l.strides = {static_cast<std::int64_t>(kChunk) * kD, kD, 1, 0};
-    cache.append(0, TensorView<const float>(k.data(), l), TensorView<const float>(v.data(), l));
-  }
+  append_chunks(cache, k, v, kKVH, kD, kChunk, ctx, nullptr);
   // The decode step: one new token, then its attention over everything.
   cache.append(0, TensorView<const float>(k.data(), {kKVH, 1, kD}), TensorView<const float>(v.data(), {kKVH, 1, kD}));
   const CacheStats st = cache.stats();
@@ -93,17 +102,10 @@ void BM_evict(benchmark::State& state, Isa isa, AttendFormat f, int ctx) {
   fill_random(q.data(), q.size(), 3);
   const TensorView<const float> qv(q.data(), {kQH, 1, kD});
   const TensorView<float> ov(out.data(), {kQH, 1, kD});
-  // Fill to ctx seen tokens by decoding in chunks: chunks of kBudget/4 queries (their last
-  // query attends; H2O scores then evict down to the budget).
-  for (int t = 0; t < ctx; t += kChunk) {
-    const int n = std::min(kChunk, ctx - t);
-    Layout l;
-    l.rank = 3;
-    l.shape = {kKVH, n, kD, 0};
-    l.strides = {static_cast<std::int64_t>(kChunk) * kD, kD, 1, 0};
-    cache.append(0, TensorView<const float>(k.data(), l), TensorView<const float>(v.data(), l));
-    cache.attend(0, qv, ov);
-  }
+  // Fill to ctx seen tokens in chunks, each followed by one query's attention (which scores
+  // and evicts down to the budget).
+  const auto attend_once = [&] { cache.attend(0, qv, ov); };
+  append_chunks(cache, k, v, kKVH, kD, kChunk, ctx, attend_once);
   int step = 0;
   for (auto _ : state) {
     const std::size_t off = static_cast<std::size_t>(step++ % kChunk) * kD;
