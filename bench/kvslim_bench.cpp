@@ -9,6 +9,8 @@
 //       metadata included), bytes_per_second (kv_bytes read per second), bits_per_value.
 //       Google Benchmark appends "/real_time" to every name (wall time is measured, so that
 //       threads:2 is timed correctly).
+//   BM_attend/<isa>/<format>/ctx:<tokens>/threads:<n>/kv:1
+//       the same with one kv head (MQA): two threads split that head's pages (split-KV)
 //   BM_evict/<isa>/<format>/h2o:4096/ctx:65536
 //       a whole decode step with eviction: append one token, attend (the scorer's mass, the
 //       H2O selection, dropping and re-packing included) on a cache that has seen 64K tokens
@@ -62,8 +64,8 @@ void append_chunks(KVCache& cache, const std::vector<float>& k, const std::vecto
   }
 }
 
-void BM_attend(benchmark::State& state, Isa isa, AttendFormat f, int ctx, int threads) {
-  constexpr int kQH = 32, kKVH = 8, kD = 128, kChunk = 1024;
+void BM_attend(benchmark::State& state, Isa isa, AttendFormat f, int ctx, int threads, int kKVH) {
+  constexpr int kQH = 32, kD = 128, kChunk = 1024;
   set_active_isa(isa);  // the cache binds its kernel table at construction
   CacheConfig cfg{1, kQH, kKVH, kD, ctx + 1, f.recipe};
   cfg.threads = threads;
@@ -140,11 +142,26 @@ void register_attend() {
           if (isa == Isa::kScalar && ctx > kContexts[0]) continue;
           const std::string name = std::string("BM_attend/") + isa_name(isa) + "/" + f.name + "/ctx:" +
                                    std::to_string(ctx) + "/threads:" + std::to_string(th);
-          benchmark::RegisterBenchmark(name.c_str(), BM_attend, isa, f, ctx, th)
+          benchmark::RegisterBenchmark(name.c_str(), BM_attend, isa, f, ctx, th, 8)
               ->UseRealTime()
               ->ComputeStatistics("min", min_of)
               ->Unit(benchmark::kMillisecond);
         }
+  // MQA (32 query heads, 1 kv head): with 2 threads the head's pages are split between them.
+  for (Isa isa : available_isas()) {
+    if (isa == Isa::kScalar) continue;
+    for (const AttendFormat& f : kAttendFormats)
+      for (int ctx : {16384, 65536})
+        for (int th : kThreads) {
+          if (std::string(f.name) != "f16" && std::string(f.name) != "kivi4") continue;
+          const std::string name = std::string("BM_attend/") + isa_name(isa) + "/" + f.name + "/ctx:" +
+                                   std::to_string(ctx) + "/threads:" + std::to_string(th) + "/kv:1";
+          benchmark::RegisterBenchmark(name.c_str(), BM_attend, isa, f, ctx, th, 1)
+              ->UseRealTime()
+              ->ComputeStatistics("min", min_of)
+              ->Unit(benchmark::kMillisecond);
+        }
+  }
   for (Isa isa : available_isas()) {
     if (isa == Isa::kScalar) continue;
     for (const AttendFormat& f : kAttendFormats) {

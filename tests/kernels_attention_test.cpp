@@ -48,6 +48,7 @@ void operator delete(void* p, std::size_t) noexcept { counted_free(p); }
 void operator delete[](void* p, std::size_t) noexcept { counted_free(p); }
 
 using namespace kvslim;
+using kvslim::test::ref_attention;
 using kvslim::test::rel_l2;
 
 namespace {
@@ -168,6 +169,45 @@ TEST(AttentionThreads, IdenticalToOneThread) {
       const Outputs many = run(s, cfg, chunks, true);
       EXPECT_EQ(many.out, one.out) << recipe << " threads " << threads;
       EXPECT_EQ(many.mass, one.mass) << recipe << " threads " << threads;
+    }
+  }
+}
+
+// Split-KV: with fewer kv heads than threads (here MQA: 1 kv head, and GQA with 2), each
+// head's pages are split over the threads and the online-softmax states merged. The merge
+// changes only float rounding: within 2e-6 relative of one thread, and within the usual
+// bounds of exact double-precision attention (f32: 2e-6), for a long prefill chunk (causal
+// masking inside the ranges), decode steps, sinks, a residual window, and an evicting
+// policy that needs no attention (streaming: the split path then evicts per head).
+TEST(AttentionThreads, SplitKVMatchesOneThread) {
+  for (int kvh : {1, 2}) {
+    const Seq s(kvh, 8, 64, 1300, 13);
+    const auto chunks = prefill_then_decode(s.T, 1200);
+    for (const char* recipe : {"f32:sinks=2,residual=16", "f16", "kivi:kbits=4,vbits=4,residual=0",
+                               "streaming:sinks=4,window=1100 | kivi:kbits=2,vbits=2,residual=32"}) {
+      CacheConfig cfg{1, s.qh, s.kvh, s.d, s.T, recipe};
+      const Outputs one = run(s, cfg, chunks, false);
+      for (int threads : {2, 3, 4}) {
+        cfg.threads = threads;
+        const Outputs many = run(s, cfg, chunks, false);
+        EXPECT_LT(rel_l2(many.out.data(), one.out.data(), static_cast<long>(one.out.size())), 2e-6)
+            << recipe << " kv heads " << kvh << " threads " << threads;
+      }
+      if (std::string(recipe).rfind("f32", 0) == 0) {
+        cfg.threads = 2;
+        const Outputs two = run(s, cfg, chunks, false);
+        for (int h = 0; h < s.qh; ++h)
+          for (int t : {0, 700, 1199, 1250, 1299}) {
+            std::vector<float> ref(s.d);
+            const int kv = h / (s.qh / s.kvh);
+            ref_attention(s.q.data() + (static_cast<std::size_t>(h) * s.T + t) * s.d,
+                          s.k.data() + static_cast<std::size_t>(kv) * s.T * s.d,
+                          s.v.data() + static_cast<std::size_t>(kv) * s.T * s.d, t + 1, s.d, s.d,
+                          1.0 / std::sqrt(s.d), ref.data());
+            EXPECT_LT(rel_l2(two.out.data() + (static_cast<std::size_t>(h) * s.T + t) * s.d, ref.data(), s.d), 2e-6)
+                << "q head " << h << " token " << t;
+          }
+      }
     }
   }
 }

@@ -65,6 +65,7 @@ class WorkerPool {
   /// Claim the pool for one run; false if another thread is running it (the caller then does
   /// the work alone rather than wait or oversubscribe).
   bool try_acquire() { return busy_.try_lock(); }
+  int participants() const noexcept { return participants_; }
   void release() { busy_.unlock(); }
 
   /// Runs fn(ctx, task) for every task in [0, ntasks) and returns when every participant is
@@ -137,7 +138,8 @@ struct KVCache::Impl {
   std::vector<std::unique_ptr<Pipeline>> pipelines;
   ByteCounter shared;
   std::vector<TokenStore*, TrackedAllocator<TokenStore*>> stores{TrackedAllocator<TokenStore*>(&shared)};
-  std::unique_ptr<WorkerPool> pool;  // only when cfg.threads > 1 and kv_heads > 1
+  std::unique_ptr<WorkerPool> pool;  // only when cfg.threads > 1
+  std::vector<float> split_m, split_l, split_o;  // split-KV partial states [task][row]([d])
 
   ~Impl() {
     TrackedAllocator<TokenStore> alloc(&shared);
@@ -235,8 +237,10 @@ KVCache::KVCache(const CacheConfig& config) : impl_(std::make_unique<Impl>()) {
       new (s) TokenStore(c.head_dim, m.pipelines[idx].get());
       m.stores.push_back(s);
     }
-  // Work is split by kv head, so more threads than heads would only idle.
-  const int workers = std::min(c.threads, c.kv_heads) - 1;
+  // Work is split by kv head, and with fewer heads than threads by ranges of one head's
+  // pages (split-KV, at most kMaxSplits per head), so every thread can help.
+  constexpr int kMaxSplits = 8;
+  const int workers = std::min(c.threads, c.kv_heads * kMaxSplits) - 1;
   if (workers > 0) m.pool = std::make_unique<WorkerPool>(workers);
 }
 
@@ -349,19 +353,19 @@ void KVCache::attend(int layer, TensorView<const float> q, TensorView<float> out
     const TensorView<const float>* q;
     const TensorView<float>* out;
     const AttendOptions* options;
+    void (*gather)(const Task&, int, AttendWorkspace&);
+    int splits;  // split-KV: ranges per head (1 = whole heads)
   };
   // One kv head: gather its query rows (scaled), attend, scatter the outputs. Runs on any
   // thread; each thread has its own workspace.
-  auto head = [](void* ctx, int h) {
-    const Task& t = *static_cast<const Task*>(ctx);
+  // Rows of kv head h: query head (h*group + g), query i -> row g*n + i. A row with NaN/Inf
+  // (only reachable with NonFinitePolicy::kAllow) is zeroed for the kernels and flagged, so
+  // its output is NaN on every ISA and it adds no attention mass.
+  auto gather = [](const Task& t, int h, AttendWorkspace& ws) {
     const std::int64_t nt = t.n;
     const int d = t.d, group = t.group;
-    AttendWorkspace& ws = workspace();
     ws.q.resize(static_cast<std::size_t>(t.nq) * d);
     ws.out.resize(static_cast<std::size_t>(t.nq) * d);
-    // Rows of this kv head: query head (h*group + g), query i -> row g*n + i. A row with
-    // NaN/Inf (only reachable with NonFinitePolicy::kAllow) is zeroed for the kernels and
-    // flagged, so its output is NaN on every ISA and it adds no attention mass.
     ws.row_ok.clear();
     for (int g = 0; g < group; ++g)
       for (std::int64_t i = 0; i < nt; ++i) {
@@ -373,6 +377,13 @@ void KVCache::attend(int layer, TensorView<const float> q, TensorView<float> out
         if (!finite) ws.row_ok[static_cast<std::size_t>(g * nt + i)] = 0;
         for (int ch = 0; ch < d; ++ch) dst[ch] = finite ? src[ch] * t.scale : 0.0f;
       }
+  };
+  auto head = [](void* ctx, int h) {
+    const Task& t = *static_cast<const Task*>(ctx);
+    const std::int64_t nt = t.n;
+    const int d = t.d, group = t.group;
+    AttendWorkspace& ws = workspace();
+    t.gather(t, h, ws);
     TokenStore& s = t.m->at(t.layer, h);
     float* mass = nullptr;
     if (t.options->mass) {
@@ -401,15 +412,80 @@ void KVCache::attend(int layer, TensorView<const float> q, TensorView<float> out
     s.flush(*t.m->kt);
   };
   const int group = c.q_heads / c.kv_heads;
-  Task task{&m, layer, group, c.head_dim, group * static_cast<int>(n), n, scale, &q, &out, &options};
-  if (m.pool && m.pool->try_acquire()) {
-    struct Release {
-      WorkerPool* p;
-      ~Release() { p->release(); }
-    } release{m.pool.get()};
-    m.pool->run(c.kv_heads, head, &task);
-  } else {
+  Task task{&m, layer, group, c.head_dim, group * static_cast<int>(n), n, scale, &q, &out, &options, gather, 1};
+  if (!(m.pool && m.pool->try_acquire())) {
     for (int h = 0; h < c.kv_heads; ++h) head(&task, h);
+    return;
+  }
+  struct Release {
+    WorkerPool* p;
+    ~Release() { p->release(); }
+  } release{m.pool.get()};
+  // Split-KV: with fewer kv heads than threads (MQA, few-head GQA), each head's pages are cut
+  // into ranges that run on different threads, and their online-softmax states are merged.
+  // Only without attention mass (the mass needs every range's final normalization) and when
+  // every range gets at least kMinSplitPages pages. Results equal one thread's up to float
+  // rounding of the merge (tests/kernels_attention_test.cpp bounds it).
+  constexpr std::int64_t kMinSplitPages = 8;
+  const int participants = m.pool->participants();
+  bool mass_wanted = options.mass != nullptr;
+  std::int64_t min_pages = std::numeric_limits<std::int64_t>::max();
+  for (int h = 0; h < c.kv_heads; ++h) {
+    const TokenStore& s = m.at(layer, h);
+    min_pages = std::min(min_pages, s.page_count());
+    for (const auto& sc : s.pipeline().scorers) mass_wanted |= sc->needs_attention();
+  }
+  const int splits = (participants + c.kv_heads - 1) / c.kv_heads;
+  if (mass_wanted || splits < 2 || min_pages < kMinSplitPages * splits) {
+    m.pool->run(c.kv_heads, head, &task);
+    return;
+  }
+  task.splits = splits;
+  const std::size_t unq = static_cast<std::size_t>(task.nq), ntasks = static_cast<std::size_t>(c.kv_heads) * splits;
+  m.split_m.resize(ntasks * unq);
+  m.split_l.resize(ntasks * unq);
+  m.split_o.resize(ntasks * unq * static_cast<std::size_t>(c.head_dim));
+  auto part = [](void* ctx, int i) {
+    const Task& t = *static_cast<const Task*>(ctx);
+    const int h = i / t.splits, k = i % t.splits;
+    AttendWorkspace& ws = workspace();
+    t.gather(t, h, ws);
+    const TokenStore& s = t.m->at(t.layer, h);
+    const std::size_t np = static_cast<std::size_t>(s.page_count()), sp = static_cast<std::size_t>(t.splits);
+    const TokenStore::AttendRange range{np * k / sp, np * (k + 1) / sp, k == 0, k == t.splits - 1};
+    const std::size_t rows = static_cast<std::size_t>(t.nq);
+    s.attend_partial(*t.m->kt, ws.q.data(), t.nq, static_cast<int>(t.n), range,
+                     t.m->split_o.data() + static_cast<std::size_t>(i) * rows * t.d, ws);
+    std::copy(ws.m.begin(), ws.m.end(), t.m->split_m.begin() + static_cast<std::ptrdiff_t>(i * rows));
+    std::copy(ws.l.begin(), ws.l.end(), t.m->split_l.begin() + static_cast<std::ptrdiff_t>(i * rows));
+  };
+  m.pool->run(static_cast<int>(ntasks), part, &task);
+  const int d = c.head_dim;
+  for (int h = 0; h < c.kv_heads; ++h) {
+    for (int g = 0; g < group; ++g)
+      for (std::int64_t i = 0; i < n; ++i) {
+        const std::size_t r = static_cast<std::size_t>(g * n + i);
+        const float* qr = q.row(h * group + g, i);
+        bool finite = true;
+        for (int ch = 0; ch < d; ++ch) finite &= std::isfinite(qr[ch]);
+        float mx = -std::numeric_limits<float>::infinity();
+        for (int k = 0; k < splits; ++k) mx = std::max(mx, m.split_m[(static_cast<std::size_t>(h) * splits + k) * unq + r]);
+        float* o = out.row(h * group + g, i);
+        std::fill(o, o + d, 0.0f);
+        float l = 0.0f;
+        for (int k = 0; k < splits; ++k) {
+          const std::size_t ti = static_cast<std::size_t>(h) * splits + k;
+          const float mk = m.split_m[ti * unq + r];
+          if (mk == -std::numeric_limits<float>::infinity()) continue;  // the range saw nothing
+          const float w = std::exp(mk - mx);
+          l += m.split_l[ti * unq + r] * w;
+          const float* ok = m.split_o.data() + (ti * unq + r) * d;
+          for (int ch = 0; ch < d; ++ch) o[ch] += ok[ch] * w;
+        }
+        const float inv = !finite ? std::numeric_limits<float>::quiet_NaN() : l > 0.0f ? 1.0f / l : 0.0f;
+        for (int ch = 0; ch < d; ++ch) o[ch] = finite ? o[ch] * inv : inv;
+      }
+    m.at(layer, h).flush(*m.kt);
   }
 }
 

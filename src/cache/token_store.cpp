@@ -488,6 +488,27 @@ void TokenStore::materialize(const kernels::KernelTable& kt, float* k, float* v,
 
 void TokenStore::attend(const kernels::KernelTable& kt, const float* q, int nq, int nquery, float* out,
                         float* mass, AttendWorkspace& ws) const {
+  attend_blocks(kt, q, nq, nquery, out, mass != nullptr || ws.keep_probs, {0, pages_.size(), true, true}, ws);
+  const int d = d_;
+  const bool all_ok = ws.row_ok.empty();
+  for (int r = 0; r < nq; ++r) {
+    // A non-finite query row (NonFinitePolicy::kAllow) gives NaN on every ISA, whatever
+    // the kernels made of it.
+    const float inv = !all_ok && !ws.row_ok[r] ? std::numeric_limits<float>::quiet_NaN()
+                      : ws.l[r] > 0.0f         ? 1.0f / ws.l[r]
+                                               : 0.0f;
+    for (int c = 0; c < d; ++c) out[r * d + c] = all_ok || ws.row_ok[r] ? out[r * d + c] * inv : inv;
+  }
+  if (mass) collect_mass(ws, nq, nquery, 0, mass);
+}
+
+void TokenStore::attend_partial(const kernels::KernelTable& kt, const float* q, int nq, int nquery,
+                                const AttendRange& range, float* out, AttendWorkspace& ws) const {
+  attend_blocks(kt, q, nq, nquery, out, false, range, ws);
+}
+
+void TokenStore::attend_blocks(const kernels::KernelTable& kt, const float* q, int nq, int nquery, float* out,
+                               bool want_probs, const AttendRange& range, AttendWorkspace& ws) const {
   const int d = d_;
   const std::size_t unq = static_cast<std::size_t>(nq);
   ws.m.assign(unq, kNegInf);
@@ -495,7 +516,6 @@ void TokenStore::attend(const kernels::KernelTable& kt, const float* q, int nq, 
   std::fill(out, out + unq * d, 0.0f);
   const int block = std::max(page_tokens_, kDenseBlock);
   if (ws.s.size() < unq * block) ws.s.resize(unq * block);
-  const bool want_probs = mass != nullptr || ws.keep_probs;
   // Physical slots: dead page slots are scored (then masked) like the others.
   const std::int64_t slots = sinks_ + page_slots() + window_ + specials();
   ws.blocks.clear();
@@ -507,6 +527,13 @@ void TokenStore::attend(const kernels::KernelTable& kt, const float* q, int nq, 
   float* s = ws.s.data();
   std::int64_t slot = 0;   // physical slot of the block's first token
   std::int64_t index = 0;  // logical index of the block's first live token
+  if (!range.head) {  // a later range of one head's pages (split-KV): start where it starts
+    slot = index = sinks_;
+    for (std::size_t i = 0; i < range.page_begin; ++i) {
+      slot += pages_[i].ntok;
+      index += pages_[i].live;
+    }
+  }
 
   // Causal mask within the latest append. Its tokens are the last last_append_ ordinary
   // (non-special) tokens in index order, whichever segments they landed in (sinks, pages or
@@ -558,17 +585,17 @@ void TokenStore::attend(const kernels::KernelTable& kt, const float* q, int nq, 
     }
   };
 
-  dense(sink_k_.data(), sink_v_.data(), sinks_, nullptr);
+  if (range.head) dense(sink_k_.data(), sink_v_.data(), sinks_, nullptr);
   const Codec& codec = *pipeline_->codec;
   // Pages are separate allocations, so the hardware prefetchers restart at every page, and
   // the kernels' arithmetic does not overlap misses well on its own: ask for the page
   // kPrefetchAhead pages on while this one is processed, its first half before the scores
   // (keys come first in every page layout) and the rest before the values.
-  const std::size_t npages = pages_.size();
+  const std::size_t npages = std::min(range.page_end, pages_.size());
   auto prefetch = [](const std::byte* b, std::size_t from, std::size_t to) {
     for (std::size_t o = from; o < to; o += 64) __builtin_prefetch(b + o, 0, 3);
   };
-  for (std::size_t i = 0; i < npages; ++i) {
+  for (std::size_t i = range.page_begin; i < npages; ++i) {
     const Page& pg = pages_[i];
     const std::byte* p = pg.data.data();
     const Page* next = i + kPrefetchAhead < npages ? &pages_[i + kPrefetchAhead] : nullptr;
@@ -586,19 +613,10 @@ void TokenStore::attend(const kernels::KernelTable& kt, const float* q, int nq, 
     if (next) prefetch(next->data.data(), half, 2 * half);
     finish_block(pg.ntok, pg.live, dead, [&] { codec.accumulate(kt, p, pg.ntok, d, s, nq, out); });
   }
-  dense(win_k_.data(), win_v_.data(), window_, nullptr);
-  dense(special_k_.data(), special_v_.data(), specials(), special_w_.data());
-
-  const bool all_ok = ws.row_ok.empty();
-  for (int r = 0; r < nq; ++r) {
-    // A non-finite query row (NonFinitePolicy::kAllow) gives NaN on every ISA, whatever
-    // the kernels made of it.
-    const float inv = !all_ok && !ws.row_ok[r] ? std::numeric_limits<float>::quiet_NaN()
-                      : ws.l[r] > 0.0f         ? 1.0f / ws.l[r]
-                                               : 0.0f;
-    for (int c = 0; c < d; ++c) out[r * d + c] = all_ok || ws.row_ok[r] ? out[r * d + c] * inv : inv;
+  if (range.tail) {
+    dense(win_k_.data(), win_v_.data(), window_, nullptr);
+    dense(special_k_.data(), special_v_.data(), specials(), special_w_.data());
   }
-  if (mass) collect_mass(ws, nq, nquery, 0, mass);
 }
 
 void TokenStore::collect_mass(AttendWorkspace& ws, int nq, int nquery, int first_query, float* mass) const {

@@ -24,11 +24,15 @@ struct CacheConfig {
   std::string recipe = "f32";
   NonFinitePolicy non_finite = NonFinitePolicy::kReject;
   /// Threads attend() may use, 1-256. With threads > 1 the kv heads of a layer are shared
-  /// out among the calling thread and min(threads, kv_heads) - 1 worker threads that the
-  /// cache starts in its constructor and joins in its destructor (they sleep between
-  /// calls). 1 (the default) never starts a thread. A call that finds the workers busy
-  /// (another layer attending concurrently) runs its heads alone. attend() still allocates
-  /// nothing in steady state: each worker warms up its own scratch on its first call.
+  /// out among the calling thread and min(threads, 8 * kv_heads) - 1 worker threads that the
+  /// cache starts in its constructor and joins in its destructor (they sleep between calls).
+  /// With fewer kv heads than threads (MQA, few-head GQA), each head's pages are split into
+  /// ranges on different threads and their softmax states merged (split-KV; results equal
+  /// one thread's up to float rounding), unless attention mass is wanted (AttendOptions.mass
+  /// or a scorer such as H2O's): then heads are the unit. 1 (the default) never starts a
+  /// thread. A call that finds the workers busy (another layer attending concurrently) runs
+  /// its heads alone. attend() still allocates nothing in steady state: each worker warms up
+  /// its own scratch on its first call.
   int threads = 1;
 };
 

@@ -134,6 +134,18 @@ class TokenStore {
   /// plus O(nq * size()) only when mass is requested.
   void attend(const kernels::KernelTable& kt, const float* q, int nq, int nquery, float* out, float* mass,
               AttendWorkspace& ws) const;
+  /// A part of one head's tokens, for splitting a head over threads (split-KV): pages
+  /// [page_begin, page_end), plus the sinks (head) and the window and specials (tail).
+  struct AttendRange {
+    std::size_t page_begin, page_end;
+    bool head, tail;
+  };
+  /// Attention state over one range only: ws.m and ws.l hold the online-softmax maximum and
+  /// sum per row and out the unnormalized weighted values; the caller merges the ranges
+  /// (o = sum_i o_i e^(m_i - m), l = sum_i l_i e^(m_i - m), out = o / l). No mass.
+  void attend_partial(const kernels::KernelTable& kt, const float* q, int nq, int nquery, const AttendRange& range,
+                      float* out, AttendWorkspace& ws) const;
+
   /// After attend() with a mass request (mass may be null there and the probabilities are
   /// still kept when keep_probs is set): add into mass [size()] the probability each token
   /// received from the rows whose query index (r % nquery) >= first_query.
@@ -189,6 +201,8 @@ class TokenStore {
     }
   };
 
+  void attend_blocks(const kernels::KernelTable& kt, const float* q, int nq, int nquery, float* out, bool want_probs,
+                     const AttendRange& range, AttendWorkspace& ws) const;
   void grow_window(std::int64_t rows);
   void push_position(std::int64_t p);
   void seal_pages(const kernels::KernelTable& kt);
