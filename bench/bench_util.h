@@ -17,6 +17,7 @@ const std::vector<float>& big_input();
 
 void register_roofline();  // BM_read_bandwidth, BM_memcpy
 void register_codecs();    // BM_encode, BM_decode
-void register_attend();    // BM_attend
+void register_attend();    // BM_attend, BM_evict
+void register_prefill();   // BM_prefill, BM_prefill_gemm
 
 }  // namespace kvslim::bench

@@ -181,6 +181,7 @@ int main(int argc, char** argv) {
   kvslim::bench::register_roofline();
   kvslim::bench::register_codecs();
   kvslim::bench::register_attend();
+  kvslim::bench::register_prefill();
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   benchmark::RunSpecifiedBenchmarks();
