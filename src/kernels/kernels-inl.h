@@ -454,6 +454,11 @@ void quant_keys_d(const float* k, int ntok, std::uint16_t* scale, std::uint16_t*
     for (int b = 0; b < KB; ++b) mn[b] = mx[b] = vload(k + (v0 + b) * kL);
     for (int j = 1; j < ntok; ++j) {
       const float* x = k + off(j, D) + v0 * kL;
+      // The first block touches every row's first lines at a stride of a row, which the
+      // hardware prefetchers follow poorly: ask for the rest of the row (the later blocks)
+      // and of the next one now, so that the page streams in sequentially.
+      if (KB < NV && v0 == 0)
+        for (int c = KB * kL; c < D + KB * kL; c += 16) _mm_prefetch(reinterpret_cast<const char*>(x + c), _MM_HINT_T0);
       for (int b = 0; b < KB; ++b) {
         const VF xv = vload(x + b * kL);
         mn[b] = vmin(xv, mn[b]);
