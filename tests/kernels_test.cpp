@@ -1,6 +1,6 @@
 // Kernel tables. Every entry of every table built and supported here (scalar always) is
 // compared with the scalar table, the `_ref` oracle, over head_dims
-// {1,3,7,8,9,15,16,17,31,32,33,64,127,128,256}, token counts with tails of every unroll
+// {1,3,7,8,9,15,16,17,31,32,33,64,80,96,100,127,128,256}, token counts with tails of every unroll
 // (1..65, so batches of 2, 4, 16 and 32 tokens all have remainders) and query-row counts
 // with tails of the 4-row register blocks.
 //
@@ -53,7 +53,7 @@ void PrintTo(Isa isa, std::ostream* os) { *os << isa_name(isa); }
 
 namespace {
 
-const int kDims[] = {1, 3, 7, 8, 9, 15, 16, 17, 31, 32, 33, 64, 127, 128, 256};
+const int kDims[] = {1, 3, 7, 8, 9, 15, 16, 17, 31, 32, 33, 64, 80, 96, 100, 127, 128, 256};
 const int kTokens[] = {1, 2, 5, 15, 16, 17, 31, 32, 33, 65};
 const int kRows[] = {1, 3, 4, 5, 8};
 const int kBits[] = {2, 3, 4, 8};
@@ -85,10 +85,11 @@ unsigned code_at(const std::uint8_t* row, int c, int bits) {
 }
 
 // Value groups to test for head_dim d: 1, d, and the divisors of d that are multiples of 16
-// (the SIMD fast paths) or 4 (a group that does not tile vectors).
+// (the SIMD fast paths), 4 (a group that does not tile vectors) or 20 and 25 (the default
+// vgroups at head_dim 80 and 100).
 std::vector<int> vgroups(int d) {
   std::vector<int> g = {1, d};
-  for (int v : {4, 16, 32, 64})
+  for (int v : {4, 16, 20, 25, 32, 64})
     if (v < d && d % v == 0) g.push_back(v);
   return g;
 }

@@ -287,13 +287,12 @@ inline GroupParams group_params(float mn, float mx, float qmax, std::uint16_t* s
 // lanes whose x, zero and inv are 0 give code 0.
 inline VI vquant_lane(VF x, VF zero, VF inv, VF qmax) noexcept { return vquant(vmul(vsub(x, zero), inv), qmax); }
 
-// Codes of one row from kL-channel code vectors: 4 vectors at a time with the SIMD packer
-// when B is 2, 4 or 8, else (and for the tail) vector by vector.
+// Codes of one row from kL-channel code vectors: 4 vectors at a time with the SIMD packer,
+// the tail vector by vector.
 template <int B>
 inline void store_row_codes(std::uint8_t* row, const VI* codes, int d) noexcept {
   int v = 0;
-  if constexpr (B != 3)
-    for (; (v + 4) * kL <= d; v += 4) vstore_codes4<B>(row + v * kL * B / 8, codes + v);
+  for (; (v + 4) * kL <= d; v += 4) vstore_codes4<B>(row + v * kL * B / 8, codes + v);
   for (; v * kL < d; ++v) vstore_codes<B>(row + v * kL * B / 8, codes[v], imin(kL, d - v * kL));
 }
 
@@ -427,6 +426,124 @@ void quant_values(const float* v, int ntok, int d, int vg, std::uint16_t* scale,
       cv[c / kL] = vquant_lane(vload_n(x + c, n), vload_n(zc + c, n), vload_n(ic + c, n), qmax);
     }
     store_row_codes<B>(codes + off(j, rb), cv, d);
+  }
+}
+
+// --- KIVI encode fast paths: head_dim D a multiple of 4 kL (64, 128, 256) ---
+// Whole rows are packed 4 vectors at a time from the raw rounded (x - zero) * inv, the
+// packer's saturation doing the clamp (see vstore_codes4: bit-exact with vquant).
+template <int B, int D>
+inline void quant_row_d(const float* x, const VF* zf, const VF* inv, std::uint8_t* row) noexcept {
+  static_assert(D % (4 * kL) == 0, "rows of whole 4-vector packs");
+  for (int v = 0; v < D / kL; v += 4) {
+    VI c[4];
+    for (int i = 0; i < 4; ++i) c[i] = vround_i(vmul(vsub(vload(x + (v + i) * kL), zf[v + i]), inv[v + i]));
+    vstore_codes4<B>(row + v * kL * B / 8, c);
+  }
+}
+
+// Keys: pass 1 reads the page row by row for blocks of kKB channel vectors (min/max in
+// registers, token order as the scalar scan); pass 2 quantizes and packs row by row.
+template <int B, int D>
+void quant_keys_d(const float* k, int ntok, std::uint16_t* scale, std::uint16_t* zero, std::uint8_t* codes) noexcept {
+  constexpr int NV = D / kL, KB = NV < kKB ? NV : kKB, RB = D * B / 8;
+  const VF qmax = vset1(static_cast<float>((1 << B) - 1));
+  VF zf[NV], inv[NV];
+  for (int v0 = 0; v0 < NV; v0 += KB) {
+    VF mn[KB], mx[KB];
+    for (int b = 0; b < KB; ++b) mn[b] = mx[b] = vload(k + (v0 + b) * kL);
+    for (int j = 1; j < ntok; ++j) {
+      const float* x = k + off(j, D) + v0 * kL;
+      // The first block touches every row's first lines at a stride of a row, which the
+      // hardware prefetchers follow poorly: ask for the rest of the row (the later blocks)
+      // and of the next one now, so that the page streams in sequentially.
+      if (KB < NV && v0 == 0)
+        for (int c = KB * kL; c < D + KB * kL; c += 16) _mm_prefetch(reinterpret_cast<const char*>(x + c), _MM_HINT_T0);
+      for (int b = 0; b < KB; ++b) {
+        const VF xv = vload(x + b * kL);
+        mn[b] = vmin(xv, mn[b]);
+        mx[b] = vmax(xv, mx[b]);
+      }
+    }
+    for (int b = 0; b < KB; ++b) {
+      const int c = (v0 + b) * kL;
+      zf[v0 + b] = vstore_h_round(zero + c, mn[b]);
+      inv[v0 + b] = vinv_pos(vstore_h_round(scale + c, vdiv(vsub(mx[b], zf[v0 + b]), qmax)));
+    }
+  }
+  for (int j = 0; j < ntok; ++j) quant_row_d<B, D>(k + off(j, D), zf, inv, codes + off(j, RB));
+}
+
+// Values (vg a multiple of kL, ng = D / vg dividing kL): as quant_values_batched, kL/ng
+// tokens per batch so that their (token, group) pairs fill one vector of parameters; the
+// per-pair zero and inverse are broadcast from a stack copy (loads, not shuffles). NG is
+// D / vg when given at compile time (the default vgroup 32), 0 for any other.
+template <int B, int D, int NG>
+void quant_values_d(const float* v, int ntok, int vg_rt, std::uint16_t* scale, std::uint16_t* zero,
+                    std::uint8_t* codes) noexcept {
+  constexpr int NV = D / kL, RB = D * B / 8;
+  const int vg = NG ? D / NG : vg_rt, ng = NG ? NG : D / vg, tpb = kL / ng, vpg = vg / kL;
+  const VF qmax = vset1(static_cast<float>((1 << B) - 1));
+  for (int j0 = 0; j0 < ntok; j0 += tpb) {
+    const int nt = imin(tpb, ntok - j0);
+    VF mnv[kL], mxv[kL];
+    for (int t = 0; t < tpb; ++t) {
+      const float* x = v + off(j0 + imin(t, nt - 1), D);  // spare tokens repeat the last
+      for (int g = 0; g < ng; ++g) {
+        const float* xg = x + g * vg;
+        VF mn = vload(xg), mx = mn;
+        for (int c = 1; c < vpg; ++c) {
+          const VF xv = vload(xg + c * kL);
+          mn = vmin(xv, mn);
+          mx = vmax(xv, mx);
+        }
+        mnv[t * ng + g] = mn;
+        mxv[t * ng + g] = mx;
+      }
+    }
+    VF mn = vhreduce<OpMin>(mnv), mx = vhreduce<OpMax>(mxv);
+    // A zero extreme keeps the sign the scalar scan would see (rare: only then a scan).
+    if (const unsigned zl = vzero_lanes(mn) | vzero_lanes(mx)) {
+      alignas(64) float mnl[kL], mxl[kL];
+      vstore(mnl, mn);
+      vstore(mxl, mx);
+      for (int i = 0; i < nt * ng; ++i) {
+        if (!((zl >> i) & 1u)) continue;
+        const float* xg = v + off(j0 + i / ng, D) + off(i % ng, vg);
+        if (mnl[i] == 0.0f) mnl[i] = first_equal(xg, vg, 0.0f);
+        if (mxl[i] == 0.0f) mxl[i] = first_equal(xg, vg, 0.0f);
+      }
+      mn = vload(mnl);
+      mx = vload(mxl);
+    }
+    const int n = nt * ng;
+    std::uint16_t* zp = zero + off(j0, ng);
+    std::uint16_t* sp = scale + off(j0, ng);
+    alignas(64) float zl[kL], il[kL];
+    VF z, s;
+    if (n == kL) {
+      z = vstore_h_round(zp, mn);
+      s = vstore_h_round(sp, vdiv(vsub(mx, z), qmax));
+    } else {
+      z = vstore_h_round_n(zp, mn, n);
+      s = vstore_h_round_n(sp, vdiv(vsub(mx, z), qmax), n);
+    }
+    vstore(zl, z);
+    vstore(il, vinv_pos(s));
+    for (int t = 0; t < nt; ++t) {
+      const float* x = v + off(j0 + t, D);
+      std::uint8_t* row = codes + off(j0 + t, RB);
+      const float* zt = zl + t * ng;
+      const float* it = il + t * ng;
+      for (int v0 = 0; v0 < NV; v0 += 4) {
+        VI c[4];
+        for (int i = 0; i < 4; ++i) {
+          const int g = NG ? (v0 + i) / (NV / NG) : (v0 + i) / vpg;
+          c[i] = vround_i(vmul(vsub(vload(x + (v0 + i) * kL), vset1(zt[g])), vset1(it[g])));
+        }
+        vstore_codes4<B>(row + v0 * kL * B / 8, c);
+      }
+    }
   }
 }
 
@@ -660,23 +777,50 @@ void accum_bf16_k(const float* p, int nq, const std::uint16_t* v, int ntok, int 
   KVSLIM_DISPATCH_D(accum_bf16_d, d, p, nq, v, ntok, d, o)
 }
 
+template <int B>
+void quant_keys_b(const float* k, int ntok, int d, std::uint16_t* scale, std::uint16_t* zero,
+                  std::uint8_t* codes) noexcept {
+  switch (d) {
+    case 64: return quant_keys_d<B, 64>(k, ntok, scale, zero, codes);
+    case 128: return quant_keys_d<B, 128>(k, ntok, scale, zero, codes);
+    case 256: return quant_keys_d<B, 256>(k, ntok, scale, zero, codes);
+    default: return quant_keys<B>(k, ntok, d, scale, zero, codes);
+  }
+}
+template <int B>
+void quant_values_b(const float* v, int ntok, int d, int vg, std::uint16_t* scale, std::uint16_t* zero,
+                    std::uint8_t* codes) noexcept {
+  if (vg % kL == 0 && kL % (d / vg) == 0) {
+    switch (d) {
+      case 64: return vg == 32 ? quant_values_d<B, 64, 2>(v, ntok, vg, scale, zero, codes)
+                               : quant_values_d<B, 64, 0>(v, ntok, vg, scale, zero, codes);
+      case 128: return vg == 32 ? quant_values_d<B, 128, 4>(v, ntok, vg, scale, zero, codes)
+                                : quant_values_d<B, 128, 0>(v, ntok, vg, scale, zero, codes);
+      case 256: return vg == 32 ? quant_values_d<B, 256, 8>(v, ntok, vg, scale, zero, codes)
+                                : quant_values_d<B, 256, 0>(v, ntok, vg, scale, zero, codes);
+      default: break;
+    }
+  }
+  quant_values<B>(v, ntok, d, vg, scale, zero, codes);
+}
+
 void kivi_quant_keys_k(const float* k, int ntok, int d, int bits, std::uint16_t* scale, std::uint16_t* zero,
                        std::uint8_t* codes) noexcept {
   switch (bits) {
-    case 2: return quant_keys<2>(k, ntok, d, scale, zero, codes);
-    case 3: return quant_keys<3>(k, ntok, d, scale, zero, codes);
-    case 4: return quant_keys<4>(k, ntok, d, scale, zero, codes);
-    case 8: return quant_keys<8>(k, ntok, d, scale, zero, codes);
+    case 2: return quant_keys_b<2>(k, ntok, d, scale, zero, codes);
+    case 3: return quant_keys_b<3>(k, ntok, d, scale, zero, codes);
+    case 4: return quant_keys_b<4>(k, ntok, d, scale, zero, codes);
+    case 8: return quant_keys_b<8>(k, ntok, d, scale, zero, codes);
     default: return scalar::kTable.kivi_quant_keys(k, ntok, d, bits, scale, zero, codes);
   }
 }
 void kivi_quant_values_k(const float* v, int ntok, int d, int bits, int vg, std::uint16_t* scale,
                          std::uint16_t* zero, std::uint8_t* codes) noexcept {
   switch (bits) {
-    case 2: return quant_values<2>(v, ntok, d, vg, scale, zero, codes);
-    case 3: return quant_values<3>(v, ntok, d, vg, scale, zero, codes);
-    case 4: return quant_values<4>(v, ntok, d, vg, scale, zero, codes);
-    case 8: return quant_values<8>(v, ntok, d, vg, scale, zero, codes);
+    case 2: return quant_values_b<2>(v, ntok, d, vg, scale, zero, codes);
+    case 3: return quant_values_b<3>(v, ntok, d, vg, scale, zero, codes);
+    case 4: return quant_values_b<4>(v, ntok, d, vg, scale, zero, codes);
+    case 8: return quant_values_b<8>(v, ntok, d, vg, scale, zero, codes);
     default: return scalar::kTable.kivi_quant_values(v, ntok, d, bits, vg, scale, zero, codes);
   }
 }

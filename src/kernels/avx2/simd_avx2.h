@@ -223,22 +223,38 @@ inline __m128i vcode_bytes(VI codes) noexcept {
   return _mm_unpacklo_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
 }
 
-// Packs the 32 codes of c[0..3] (channels in order, each < 2^B, B in {2, 4, 8}) into 4*B
-// bytes at p, LSB-first: saturating packs to bytes (lane-interleaved, fixed by one dword
-// permutation), then multiply-adds merge neighbouring codes.
+// Packs the 32 codes of c[0..3] (channels in order) into 4*B bytes at p, LSB-first.
+// The lanes may hold any int32: they are saturated to [0, 2^B - 1] (signed packs to 16
+// bits, unsigned packs to bytes, then an unsigned byte minimum), so raw VCVTPS2DQ results
+// of the quantization rule can be passed in (a NaN converts to INT_MIN and gives 0, as
+// the clamp-then-round of vquant). The byte packs are lane-interleaved, fixed by one
+// dword permutation; multiply-adds then merge neighbouring codes.
 template <int B>
 inline void vstore_codes4(std::uint8_t* p, const VI* c) noexcept {
-  const __m256i b = _mm256_permutevar8x32_epi32(
+  __m256i b = _mm256_permutevar8x32_epi32(
       _mm256_packus_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3])),
       _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  if constexpr (B != 8) b = _mm256_min_epu8(b, _mm256_set1_epi8(static_cast<char>((1 << B) - 1)));
   if constexpr (B == 8) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), b);
   } else if constexpr (B == 4) {
     const __m256i w = _mm256_maddubs_epi16(b, _mm256_set1_epi16(16 << 8 | 1));  // c0 + 16 c1
     const __m256i x = _mm256_permute4x64_epi64(_mm256_packus_epi16(w, w), 0x08);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(x));
+  } else if constexpr (B == 3) {
+    // 8 codes make 24 bits: words c0 + 8 c1, dwords of 4 codes (12 bits), then each qword's
+    // high dword is shifted down next to its low one; bytes 0-2 of every qword are gathered.
+    const __m256i w = _mm256_maddubs_epi16(b, _mm256_set1_epi16(8 << 8 | 1));
+    const __m256i d = _mm256_madd_epi16(w, _mm256_set1_epi32(64 << 16 | 1));
+    const __m256i q = _mm256_or_si256(d, _mm256_srli_epi64(d, 20));
+    const __m256i g = _mm256_shuffle_epi8(q, _mm256_setr_epi8(0, 1, 2, 8, 9, 10, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                                               0, 1, 2, 8, 9, 10, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1));
+    const __m128i x = _mm_or_si128(_mm256_castsi256_si128(g), _mm_slli_si128(_mm256_extracti128_si256(g, 1), 6));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(p), x);
+    const std::uint32_t hi = static_cast<std::uint32_t>(_mm_extract_epi32(x, 2));
+    __builtin_memcpy(p + 8, &hi, 4);
   } else {
-    static_assert(B == 2, "vstore_codes4 packs 2, 4 or 8 bits");
+    static_assert(B == 2, "vstore_codes4 packs 2, 3, 4 or 8 bits");
     const __m256i w = _mm256_maddubs_epi16(b, _mm256_set1_epi16(4 << 8 | 1));  // c0 + 4 c1
     const __m256i d = _mm256_madd_epi16(w, _mm256_set1_epi32(16 << 16 | 1));  // + 16 (c2 + 4 c3)
     const __m256i x = _mm256_packus_epi16(_mm256_packus_epi32(d, d), _mm256_setzero_si256());
@@ -248,3 +264,22 @@ inline void vstore_codes4(std::uint8_t* p, const VI* c) noexcept {
     __builtin_memcpy(p, &v, 8);
   }
 }
+
+// nearbyint(y) as int32, unclamped (ties to even; NaN and |y| >= 2^31 give INT_MIN).
+inline VI vround_i(VF y) noexcept { return _mm256_cvtps_epi32(y); }
+// f16 bits of v stored at p (8 of them), and the f32 value of those bits.
+inline VF vstore_h_round(std::uint16_t* p, VF v) noexcept {
+  const __m128i h = f16_bits(v);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);
+  return _mm256_cvtph_ps(h);
+}
+inline VF vstore_h_round_n(std::uint16_t* p, VF v, int n) noexcept {
+  const __m128i h = f16_bits(v);
+  store_u16_n(p, h, n);
+  return _mm256_cvtph_ps(h);
+}
+// Bit i set where lane i is +0 or -0.
+inline unsigned vzero_lanes(VF v) noexcept {
+  return static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_EQ_OQ)));
+}
+constexpr int kKB = 4;  // channel vectors per block in the key min/max pass (8 accumulators)

@@ -205,23 +205,57 @@ inline VF vcodes(const std::uint8_t* p, int n) noexcept {
 // Bytes of the 16 codes (each < 256) in lane order.
 inline __m128i vcode_bytes(VI codes) noexcept { return _mm512_cvtepi32_epi8(codes); }
 
-// Packs the 64 codes of c[0..3] (channels in order, each < 2^B, B in {2, 4, 8}) into 8*B
-// bytes at p, LSB-first: saturating packs to bytes (lane-interleaved, fixed by one dword
-// permutation), then multiply-adds merge neighbouring codes.
+// Packs the 64 codes of c[0..3] (channels in order) into 8*B bytes at p, LSB-first.
+// The lanes may hold any int32: they are saturated to [0, 2^B - 1] (signed packs to 16
+// bits, unsigned packs to bytes, then an unsigned byte minimum), so raw VCVTPS2DQ results
+// of the quantization rule can be passed in (a NaN converts to INT_MIN and gives 0, as
+// the clamp-then-round of vquant). The byte packs are lane-interleaved, fixed by one
+// dword permutation; multiply-adds then merge neighbouring codes.
 template <int B>
 inline void vstore_codes4(std::uint8_t* p, const VI* c) noexcept {
-  const __m512i b = _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15),
-                                             _mm512_packus_epi16(_mm512_packs_epi32(c[0], c[1]),
-                                                                 _mm512_packs_epi32(c[2], c[3])));
+  __m512i b = _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15),
+                                       _mm512_packus_epi16(_mm512_packs_epi32(c[0], c[1]),
+                                                           _mm512_packs_epi32(c[2], c[3])));
+  if constexpr (B != 8) b = _mm512_min_epu8(b, _mm512_set1_epi8(static_cast<char>((1 << B) - 1)));
   if constexpr (B == 8) {
     _mm512_storeu_si512(p, b);
   } else if constexpr (B == 4) {
     const __m512i w = _mm512_maddubs_epi16(b, _mm512_set1_epi16(16 << 8 | 1));  // c0 + 16 c1
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi16_epi8(w));
+  } else if constexpr (B == 3) {
+    // 8 codes make 24 bits: words c0 + 8 c1, dwords of 4 codes (12 bits), then each qword's
+    // high dword is shifted down next to its low one; the qwords are narrowed to dwords and
+    // bytes 0-2 of every dword gathered (12 per 128-bit lane, then one dword permutation).
+    const __m512i w = _mm512_maddubs_epi16(b, _mm512_set1_epi16(8 << 8 | 1));
+    const __m512i d = _mm512_madd_epi16(w, _mm512_set1_epi32(64 << 16 | 1));
+    const __m256i q = _mm512_cvtepi64_epi32(_mm512_or_si512(d, _mm512_srli_epi64(d, 20)));
+    const __m256i g = _mm256_shuffle_epi8(q, _mm256_setr_epi8(0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14, -1, -1, -1, -1,
+                                                               0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14, -1, -1, -1, -1));
+    _mm256_mask_storeu_epi8(p, 0x00FFFFFFu,
+                            _mm256_permutevar8x32_epi32(g, _mm256_setr_epi32(0, 1, 2, 4, 5, 6, 7, 7)));
   } else {
-    static_assert(B == 2, "vstore_codes4 packs 2, 4 or 8 bits");
+    static_assert(B == 2, "vstore_codes4 packs 2, 3, 4 or 8 bits");
     const __m512i w = _mm512_maddubs_epi16(b, _mm512_set1_epi16(4 << 8 | 1));     // c0 + 4 c1
     const __m512i d = _mm512_madd_epi16(w, _mm512_set1_epi32(16 << 16 | 1));     // + 16 (c2 + 4 c3)
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtepi32_epi8(d));
   }
 }
+
+// nearbyint(y) as int32, unclamped (ties to even; NaN and |y| >= 2^31 give INT_MIN).
+inline VI vround_i(VF y) noexcept { return _mm512_cvtps_epi32(y); }
+// f16 bits of v stored at p (16 of them), and the f32 value of those bits.
+inline VF vstore_h_round(std::uint16_t* p, VF v) noexcept {
+  const __m256i h = f16_bits(v);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
+  return _mm512_cvtph_ps(h);
+}
+inline VF vstore_h_round_n(std::uint16_t* p, VF v, int n) noexcept {
+  const __m256i h = f16_bits(v);
+  _mm256_mask_storeu_epi16(p, lanes(n), h);
+  return _mm512_cvtph_ps(h);
+}
+// Bit i set where lane i is +0 or -0.
+inline unsigned vzero_lanes(VF v) noexcept {
+  return static_cast<unsigned>(_mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_EQ_OQ));
+}
+constexpr int kKB = 8;  // channel vectors per block in the key min/max pass (16 accumulators)
