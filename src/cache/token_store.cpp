@@ -45,7 +45,6 @@ TokenStore::TokenStore(int head_dim, const Pipeline* pipeline)
       page_tokens_(pipeline->codec->page_tokens()),
       // Pages are rounded to 16 bytes, the allocator's own alignment, so what we count is
       // what we ask for.
-      page_bytes_(static_cast<std::int64_t>(round16(pipeline->codec->page_bytes(page_tokens_, head_dim)))),
       residual_(pipeline->codec->residual()),
       sink_target_(pipeline->codec->sinks()),
       sink_k_(TrackedAllocator<float>(&counter_)),
@@ -305,8 +304,8 @@ void TokenStore::drop(const kernels::KernelTable& kt, std::span<const std::int64
       break;
     }
 
-  // Importance (index order) and positions: runs of ordinary tokens are split around the
-  // victims in one pass, so a decode step that drops one token costs O(runs), not O(tokens).
+  // Importance (index order), then positions: only the position blocks that hold victims
+  // are re-coded (PositionRuns::erase).
   if (!importance_.empty()) {
     // Move the spans between victims down (memmove), not element by element.
     std::size_t w = static_cast<std::size_t>(idx[0]);
@@ -325,16 +324,6 @@ void TokenStore::drop(const kernels::KernelTable& kt, std::span<const std::int64
       const std::vector<std::int64_t> ord_idx(idx.begin(), idx.begin() + static_cast<std::ptrdiff_t>(dropped_ord));
       runs_.erase(ord_idx);
     }
-    std::size_t x = dropped_ord;
-    std::size_t w = 0;
-    for (std::size_t j = 0; j < special_pos_.size(); ++j) {
-      if (x < idx.size() && idx[x] == ord + static_cast<std::int64_t>(j)) {
-        ++x;
-        continue;
-      }
-      special_pos_[w++] = special_pos_[j];
-    }
-    special_pos_.resize(w);
   }
 
   // Split the victims by segment (relative indices).
@@ -342,30 +331,26 @@ void TokenStore::drop(const kernels::KernelTable& kt, std::span<const std::int64
   std::size_t x = 0;
   for (; x < idx.size() && idx[x] < sinks_; ++x) in_sinks.push_back(idx[x]);
   std::int64_t base = sinks_;
+  const std::int64_t pages_end = sinks_ + sealed_live_;  // before this drop
   bool touched = false;
   for (Page& p : pages_) {
-    if (x >= idx.size() || idx[x] >= sinks_ + sealed_live_) break;
+    if (x >= idx.size() || idx[x] >= pages_end) break;
     // Walk the page's live slots: logical base .. base + live.
-    int live_seen = 0;
+    int live_seen = 0, dropped = 0;
     for (int j = 0; j < p.ntok && x < idx.size() && idx[x] < base + p.live; ++j) {
       if (p.is_dead(j)) continue;
       if (idx[x] == base + live_seen) {
         if (p.dead.empty()) p.dead.assign(static_cast<std::size_t>((p.ntok + 63) / 64), 0);
         p.dead[static_cast<std::size_t>(j) >> 6] |= std::uint64_t{1} << (j & 63);
         ++x;
+        ++dropped;
         touched = true;
       }
       ++live_seen;
     }
     base += p.live;
-  }
-  // Recount live slots per page (bits set = dead).
-  sealed_live_ = 0;
-  for (Page& p : pages_) {
-    int dead = 0;
-    for (std::uint64_t w : p.dead) dead += __builtin_popcountll(w);
-    p.live = p.ntok - dead;
-    sealed_live_ += p.live;
+    p.live -= dropped;
+    sealed_live_ -= dropped;
   }
   for (; x < idx.size() && idx[x] < ord; ++x) in_window.push_back(idx[x] - (ord - window_));
   for (; x < idx.size(); ++x) in_specials.push_back(idx[x] - ord);
@@ -383,6 +368,7 @@ void TokenStore::drop(const kernels::KernelTable& kt, std::span<const std::int64
     erase_rows(special_k_, ns, d_, in_specials);
     erase_rows(special_v_, ns, d_, in_specials);
     erase_rows(special_w_, ns, 1, in_specials);
+    erase_rows(special_pos_, ns, 1, in_specials);
   }
   if (touched) repack(kt);
 }

@@ -212,7 +212,6 @@ class TokenStore {
   int d_;
   const Pipeline* pipeline_;
   int page_tokens_;
-  std::int64_t page_bytes_;
   int residual_;
   int sink_target_;
   ByteCounter counter_;
