@@ -23,6 +23,7 @@
 #include <functional>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "bench_util.h"
@@ -132,6 +133,15 @@ void BM_evict(benchmark::State& state, Isa isa, AttendFormat f, int ctx) {
 
 }  // namespace
 
+// Every attention row: wall time (threads), the least disturbed repetition, milliseconds.
+template <class... Args>
+void register_ms(const std::string& name, Args&&... args) {
+  benchmark::RegisterBenchmark(name.c_str(), std::forward<Args>(args)...)
+      ->UseRealTime()
+      ->ComputeStatistics("min", min_of)
+      ->Unit(benchmark::kMillisecond);
+}
+
 void register_attend() {
   for (Isa isa : available_isas())
     for (const AttendFormat& f : kAttendFormats)
@@ -142,10 +152,7 @@ void register_attend() {
           if (isa == Isa::kScalar && ctx > kContexts[0]) continue;
           const std::string name = std::string("BM_attend/") + isa_name(isa) + "/" + f.name + "/ctx:" +
                                    std::to_string(ctx) + "/threads:" + std::to_string(th);
-          benchmark::RegisterBenchmark(name.c_str(), BM_attend, isa, f, ctx, th, 8)
-              ->UseRealTime()
-              ->ComputeStatistics("min", min_of)
-              ->Unit(benchmark::kMillisecond);
+          register_ms(name, BM_attend, isa, f, ctx, th, 8);
         }
   // MQA (32 query heads, 1 kv head): with 2 threads the head's pages are split between them.
   for (Isa isa : available_isas()) {
@@ -156,10 +163,7 @@ void register_attend() {
           if (std::string(f.name) != "f16" && std::string(f.name) != "kivi4") continue;
           const std::string name = std::string("BM_attend/") + isa_name(isa) + "/" + f.name + "/ctx:" +
                                    std::to_string(ctx) + "/threads:" + std::to_string(th) + "/kv:1";
-          benchmark::RegisterBenchmark(name.c_str(), BM_attend, isa, f, ctx, th, 1)
-              ->UseRealTime()
-              ->ComputeStatistics("min", min_of)
-              ->Unit(benchmark::kMillisecond);
+          register_ms(name, BM_attend, isa, f, ctx, th, 1);
         }
   }
   for (Isa isa : available_isas()) {
@@ -167,10 +171,7 @@ void register_attend() {
     for (const AttendFormat& f : kAttendFormats) {
       if (std::string(f.name) != "f16" && std::string(f.name) != "kivi4" && std::string(f.name) != "kivi2") continue;
       const std::string name = std::string("BM_evict/") + isa_name(isa) + "/" + f.name + "/h2o:4096/ctx:65536";
-      benchmark::RegisterBenchmark(name.c_str(), BM_evict, isa, f, 65536)
-          ->UseRealTime()
-          ->ComputeStatistics("min", min_of)
-          ->Unit(benchmark::kMillisecond);
+      register_ms(name, BM_evict, isa, f, 65536);
     }
   }
 }
