@@ -524,80 +524,65 @@ void TokenStore::attend_blocks(const kernels::KernelTable& kt, const float* q, i
   // Causal mask within the latest append. Its tokens are the last last_append_ ordinary
   // (non-special) tokens in index order, whichever segments they landed in (sinks, pages or
   // window); query i of the nquery queries is chunk token (last_append_ - nquery + i), so
-  // row r sees ordinary tokens with index < causal_end - nquery + (r % nquery) + 1. Only a
-  // block that reaches past the first query's limit needs masking; in decode (one query,
-  // the newest token) none does.
-  const std::int64_t causal_end = ordinary();
-  const std::int64_t first_limit = causal_end - nquery + 1;
-  auto mask_causal = [&](int ntok, int live, const std::uint64_t* dead) {
-    if (index + live <= first_limit) return;
-    for (int r = 0; r < nq; ++r) {
-      const std::int64_t limit = first_limit + (r % nquery);
-      std::int64_t lg = index;
-      for (int j = 0; j < ntok; ++j) {
-        if (dead && ((dead[j >> 6] >> (j & 63)) & 1u)) continue;
-        if (lg++ >= limit) s[r * ntok + j] = kNegInf;
-      }
-    }
-  };
-
-  // Shared tail of every block: online softmax, keep probabilities for the mass output,
-  // then the weighted value sum.
-  auto finish_block = [&](int ntok, int live, const std::uint64_t* dead, auto&& accumulate) {
-    kt.softmax_block(s, nq, ntok, ws.m.data(), ws.l.data(), out, d);
+  // row r sees ordinary tokens with index < causal_end - nquery + (r % nquery) + 1
+  // (kernels::BlockMask applies it; in decode, one query, it masks nothing).
+  const std::int64_t first_limit = ordinary() - nquery + 1;
+  kernels::OnlineState st{ws.m.data(), ws.l.data(), out, s};
+  // Every block: the fused kernel updates the softmax state (and copies its probabilities
+  // for the mass output), then the block is recorded for collect_mass().
+  auto run_block = [&](int ntok, int live, const std::uint64_t* dead, const float* bias, auto&& attend) {
+    kernels::BlockMask mask;
+    mask.dead = dead;
+    mask.bias = bias;
+    mask.first = index;
+    mask.limit0 = bias ? kernels::BlockMask::kNoLimit : first_limit;  // specials stand for the past
+    mask.nquery = nquery;
+    st.probs = want_probs ? ws.probs.data() + slot : nullptr;
+    st.probs_stride = slots;
+    attend(mask);
     if (want_probs) {
       ws.blocks.push_back({slot, index, ntok, dead});
       ws.block_max.insert(ws.block_max.end(), ws.m.begin(), ws.m.end());
-      for (int r = 0; r < nq; ++r)
-        std::memcpy(ws.probs.data() + static_cast<std::size_t>(r) * slots + slot, s + r * ntok,
-                    static_cast<std::size_t>(ntok) * sizeof(float));
     }
-    accumulate();
     slot += ntok;
     index += live;
   };
   // Full-precision rows [n][d]: ordinary tokens (causally masked) or specials (a per-token
-  // logit bias ln(weight), never masked: they stand for tokens of the past).
+  // logit bias ln(weight), never masked).
   auto dense = [&](const float* ks, const float* vs, std::int64_t n, const float* bias) {
     for (std::int64_t b0 = 0; b0 < n; b0 += block) {
       const int bn = static_cast<int>(std::min<std::int64_t>(block, n - b0));
-      kt.scores_f32(q, nq, ks + b0 * d, bn, d, s);
-      if (bias)
-        for (int r = 0; r < nq; ++r)
-          for (int j = 0; j < bn; ++j) s[r * bn + j] += bias[b0 + j];
-      else
-        mask_causal(bn, bn, nullptr);
-      finish_block(bn, bn, nullptr, [&] { kt.accum_f32(s, nq, vs + b0 * d, bn, d, out); });
+      run_block(bn, bn, nullptr, bias ? bias + b0 : nullptr, [&](const kernels::BlockMask& mask) {
+        kt.attend_f32(q, nq, ks + b0 * d, vs + b0 * d, bn, d, mask, st);
+      });
     }
   };
 
   if (range.head) dense(sink_k_.data(), sink_v_.data(), sinks_, nullptr);
   const Codec& codec = *pipeline_->codec;
+  // Query-side state, once per call (aligned to 64 bytes inside the workspace buffer).
+  const std::size_t prep_bytes = codec.prepared_bytes(nq, d);
+  std::byte* prepared = nullptr;
+  if (prep_bytes) {
+    if (ws.prepared.size() < prep_bytes + 64) ws.prepared.resize(prep_bytes + 64);
+    const auto addr = reinterpret_cast<std::uintptr_t>(ws.prepared.data());
+    prepared = ws.prepared.data() + ((64 - addr % 64) % 64);
+    codec.prepare(kt, q, nq, d, prepared);
+  }
   // Pages are separate allocations, so the hardware prefetchers restart at every page, and
   // the kernels' arithmetic does not overlap misses well on its own: ask for the page
-  // kPrefetchAhead pages on while this one is processed, its first half before the scores
-  // (keys come first in every page layout) and the rest before the values.
+  // kPrefetchAhead pages on while this one is processed.
   const std::size_t npages = std::min(range.page_end, pages_.size());
-  auto prefetch = [](const std::byte* b, std::size_t from, std::size_t to) {
-    for (std::size_t o = from; o < to; o += 64) __builtin_prefetch(b + o, 0, 3);
-  };
   for (std::size_t i = range.page_begin; i < npages; ++i) {
     const Page& pg = pages_[i];
-    const std::byte* p = pg.data.data();
-    const Page* next = i + kPrefetchAhead < npages ? &pages_[i + kPrefetchAhead] : nullptr;
-    const std::size_t half = next ? next->data.size() / 2 : 0;
-    if (next) prefetch(next->data.data(), 0, half);
-    codec.scores(kt, p, pg.ntok, d, q, nq, s);
+    if (i + kPrefetchAhead < npages) {
+      const Bytes& next = pages_[i + kPrefetchAhead].data;
+      for (std::size_t o = 0; o < next.size(); o += 64) __builtin_prefetch(next.data() + o, 0, 3);
+    }
     const std::uint64_t* dead = pg.dead.empty() ? nullptr : pg.dead.data();
-    if (dead)  // dropped tokens contribute exactly nothing
-      for (std::size_t w = 0; w < pg.dead.size(); ++w)
-        for (std::uint64_t bits = dead[w]; bits; bits &= bits - 1) {
-          const int j = static_cast<int>(w * 64) + __builtin_ctzll(bits);
-          for (int r = 0; r < nq; ++r) s[r * pg.ntok + j] = kNegInf;
-        }
-    mask_causal(pg.ntok, pg.live, dead);
-    if (next) prefetch(next->data.data(), half, 2 * half);
-    finish_block(pg.ntok, pg.live, dead, [&] { codec.accumulate(kt, p, pg.ntok, d, s, nq, out); });
+    run_block(pg.ntok, pg.live, dead, nullptr, [&](const kernels::BlockMask& mask) {
+      codec.attend_page(kt, pg.data.data(), pg.ntok, d, q, prepared, nq, mask, st);
+    });
   }
   if (range.tail) {
     dense(win_k_.data(), win_v_.data(), window_, nullptr);

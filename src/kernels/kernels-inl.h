@@ -658,6 +658,80 @@ void kivi_scores_g(const float* q, int nq, const std::uint16_t* scale, const std
   }
 }
 
+// --- KIVI accumulation on the codes, scales folded into the weights ---
+// o[r] += sum_j (p_rj s_jg) code_j + sum_j p_rj z_jg. Per chunk of kVC tokens the chunk's
+// value scales and zero points are converted from f16 once, and every row's weights
+// w = p s and zero-point sums are formed with vector operations (kL (token, group) entries
+// at a time), so the token loop is code unpacking plus one FMA per row and vector, its
+// weight a broadcast load. Needs vg % kL == 0 (every vector in one group, d a multiple of
+// kL) and kL % ng == 0 (a vector of entries covers whole tokens).
+template <int B, int D>
+void kivi_accum_w(const float* p, int nq, const std::uint16_t* scale, const std::uint16_t* zero,
+                  const std::uint8_t* codes, int ntok, int dd, int vg, float* o) noexcept {
+  const int d = D ? D : dd;
+  const int rb = rowb(d, B), ng = d / vg;
+  constexpr int kVC = 32;
+  alignas(64) float vs[kVC * kL], vz[kVC * kL], w[kRB][kVC * kL], zs[kRB][kL];
+  for (int j0 = 0; j0 < ntok; j0 += kVC) {
+    const int tc = imin(kVC, ntok - j0), n = tc * ng;
+    const std::uint16_t* sc = scale + off(j0, ng);
+    const std::uint16_t* zc = zero + off(j0, ng);
+    int f = 0;
+    for (; f + kL <= n; f += kL) {
+      vstore(vs + f, vload_h(sc + f));
+      vstore(vz + f, vload_h(zc + f));
+    }
+    if (f < n) {
+      vstore_n(vs + f, vload_h_n(sc + f, n - f), n - f);
+      vstore_n(vz + f, vload_h_n(zc + f, n - f), n - f);
+    }
+    for (int r0 = 0; r0 < nq; r0 += kRB) {
+      const int nr = imin(kRB, nq - r0);
+      float* orow[kRB];
+      for (int r = 0; r < kRB; ++r) {
+        const int rr = r0 + imin(r, nr - 1);  // spare rows repeat the last (never stored)
+        orow[r] = o + off(rr, d);
+        const float* pr = p + off(rr, ntok) + j0;
+        VF z = vzero();
+        int e = 0;
+        for (; e + kL <= n; e += kL) {
+          const VF pe = vexpand(pr + e / ng, ng);
+          vstore(w[r] + e, vmul(pe, vload(vs + e)));
+          z = vfma(pe, vload(vz + e), z);
+        }
+        alignas(64) float zl[kL];
+        vstore(zl, z);
+        for (int g = 0; g < ng; ++g) {
+          float t = 0.0f;
+          for (int i = g; i < kL; i += ng) t += zl[i];
+          zs[r][g] = t;
+        }
+        for (; e < n; ++e) {
+          w[r][e] = pr[e / ng] * vs[e];
+          zs[r][e % ng] += pr[e / ng] * vz[e];
+        }
+      }
+      for (int c0 = 0; c0 < d; c0 += kCB * kL) {
+        const int nb = imin(kCB, (d - c0) / kL);
+        int gb[kCB];
+        VF acc[kRB][kCB];
+        for (int b = 0; b < kCB; ++b) gb[b] = b < nb ? (c0 + b * kL) / vg : 0;
+        for (int r = 0; r < kRB; ++r)
+          for (int b = 0; b < kCB; ++b) acc[r][b] = b < nb ? vload(orow[r] + c0 + b * kL) : vzero();
+        for (int j = 0; j < tc; ++j) {
+          const std::uint8_t* row = codes + off(j0 + j, rb) + c0 * B / 8;
+          VF x[kCB];
+          for (int b = 0; b < kCB; ++b) x[b] = b < nb ? vcodes<B, true>(row + b * kL * B / 8, kL) : vzero();
+          for (int r = 0; r < kRB; ++r)
+            for (int b = 0; b < kCB; ++b) acc[r][b] = vfma(vset1(w[r][j * ng + gb[b]]), x[b], acc[r][b]);
+        }
+        for (int r = 0; r < nr; ++r)
+          for (int b = 0; b < nb; ++b) vstore(orow[r] + c0 + b * kL, vadd(acc[r][b], vset1(zs[r][gb[b]])));
+      }
+    }
+  }
+}
+
 // --- KIVI accumulation on the codes ---
 // o[r] += sum_j p[r][j] (s_jg code_j + z_jg): each code vector is dequantized once (one FMA
 // with the token's group scale and zero) and shared by all kRB rows.
@@ -666,6 +740,7 @@ void kivi_accum_g(const float* p, int nq, const std::uint16_t* scale, const std:
                   const std::uint8_t* codes, int ntok, int dd, int vg, float* o) noexcept {
   const int d = D ? D : dd;
   const int rb = rowb(d, B), ng = d / vg;
+  if (vg % kL == 0 && kL % ng == 0) return kivi_accum_w<B, D>(p, nq, scale, zero, codes, ntok, d, vg, o);
   if (vg % kL == 0) {
     // Every vector lies in one group, and d is a multiple of kL.
     for (int r0 = 0; r0 < nq; r0 += kRB) {
@@ -887,3 +962,44 @@ void kivi_accum_generic(const float* p, int nq, const std::uint16_t* scale, cons
 }
 
 #undef KVSLIM_DISPATCH_D
+
+// --- fused block attention (kernel_table.h) ---
+#include "kernels/block-inl.h"
+
+void mask_block_k(float* s, int nq, int ntok, const BlockMask& mask) noexcept { mask_block_impl(s, nq, ntok, mask); }
+
+template <class K, class ScoresFn, class AccumFn>
+inline void attend_dense_k(const float* q, int nq, const K* k, const K* v, int ntok, int d, const BlockMask& mask,
+                           OnlineState& st, ScoresFn scores, AccumFn accum) noexcept {
+  fused_block(
+      nq, ntok, mask, st, [&](float* s) { scores(q, nq, k, ntok, d, s); },
+      [&](float* s, float* m, float* l, float* o) { softmax_block_k(s, nq, ntok, m, l, o, d); },
+      [&](const float* p, float* o) { accum(p, nq, v, ntok, d, o); });
+}
+void attend_f32_k(const float* q, int nq, const float* k, const float* v, int ntok, int d, const BlockMask& mask,
+                  OnlineState& st) noexcept {
+  attend_dense_k(q, nq, k, v, ntok, d, mask, st, scores_f32_k, accum_f32_k);
+}
+void attend_f16_k(const float* q, int nq, const std::uint16_t* k, const std::uint16_t* v, int ntok, int d,
+                  const BlockMask& mask, OnlineState& st) noexcept {
+  attend_dense_k(q, nq, k, v, ntok, d, mask, st, scores_f16_k, accum_f16_k);
+}
+void attend_bf16_k(const float* q, int nq, const std::uint16_t* k, const std::uint16_t* v, int ntok, int d,
+                   const BlockMask& mask, OnlineState& st) noexcept {
+  attend_dense_k(q, nq, k, v, ntok, d, mask, st, scores_bf16_k, accum_bf16_k);
+}
+
+using KiviScoresFn = void (*)(const float*, int, const std::uint16_t*, const std::uint16_t*, const std::uint8_t*, int,
+                              int, int, float*) noexcept;
+using KiviAccumFn = void (*)(const float*, int, const std::uint16_t*, const std::uint16_t*, const std::uint8_t*, int,
+                             int, int, int, float*) noexcept;
+// One page: the translation unit picks its score and accumulation kernels.
+template <KiviScoresFn Scores, KiviAccumFn Accum>
+void attend_kivi_t(const float* q, int nq, const KiviPage& pg, int ntok, int d, const BlockMask& mask,
+                   OnlineState& st) noexcept {
+  fused_block(
+      nq, ntok, mask, st, [&](float* s) { Scores(q, nq, pg.kscale, pg.kzero, pg.kcodes, ntok, d, pg.kbits, s); },
+      [&](float* s, float* m, float* l, float* o) { softmax_block_k(s, nq, ntok, m, l, o, d); },
+      [&](const float* p, float* o) { Accum(p, nq, pg.vscale, pg.vzero, pg.vcodes, ntok, d, pg.vbits, pg.vgroup, o); });
+}
+

@@ -100,6 +100,16 @@ class FloatCodec final : public Codec {
       case DType::kBF16: kt.accum_bf16(p, nq, u16(page) + n, ntok, d, o); break;
     }
   }
+  void attend_page(const kernels::KernelTable& kt, const std::byte* page, int ntok, int d, const float* q,
+                   const std::byte* /*prepared*/, int nq, const kernels::BlockMask& mask,
+                   kernels::OnlineState& st) const override {
+    const std::size_t n = static_cast<std::size_t>(ntok) * d;  // V follows the page's K
+    switch (dtype_) {
+      case DType::kF32: kt.attend_f32(q, nq, f32(page), f32(page) + n, ntok, d, mask, st); break;
+      case DType::kF16: kt.attend_f16(q, nq, u16(page), u16(page) + n, ntok, d, mask, st); break;
+      case DType::kBF16: kt.attend_bf16(q, nq, u16(page), u16(page) + n, ntok, d, mask, st); break;
+    }
+  }
 
  private:
   static std::uint16_t* u16(std::byte* p) { return reinterpret_cast<std::uint16_t*>(p); }

@@ -54,6 +54,7 @@ struct AttendWorkspace {
   std::vector<Block> blocks;
   std::vector<float> mass;       // KVCache: scorer mass of one head
   std::vector<float> block_sum;  // collect_mass: one block's probabilities summed over rows
+  std::vector<std::byte> prepared;  // the codec's query-side state (Codec::prepare)
   std::int64_t slots = 0;  // physical slots covered by probs rows
 };
 

@@ -33,6 +33,47 @@ namespace kvslim::kernels {
 /// Bytes of one packed code row of d codes at `bits` bits.
 constexpr int row_bytes(int d, int bits) noexcept { return (d * bits + 7) / 8; }
 
+/// Which logits of one block of ntok slots attention must not see, and per-slot logit
+/// biases. Applied between the scores and the softmax of every fused block kernel, in this
+/// order: dead slots get -inf; the bias is added; the causal rule masks the rest.
+struct BlockMask {
+  /// Bit j set: slot j was evicted (probability exactly 0). Null: every slot is live.
+  const std::uint64_t* dead = nullptr;
+  /// Logit bias of slot j (ln of the token's weight: a compensation or merged token stands
+  /// for several), or null.
+  const float* bias = nullptr;
+  /// Causal rule: the block's first live slot has logical index `first`; row r sees live
+  /// slots whose index is below limit0 + r % nquery. limit0 = kNoLimit masks nothing.
+  std::int64_t first = 0;
+  std::int64_t limit0 = kNoLimit;
+  int nquery = 1;
+  static constexpr std::int64_t kNoLimit = INT64_MAX / 2;
+};
+
+/// Online-softmax state of nq query rows, carried across the blocks of one attend call and
+/// updated by every fused block kernel (see softmax_block for the update rule).
+struct OnlineState {
+  float* m;  // [nq] running maximum logit
+  float* l;  // [nq] running sum of exp(logit - m)
+  float* o;  // [nq][d] running sum of exp(logit - m) * value
+  float* s;  // scratch of at least nq * ntok floats
+  /// If set: the block's probabilities exp(logit - m), m as it is after the block, are
+  /// copied to probs[r * probs_stride + j] (attention mass for scorers).
+  float* probs = nullptr;
+  std::int64_t probs_stride = 0;
+};
+
+/// One KIVI page, its parts located (layout above; docs/formats.md).
+struct KiviPage {
+  const std::uint16_t* kscale;
+  const std::uint16_t* kzero;
+  const std::uint8_t* kcodes;
+  const std::uint16_t* vscale;
+  const std::uint16_t* vzero;
+  const std::uint8_t* vcodes;
+  int kbits, vbits, vgroup;
+};
+
 struct KernelTable {
   const char* name;
 
@@ -76,6 +117,21 @@ struct KernelTable {
   // o[r][c] += sum_j p[r][j] * dequant(v[j][c]), computed on the codes.
   void (*kivi_accum)(const float* p, int nq, const std::uint16_t* scale, const std::uint16_t* zero,
                      const std::uint8_t* codes, int ntok, int d, int bits, int vgroup, float* o) noexcept;
+
+  // --- fused block attention: scores, mask, online-softmax update and value sum in one
+  // call per block (a page, or a run of full-precision rows). q as above; st.s holds at
+  // least nq * ntok floats. Equivalent to scores_*, mask_block, softmax_block, the probs
+  // copy and accum_* in sequence; the fused kernels keep the logits in cache and convert
+  // per-page parameters once.
+  void (*mask_block)(float* s, int nq, int ntok, const BlockMask& mask) noexcept;
+  void (*attend_f32)(const float* q, int nq, const float* k, const float* v, int ntok, int d, const BlockMask& mask,
+                     OnlineState& st) noexcept;
+  void (*attend_f16)(const float* q, int nq, const std::uint16_t* k, const std::uint16_t* v, int ntok, int d,
+                     const BlockMask& mask, OnlineState& st) noexcept;
+  void (*attend_bf16)(const float* q, int nq, const std::uint16_t* k, const std::uint16_t* v, int ntok, int d,
+                      const BlockMask& mask, OnlineState& st) noexcept;
+  void (*attend_kivi)(const float* q, int nq, const KiviPage& page, int ntok, int d, const BlockMask& mask,
+                      OnlineState& st) noexcept;
 };
 
 /// The table for an ISA, or nullptr if its kernels were not built into this library.

@@ -25,6 +25,8 @@ namespace kvslim {
 
 namespace kernels {
 struct KernelTable;
+struct BlockMask;
+struct OnlineState;
 }
 class TokenStore;
 
@@ -54,9 +56,15 @@ class StageParams {
 
 /// How a page of tokens is stored. A codec encodes pages of `page_tokens()` tokens from
 /// full-precision rows (and smaller pages of 1..page_tokens() tokens when eviction re-packs
-/// sparse pages), and provides the two halves of attention over its format: logits q.k for
-/// every token of a page, and the probability-weighted sum of the page's values. Attention
-/// never decodes a page into a buffer; decode() exists for materialize(), re-packing and tests.
+/// sparse pages), and provides attention over its format. Attention never decodes a page
+/// into a buffer; decode() exists for materialize(), re-packing and tests.
+///
+/// Attention runs in two steps per attend call and kv head: prepare() once (query-side work:
+/// scaled or quantized queries, lookup tables of q . centroid), then attend_page() for every
+/// page: scores, the BlockMask (evicted slots, per-token logit biases, the causal rule), the
+/// online-softmax update and the weighted value sum, in one call. A codec that only
+/// implements scores() and accumulate() gets a correct attend_page() composed of them; the
+/// built-in codecs override it with one fused kernel (kernel_table.h).
 /// In every call below, ntok is the page's own token count and the layout depends on it.
 class Codec {
  public:
@@ -85,6 +93,18 @@ class Codec {
   /// o[r][c] += sum_j p[r][j] v_j[c]; p [nq][ntok], o [nq][d].
   virtual void accumulate(const kernels::KernelTable& kt, const std::byte* page, int ntok, int d,
                           const float* p, int nq, float* o) const = 0;
+
+  /// Bytes of query-side state for nq rows of head_dim d (0: the codec needs none).
+  virtual std::size_t prepared_bytes(int nq, int d) const;
+  /// Builds that state from the pre-scaled rows q [nq][d] into `prepared` (prepared_bytes()
+  /// bytes, 64-byte aligned). Called once per attend call and kv head, before any page.
+  virtual void prepare(const kernels::KernelTable& kt, const float* q, int nq, int d, std::byte* prepared) const;
+  /// Fused attention over one page (kernel_table.h, "fused block attention"): updates st
+  /// (running max, sum, output; st.s is scratch of nq * ntok floats; st.probs if set gets the
+  /// page's probabilities). q is the same pre-scaled rows prepare() saw, `prepared` its state.
+  virtual void attend_page(const kernels::KernelTable& kt, const std::byte* page, int ntok, int d, const float* q,
+                           const std::byte* prepared, int nq, const kernels::BlockMask& mask,
+                           kernels::OnlineState& st) const;
 };
 
 /// Per-token importance. Scores live in TokenStore::importance(), one float per kept token,

@@ -25,6 +25,7 @@ extern const KernelTable kTable = {
     softmax_block_k,
     kivi_quant_keys_k, kivi_quant_values_k, kivi_dequant_keys_k, kivi_dequant_values_k,
     kivi_scores_generic, kivi_accum_generic,
+    mask_block_k, attend_f32_k, attend_f16_k, attend_bf16_k, attend_kivi_t<kivi_scores_generic, kivi_accum_generic>,
 };
 
 }  // namespace kvslim::kernels::avx2

@@ -84,6 +84,19 @@ inline VF vhsum(const VF* a) noexcept {
   const VF h1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
   return _mm256_add_ps(_mm256_permute2f128_ps(h0, h1, 0x20), _mm256_permute2f128_ps(h0, h1, 0x31));
 }
+// Lane i = p[i / ng] for ng dividing 8; reads only the 8 / ng floats it uses.
+inline VF vexpand(const float* p, int ng) noexcept {
+  switch (ng) {
+    case 1: return _mm256_loadu_ps(p);
+    case 2:
+      return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(p)), _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3));
+    case 4:
+      return _mm256_permutevar8x32_ps(
+          _mm256_castps128_ps256(_mm_castsi128_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)))),
+          _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+    default: return _mm256_broadcast_ss(p);
+  }
+}
 // Lane i of v in every lane.
 inline VF vlane(VF v, int i) noexcept { return _mm256_permutevar8x32_ps(v, _mm256_set1_epi32(i)); }
 

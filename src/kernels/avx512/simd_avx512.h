@@ -10,6 +10,23 @@ using VI = __m512i;
 
 inline __mmask16 lanes(int n) noexcept { return static_cast<__mmask16>((1u << n) - 1u); }
 
+// Lane i = p[i / ng] for ng dividing 16; reads only the 16 / ng floats it uses.
+inline __m512 vexpand(const float* p, int ng) noexcept {
+  switch (ng) {
+    case 1: return _mm512_loadu_ps(p);
+    case 2:
+      return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7),
+                                   _mm512_castps256_ps512(_mm256_loadu_ps(p)));
+    case 4:
+      return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
+                                   _mm512_castps128_ps512(_mm_loadu_ps(p)));
+    case 8:
+      return _mm512_permutexvar_ps(
+          _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1),
+          _mm512_castps128_ps512(_mm_castsi128_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)))));
+    default: return _mm512_set1_ps(*p);
+  }
+}
 inline VF vzero() noexcept { return _mm512_setzero_ps(); }
 inline VF vset1(float x) noexcept { return _mm512_set1_ps(x); }
 inline VF vload(const float* p) noexcept { return _mm512_loadu_ps(p); }

@@ -209,6 +209,41 @@ void kivi_accum_ref(const float* p, int nq, const std::uint16_t* scale, const st
     }
 }
 
+#include "kernels/block-inl.h"
+
+void mask_block_ref(float* s, int nq, int ntok, const BlockMask& mask) noexcept { mask_block_impl(s, nq, ntok, mask); }
+
+template <class K, class ScoresFn, class AccumFn>
+void attend_dense_ref(const float* q, int nq, const K* k, const K* v, int ntok, int d, const BlockMask& mask,
+                      OnlineState& st, ScoresFn scores, AccumFn accum) noexcept {
+  fused_block(
+      nq, ntok, mask, st, [&](float* s) { scores(q, nq, k, ntok, d, s); },
+      [&](float* s, float* m, float* l, float* o) { softmax_block_ref(s, nq, ntok, m, l, o, d); },
+      [&](const float* p, float* o) { accum(p, nq, v, ntok, d, o); });
+}
+void attend_f32_ref(const float* q, int nq, const float* k, const float* v, int ntok, int d, const BlockMask& mask,
+                    OnlineState& st) noexcept {
+  attend_dense_ref(q, nq, k, v, ntok, d, mask, st, scores_f32_ref, accum_f32_ref);
+}
+void attend_f16_ref(const float* q, int nq, const std::uint16_t* k, const std::uint16_t* v, int ntok, int d,
+                    const BlockMask& mask, OnlineState& st) noexcept {
+  attend_dense_ref(q, nq, k, v, ntok, d, mask, st, scores_f16_ref, accum_f16_ref);
+}
+void attend_bf16_ref(const float* q, int nq, const std::uint16_t* k, const std::uint16_t* v, int ntok, int d,
+                     const BlockMask& mask, OnlineState& st) noexcept {
+  attend_dense_ref(q, nq, k, v, ntok, d, mask, st, scores_bf16_ref, accum_bf16_ref);
+}
+void attend_kivi_ref(const float* q, int nq, const KiviPage& pg, int ntok, int d, const BlockMask& mask,
+                     OnlineState& st) noexcept {
+  fused_block(
+      nq, ntok, mask, st,
+      [&](float* s) { kivi_scores_ref(q, nq, pg.kscale, pg.kzero, pg.kcodes, ntok, d, pg.kbits, s); },
+      [&](float* s, float* m, float* l, float* o) { softmax_block_ref(s, nq, ntok, m, l, o, d); },
+      [&](const float* p, float* o) {
+        kivi_accum_ref(p, nq, pg.vscale, pg.vzero, pg.vcodes, ntok, d, pg.vbits, pg.vgroup, o);
+      });
+}
+
 }  // namespace
 
 extern const KernelTable kTable = {
@@ -219,6 +254,7 @@ extern const KernelTable kTable = {
     softmax_block_ref,
     kivi_quant_keys_ref, kivi_quant_values_ref, kivi_dequant_keys_ref, kivi_dequant_values_ref,
     kivi_scores_ref, kivi_accum_ref,
+    mask_block_ref, attend_f32_ref, attend_f16_ref, attend_bf16_ref, attend_kivi_ref,
 };
 
 }  // namespace kvslim::kernels::scalar
