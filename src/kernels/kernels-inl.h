@@ -637,7 +637,19 @@ void kivi_scores_g(const float* q, int nq, const std::uint16_t* scale, const std
       for (int t = 0; t < kTB; ++t) kr[t] = codes + off(j0 + imin(t, nt - 1), rb);
       VF acc[kL];
       for (int i = 0; i < kL; ++i) acc[i] = vzero();
-      for (int v = 0; v < nv; ++v) {
+      int v = 0;
+      if (D) {  // a multiple of 2 kL: the codes of two vectors per load
+        for (; v < nv; v += 2) {
+          VF kv[kTB][2];
+          for (int t = 0; t < kTB; ++t) vcodes2<B>(kr[t] + v * kL * B / 8, kv[t]);
+          for (int h = 0; h < 2; ++h)
+            for (int r = 0; r < kRB; ++r) {
+              const VF qv = vload(qs + off(r, d) + (v + h) * kL);
+              for (int t = 0; t < kTB; ++t) acc[r * kTB + t] = vfma(qv, kv[t][h], acc[r * kTB + t]);
+            }
+        }
+      }
+      for (; v < nv; ++v) {
         VF kv[kTB];
         for (int t = 0; t < kTB; ++t) kv[t] = vcodes<B, true>(kr[t] + v * kL * B / 8, kL);
         for (int r = 0; r < kRB; ++r) {
@@ -665,11 +677,14 @@ void kivi_scores_g(const float* q, int nq, const std::uint16_t* scale, const std
 // at a time), so the token loop is code unpacking plus one FMA per row and vector, its
 // weight a broadcast load. Needs vg % kL == 0 (every vector in one group, d a multiple of
 // kL) and kL % ng == 0 (a vector of entries covers whole tokens).
-template <int B, int D>
+// NG: d / vg when known at compile time (0: at run time). kShare: consecutive vectors of a
+// column block that lie in one group (they share one weight broadcast per row).
+template <int B, int D, int NG, int kShare>
 void kivi_accum_w(const float* p, int nq, const std::uint16_t* scale, const std::uint16_t* zero,
                   const std::uint8_t* codes, int ntok, int dd, int vg, float* o) noexcept {
+  static_assert(kCB % kShare == 0, "groups tile the column block");
   const int d = D ? D : dd;
-  const int rb = rowb(d, B), ng = d / vg;
+  const int rb = rowb(d, B), ng = NG ? NG : d / vg;
   constexpr int kVC = 32;
   alignas(64) float vs[kVC * kL], vz[kVC * kL], w[kRB][kVC * kL], zs[kRB][kL];
   for (int j0 = 0; j0 < ntok; j0 += kVC) {
@@ -721,9 +736,18 @@ void kivi_accum_w(const float* p, int nq, const std::uint16_t* scale, const std:
         for (int j = 0; j < tc; ++j) {
           const std::uint8_t* row = codes + off(j0 + j, rb) + c0 * B / 8;
           VF x[kCB];
-          for (int b = 0; b < kCB; ++b) x[b] = b < nb ? vcodes<B, true>(row + b * kL * B / 8, kL) : vzero();
-          for (int r = 0; r < kRB; ++r)
-            for (int b = 0; b < kCB; ++b) acc[r][b] = vfma(vset1(w[r][j * ng + gb[b]]), x[b], acc[r][b]);
+          if (nb == kCB) {
+            for (int b = 0; b < kCB; b += 2) vcodes2<B>(row + b * kL * B / 8, x + b);
+          } else {
+            for (int b = 0; b < kCB; ++b) x[b] = b < nb ? vcodes<B, true>(row + b * kL * B / 8, kL) : vzero();
+          }
+          for (int r = 0; r < kRB; ++r) {
+            VF wb = vzero();
+            for (int b = 0; b < kCB; ++b) {
+              if (b % kShare == 0) wb = vset1(w[r][j * ng + gb[b]]);
+              acc[r][b] = vfma(wb, x[b], acc[r][b]);
+            }
+          }
         }
         for (int r = 0; r < nr; ++r)
           for (int b = 0; b < nb; ++b) vstore(orow[r] + c0 + b * kL, vadd(acc[r][b], vset1(zs[r][gb[b]])));
@@ -740,7 +764,11 @@ void kivi_accum_g(const float* p, int nq, const std::uint16_t* scale, const std:
                   const std::uint8_t* codes, int ntok, int dd, int vg, float* o) noexcept {
   const int d = D ? D : dd;
   const int rb = rowb(d, B), ng = d / vg;
-  if (vg % kL == 0 && kL % ng == 0) return kivi_accum_w<B, D>(p, nq, scale, zero, codes, ntok, d, vg, o);
+  if (vg % kL == 0 && kL % ng == 0) {
+    constexpr int kShare32 = 32 / kL < kCB ? 32 / kL : kCB;  // vectors per group of 32 in a column block
+    if (D && vg == 32) return kivi_accum_w<B, D, D / 32, kShare32>(p, nq, scale, zero, codes, ntok, d, vg, o);
+    return kivi_accum_w<B, D, 0, 1>(p, nq, scale, zero, codes, ntok, d, vg, o);
+  }
   if (vg % kL == 0) {
     // Every vector lies in one group, and d is a multiple of kL.
     for (int r0 = 0; r0 < nq; r0 += kRB) {

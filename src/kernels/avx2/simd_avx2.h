@@ -228,6 +228,27 @@ inline VF vcodes(const std::uint8_t* p, int n) noexcept {
   return _mm256_cvtepi32_ps(vcodes_i<B, kFull>(p, n));
 }
 
+// Two full vectors of codes (channels [c, c + 16), p = row + c*B/8): one 32-bit broadcast
+// load per 16 (B = 2) or 8 (B = 4) codes, so the unpacking is a shift, a mask and a convert
+// per vector and no scalar load or register broadcast.
+template <int B>
+inline void vcodes2(const std::uint8_t* p, VF* x) noexcept {
+  if constexpr (B == 2) {
+    std::uint32_t w;
+    __builtin_memcpy(&w, p, 4);
+    const __m256i b = _mm256_set1_epi32(static_cast<int>(w)), m = _mm256_set1_epi32(3);
+    x[0] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(b, _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14)), m));
+    x[1] = _mm256_cvtepi32_ps(
+        _mm256_and_si256(_mm256_srlv_epi32(b, _mm256_setr_epi32(16, 18, 20, 22, 24, 26, 28, 30)), m));
+  } else if constexpr (B == 8) {
+    x[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+    x[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8))));
+  } else {
+    x[0] = vcodes<B, true>(p, kL);
+    x[1] = vcodes<B, true>(p + B, kL);
+  }
+}
+
 // Bytes of the 8 codes (each < 256) in lane order, in the low 8 bytes.
 inline __m128i vcode_bytes(VI codes) noexcept {
   const __m256i sel = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,

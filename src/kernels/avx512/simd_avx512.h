@@ -218,6 +218,23 @@ template <int B, bool kFull>
 inline VF vcodes(const std::uint8_t* p, int n) noexcept {
   return _mm512_cvtepi32_ps(vcodes_i<B, kFull>(p, n));
 }
+// Two full vectors of codes (channels [c, c + 32), p = row + c*B/8): for B = 2 one 32-bit
+// broadcast load per vector instead of a masked load and a register broadcast.
+template <int B>
+inline void vcodes2(const std::uint8_t* p, VF* x) noexcept {
+  if constexpr (B == 2) {
+    const __m512i sh = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    for (int i = 0; i < 2; ++i) {
+      std::uint32_t w;
+      __builtin_memcpy(&w, p + 4 * i, 4);
+      x[i] = _mm512_cvtepi32_ps(
+          _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(w)), sh), _mm512_set1_epi32(3)));
+    }
+  } else {
+    x[0] = vcodes<B, true>(p, kL);
+    x[1] = vcodes<B, true>(p + 2 * B, kL);
+  }
+}
 
 // Bytes of the 16 codes (each < 256) in lane order.
 inline __m128i vcode_bytes(VI codes) noexcept { return _mm512_cvtepi32_epi8(codes); }
