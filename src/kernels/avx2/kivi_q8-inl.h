@@ -42,6 +42,12 @@ inline __m256i bcast32(const void* p) noexcept {
   __builtin_memcpy(&x, p, 4);
   return _mm256_set1_epi32(x);
 }
+// a += x (int16 lanes), kept as a chain on one register: without the empty asm GCC
+// reassociates the sums of several products into trees whose temporaries spill.
+inline void add16(__m256i& a, __m256i x) noexcept {
+  a = _mm256_add_epi16(a, x);
+  __asm__("" : "+v"(a));
+}
 inline __m256i load32(const void* p) noexcept { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
 inline void store32(void* p, __m256i v) noexcept { _mm256_storeu_si256(static_cast<__m256i*>(p), v); }
 // 32 bytes, or 16 bytes zero-extended (code rows of 16 bytes: B = 2, D = 64).
@@ -212,7 +218,7 @@ inline void token_dots(const std::uint8_t* row, const std::int8_t (*qp)[KeyShape
     for (int p = 0; p < K::P; ++p) {
       const __m256i plane = _mm256_and_si256(p == 0 ? x : _mm256_srli_epi16(x, B * p), mask);
       for (int r = 0; r < NR; ++r)
-        acc[r] = _mm256_add_epi16(acc[r], _mm256_maddubs_epi16(plane, load32(qp[r] + (v * K::P + p) * 32)));
+        add16(acc[r], _mm256_maddubs_epi16(plane, load32(qp[r] + (v * K::P + p) * 32)));
     }
   }
 }
@@ -445,52 +451,44 @@ inline __m256 lane4_sum(__m256 v) noexcept {
 template <int NG>
 inline void value_row(const float* pr, int ntok, const ValPage& vp, ValRow& vr) noexcept {
   constexpr int NPAT = NG == 1 ? 1 : NG / 2;
-  const int nquad = (ntok + 3) / 4;
+  constexpr int TPV = NG == 1 ? 8 : 4;  // tokens per step: one vector (NG == 1) or a quad
+  const int nquad = (ntok + 3) / 4, nstep = NG == 1 ? (nquad + 1) / 2 : nquad, nfull = ntok / TPV;
+  const int nvec = nstep * NPAT;
   alignas(32) float w[kMaxTok * 8 + 32];
-  __m256 mx[NPAT], zs[NPAT], fin[NPAT];
-  for (int i = 0; i < NPAT; ++i) mx[i] = zs[i] = fin[i] = _mm256_setzero_ps();
   const __m256 zero = _mm256_setzero_ps();
+  __m256 mx[NPAT], zs[NPAT], fin = zero;
+  for (int i = 0; i < NPAT; ++i) mx[i] = zs[i] = zero;
   // w = p * vscale, 0 where p = 0 whatever the scale (kernel_table.h); a non-finite w makes
-  // the sums fin non-finite (|w| <= 65504 * ntok otherwise: no overflow).
-  auto entry = [&](int k, int i, __m256 pv, __m256 nz) {
-    const __m256 x = _mm256_and_ps(_mm256_mul_ps(pv, _mm256_load_ps(vp.vs + 8 * k)), nz);
-    _mm256_store_ps(w + 8 * k, x);
-    fin[i] = _mm256_add_ps(fin[i], x);
-    mx[i] = _mm256_max_ps(x, mx[i]);
-    zs[i] = _mm256_fmadd_ps(pv, _mm256_load_ps(vp.vz + 8 * k), zs[i]);
-  };
-  // p of tokens [j, j + n), the rest 0 (masked loads: nothing is read past the row).
-  auto load_p = [&](int j, int n) {
-    return _mm256_maskload_ps(pr + j, _mm256_cmpgt_epi32(_mm256_set1_epi32(imin(n, ntok - j)),
-                                                         _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
-  };
-  int nvec;
-  if constexpr (NG == 1) {
-    nvec = (nquad + 1) / 2;
-    for (int k = 0; k < nvec; ++k) {
-      const __m256 pv = 8 * k + 8 <= ntok ? _mm256_loadu_ps(pr + 8 * k) : load_p(8 * k, 8);
-      entry(k, 0, pv, _mm256_cmp_ps(pv, zero, _CMP_NEQ_UQ));
-    }
-  } else {
-    nvec = nquad * NPAT;
-    for (int qd = 0; qd < nquad; ++qd) {
-      __m256 pv;
-      if (4 * qd + 4 <= ntok) {
-        pv = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(pr + 4 * qd));
-      } else {
-        const __m128 t = _mm256_castps256_ps128(load_p(4 * qd, 4));
-        pv = _mm256_insertf128_ps(_mm256_castps128_ps256(t), t, 1);
-      }
-      const __m256 nz = _mm256_cmp_ps(pv, zero, _CMP_NEQ_UQ);
-      for (int i = 0; i < NPAT; ++i) entry(qd * NPAT + i, i, pv, nz);
-    }
+  // the sum fin non-finite (|w| <= 65504 * ntok otherwise: no overflow).
+#define KVSLIM_Q8_STEP(st, pv)                                                                \
+  {                                                                                           \
+    const __m256 nz = _mm256_cmp_ps(pv, zero, _CMP_NEQ_UQ);                                  \
+    for (int i = 0; i < NPAT; ++i) {                                                          \
+      const int k = (st) * NPAT + i;                                                          \
+      const __m256 x = _mm256_and_ps(_mm256_mul_ps(pv, _mm256_load_ps(vp.vs + 8 * k)), nz); \
+      _mm256_store_ps(w + 8 * k, x);                                                          \
+      fin = _mm256_add_ps(fin, x);                                                            \
+      mx[i] = _mm256_max_ps(x, mx[i]);                                                        \
+      zs[i] = _mm256_fmadd_ps(pv, _mm256_load_ps(vp.vz + 8 * k), zs[i]);                     \
+    }                                                                                         \
   }
-  for (int i = 1; i < NPAT; ++i) fin[0] = _mm256_add_ps(fin[0], fin[i]);
-  vr.ok = __builtin_isfinite(hsum_ps(fin[0]));
+  for (int st = 0; st < nfull; ++st) {
+    const __m256 pv = NG == 1 ? _mm256_loadu_ps(pr + 8 * st)
+                              : _mm256_broadcast_ps(reinterpret_cast<const __m128*>(pr + 4 * st));
+    KVSLIM_Q8_STEP(st, pv)
+  }
+  if (nfull < nstep) {  // the last, partial step: masked load (nothing read past the row)
+    const int j = TPV * nfull;
+    const __m256 pl = _mm256_maskload_ps(
+        pr + j, _mm256_cmpgt_epi32(_mm256_set1_epi32(ntok - j), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+    const __m256 pv = NG == 1 ? pl : _mm256_insertf128_ps(pl, _mm256_castps256_ps128(pl), 1);
+    KVSLIM_Q8_STEP(nfull, pv)
+  }
+#undef KVSLIM_Q8_STEP
+  vr.ok = __builtin_isfinite(hsum_ps(fin));
   if (!vr.ok) return;
   // Group maxima and zero-point sums, the inverse steps as vectors in the entries' pattern.
   __m256 ipat[NPAT];
-  alignas(32) float ml[8], zl[8];
   for (int i = 0; i < NPAT; ++i) {
     __m256 m = lane4_max(mx[i]), z = lane4_sum(zs[i]);
     if constexpr (NG == 1) {
@@ -499,18 +497,16 @@ inline void value_row(const float* pr, int ntok, const ValPage& vp, ValRow& vr) 
     }
     const __m256 big = _mm256_cmp_ps(m, _mm256_set1_ps(kTiny), _CMP_GT_OQ);
     ipat[i] = _mm256_and_ps(_mm256_div_ps(_mm256_set1_ps(255.0f), m), big);
-    _mm256_store_ps(ml, m);
-    _mm256_store_ps(zl, z);
-    vr.W[NG == 1 ? 0 : 2 * i] = ml[0] / 255.0f;
-    vr.zs[NG == 1 ? 0 : 2 * i] = zl[0];
-    if (NG > 1) {
-      vr.W[2 * i + 1] = ml[4] / 255.0f;
-      vr.zs[2 * i + 1] = zl[4];
+    const __m256 W = _mm256_div_ps(m, _mm256_set1_ps(255.0f));
+    vr.W[NG == 1 ? 0 : 2 * i] = _mm256_cvtss_f32(W);
+    vr.zs[NG == 1 ? 0 : 2 * i] = _mm256_cvtss_f32(z);
+    if constexpr (NG > 1) {
+      vr.W[2 * i + 1] = _mm_cvtss_f32(_mm256_extractf128_ps(W, 1));
+      vr.zs[2 * i + 1] = _mm_cvtss_f32(_mm256_extractf128_ps(z, 1));
     }
   }
-  const int npack = (nvec + 3) / 4 * 4;
-  for (int k = nvec; k < npack; ++k) _mm256_store_ps(w + 8 * k, zero);
-  for (int k = 0; k < npack; k += 4) {
+  for (int k = nvec; k % 4; ++k) _mm256_store_ps(w + 8 * k, zero);
+  for (int k = 0; k < nvec; k += 4) {
     __m256i c[4];
     for (int i = 0; i < 4; ++i)
       c[i] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_load_ps(w + 8 * (k + i)), ipat[(k + i) % NPAT]));
@@ -533,23 +529,35 @@ void value_block(const float* p, int ntok, const ValPage& vp, const std::uint8_t
   }
   alignas(32) std::int32_t acc[NR][D];
   const __m256i ones = _mm256_set1_epi16(1);
-  // Two scratch vectors (16 channels of one group) per weight broadcast.
+  // Two scratch vectors (16 channels of one group) per weight broadcast; int16 sums over
+  // blocks of QI quads (kQuadsInt16 rounded down to a multiple of 4), 4 quads unrolled.
+  constexpr int QI = V::kQuadsInt16 >= 4 ? V::kQuadsInt16 / 4 * 4 : V::kQuadsInt16;
   for (int cv = 0; cv < V::NCV; cv += 2) {
     const int g = (cv / V::P) * 8 * V::P / VG;
     const std::uint8_t* col = sc + cv * 32;
-    for (int q0 = 0; q0 < nquad; q0 += V::kQuadsInt16) {
-      const int q1 = imin(nquad, q0 + V::kQuadsInt16);
+    const std::uint8_t* wr[NR];
+    for (int r = 0; r < NR; ++r) wr[r] = vr[r].w8 + 4 * g;
+    for (int q0 = 0; q0 < nquad; q0 += QI) {
+      const int q1 = imin(nquad, q0 + QI);
       __m256i a[NR][2];
       for (int r = 0; r < NR; ++r) a[r][0] = a[r][1] = _mm256_setzero_si256();
-#pragma GCC unroll 4
-      for (int qd = q0; qd < q1; ++qd) {
-        const __m256i c0 = load32(col + off(qd, V::NCV * 32)), c1 = load32(col + off(qd, V::NCV * 32) + 32);
+      auto quad = [&](int qd) __attribute__((always_inline)) {
+        const std::uint8_t* cq = col + off(qd, V::NCV * 32);
+        const __m256i c0 = load32(cq), c1 = load32(cq + 32);
         for (int r = 0; r < NR; ++r) {
-          const __m256i wb = bcast32(vr[r].w8 + 4 * (qd * NG + g));
-          a[r][0] = _mm256_add_epi16(a[r][0], _mm256_maddubs_epi16(wb, c0));
-          a[r][1] = _mm256_add_epi16(a[r][1], _mm256_maddubs_epi16(wb, c1));
+          const __m256i wb = bcast32(wr[r] + 4 * qd * NG);
+          add16(a[r][0], _mm256_maddubs_epi16(wb, c0));
+          add16(a[r][1], _mm256_maddubs_epi16(wb, c1));
         }
+      };
+      int qd = q0;
+      for (; qd + 4 <= q1; qd += 4) {
+        quad(qd);
+        quad(qd + 1);
+        quad(qd + 2);
+        quad(qd + 3);
       }
+      for (; qd < q1; ++qd) quad(qd);
       for (int r = 0; r < NR; ++r)
         for (int h = 0; h < 2; ++h) {
           const __m256i t = _mm256_madd_epi16(a[r][h], ones);
