@@ -32,6 +32,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <limits>
+#include <memory>
 #include <ostream>
 #include <random>
 #include <string>
@@ -445,6 +446,25 @@ TEST_P(Q8, NonFiniteRowsPropagate) {
     }
 }
 
+// Steps below 2^-100 (kernel_table.h): a tiny query makes every q8 0 (the logits are the
+// zero-point bias), and a page far below the running maximum (p ~ e^-80) makes every w8 0.
+TEST_P(Q8, TinyStepsMatchTheReference) {
+  for (int d : {64, 128})
+    for (int bits : {2, 4}) {
+      Case cs(d, 32, 4, bits, bits, 32, MaskKind::kBias, 2, static_cast<unsigned>(d * 3 + bits));
+      for (int r = 0; r < 4; ++r)
+        if (r % 2)
+          for (int c = 0; c < d; ++c) cs.q[static_cast<std::size_t>(r) * d + c] *= 1e-32f;
+      for (float& b : cs.masks[0].bias) b += 80.0f;  // page 1's probabilities are ~e^-80 of page 0's
+      const PageRun want = run_pages(ref(), cs.pages, cs.masks, cs.q, 4);
+      const PageRun got = run_pages(kt(), cs.pages, cs.masks, cs.q, 4);
+      const auto ow = want.out(), og = got.out();
+      for (std::size_t i = 0; i < ow.size(); ++i)
+        ASSERT_NEAR(og[i], ow[i], 1e-5 * (std::fabs(ow[i]) + 1.0)) << cs.name << " out " << i;
+      for (int r = 0; r < 4; ++r) ASSERT_NEAR(got.l[r], want.l[r], 1e-5 * want.l[r]) << cs.name;
+    }
+}
+
 INSTANTIATE_TEST_SUITE_P(AllIsas, Q8, ::testing::ValuesIn(isas()),
                          [](const ::testing::TestParamInfo<Isa>& i) { return std::string(isa_name(i.param)); });
 
@@ -479,9 +499,8 @@ TEST(Q8Recipe, ParsesDescribesAndRejects) {
   }
 }
 
-// 5. Real recordings. Ceilings on the mean attention-output relative error (vs the recorded
-// f32 attention, residual=0 so every complete group is read from quantized pages), about
-// 1.2x the measured values, rounded up; see docs/quality.md.
+// 5. Real recordings (residual=0, so every complete group of 32 tokens is read from
+// quantized pages): the extra attention error of qbits=8 over qbits=0, ceilings below.
 namespace {
 const std::vector<kvslim::testing::Recording>& recordings() {
   static const std::vector<kvslim::testing::Recording> recs = [] {
@@ -494,16 +513,126 @@ const std::vector<kvslim::testing::Recording>& recordings() {
 }
 }  // namespace
 
+// Token-by-token decode through three caches in lockstep (f32, a KIVI recipe with qbits=0
+// and with qbits=8) over the same keys, values and queries: mean over (layer, query head,
+// token) of ||out - out_f32|| / ||out_f32||, for both KIVI caches and for their difference.
+struct Lockstep {
+  double err0 = 0.0, err8 = 0.0, diff = 0.0, n = 0.0;
+};
+// kv: [kvh][T][d] and q: [qh][T][d] of one layer (token stride d).
+void lockstep_layer(const float* k, const float* v, const float* q, int kvh, int qh, int T, int d,
+                    const std::string& base, Lockstep& acc) {
+  std::vector<std::unique_ptr<KVCache>> caches;
+  for (const std::string& recipe : {std::string("f32"), base, base + ",qbits=8"}) {
+    CacheConfig cfg{1, qh, kvh, d, T, recipe};
+    caches.push_back(std::make_unique<KVCache>(cfg));
+  }
+  std::vector<float> out[3];
+  for (auto& o : out) o.resize(static_cast<std::size_t>(qh) * d);
+  Layout kv;
+  kv.rank = 3;
+  kv.shape = {kvh, 1, d, 0};
+  kv.strides = {static_cast<std::int64_t>(T) * d, d, 1, 0};
+  Layout ql = kv;
+  ql.shape[0] = qh;
+  for (int t = 0; t < T; ++t) {
+    for (int c = 0; c < 3; ++c) {
+      caches[c]->append(0, TensorView<const float>(k + static_cast<std::size_t>(t) * d, kv),
+                        TensorView<const float>(v + static_cast<std::size_t>(t) * d, kv));
+      caches[c]->attend(0, TensorView<const float>(q + static_cast<std::size_t>(t) * d, ql),
+                        TensorView<float>(out[c].data(), {qh, 1, d}));
+    }
+    for (int h = 0; h < qh; ++h) {
+      const float* r = out[0].data() + static_cast<std::size_t>(h) * d;
+      const float* a = out[1].data() + static_cast<std::size_t>(h) * d;
+      const float* b = out[2].data() + static_cast<std::size_t>(h) * d;
+      double r2 = 0.0, ea = 0.0, eb = 0.0, ed = 0.0;
+      for (int c = 0; c < d; ++c) {
+        r2 += double(r[c]) * r[c];
+        ea += (a[c] - double(r[c])) * (a[c] - double(r[c]));
+        eb += (b[c] - double(r[c])) * (b[c] - double(r[c]));
+        ed += (b[c] - double(a[c])) * (b[c] - double(a[c]));
+      }
+      r2 = std::max(r2, 1e-30);
+      acc.err0 += std::sqrt(ea / r2);
+      acc.err8 += std::sqrt(eb / r2);
+      acc.diff += std::sqrt(ed / r2);
+      acc.n += 1.0;
+    }
+  }
+}
+
+// Measured (8 windows, both models, residual=0; the same to 1e-6 on the scalar, AVX2 and
+// AVX-512 tables):
+//   head_dim 8 and 16 (the recordings as they are; every table runs the scalar reference):
+//     4-bit: qbits=0 0.03652, qbits=8 0.03696 (x1.0120), mean ||q8 - q0|| / ||f32|| 0.00516
+//     2-bit: qbits=0 0.3043,  qbits=8 0.3045  (x1.0004), 0.00912
+//   head_dim 64 (TinyStories-656K's 4 kv heads side by side; the SIMD integer kernels):
+//     4-bit: 0.03076 -> 0.03134 (x1.0188), 0.00580
+//     2-bit: 0.18515 -> 0.18518 (x1.0001), 0.00732
+// (the extra error is mostly orthogonal to KIVI's own: at 2 bits the outputs move by 0.7-0.9%
+// of their norm, the error against f32 by 0.01-0.04%). Ceilings: about 1.2x the measured extra
+// error (ratio - 1) and difference, rounded up.
+constexpr double kRatio4 = 1.015, kRatio2 = 1.001, kDiff4 = 0.0065, kDiff2 = 0.011;            // head_dim 8/16
+constexpr double kRatio4d64 = 1.025, kRatio2d64 = 1.001, kDiff4d64 = 0.007, kDiff2d64 = 0.009;  // head_dim 64
+
 TEST(Q8Quality, ExtraErrorOnRealRecordings) {
   KVSLIM_REQUIRE_SHARED("data/dumps");
   ASSERT_FALSE(recordings().empty());
   for (int bits : {4, 2}) {
     const std::string base = fmt::format("kivi:kbits={},vbits={},residual=0", bits, bits);
+    // Against the recorded attention (kvslim-eval's measure).
     const auto r0 = kvslim::testing::replay(recordings(), base);
     const auto r8 = kvslim::testing::replay(recordings(), base + ",qbits=8");
-    std::printf("kivi %d-bit: rel_err qbits=0 %.5g, qbits=8 %.5g (x%.4f), p99 %.5g / %.5g\n", bits, r0.rel_err_mean,
-                r8.rel_err_mean, r8.rel_err_mean / r0.rel_err_mean, r0.rel_err_p99, r8.rel_err_p99);
-    EXPECT_GE(r8.rel_err_mean, 0.0);
     EXPECT_EQ(r8.bits_per_value, r0.bits_per_value);  // the same pages
+    // Against the f32 cache, and q8 against q0, in lockstep.
+    Lockstep ls;
+    for (const auto& rec : recordings())
+      for (int l = 0; l < rec.layers; ++l)
+        lockstep_layer(rec.k_head(l, 0), rec.v_head(l, 0), rec.q_head(l, 0), rec.kv_heads, rec.q_heads, rec.tokens,
+                       rec.head_dim, base, ls);
+    const double e0 = ls.err0 / ls.n, e8 = ls.err8 / ls.n, dq = ls.diff / ls.n;
+    std::printf("kivi %d-bit: vs recorded attn_out qbits=0 %.5g, qbits=8 %.5g (x%.4f); vs f32 cache %.5g / %.5g "
+                "(x%.4f); |q8 - q0| %.3g\n",
+                bits, r0.rel_err_mean, r8.rel_err_mean, r8.rel_err_mean / r0.rel_err_mean, e0, e8, e8 / e0, dq);
+    EXPECT_LT(r8.rel_err_mean / r0.rel_err_mean, bits == 4 ? kRatio4 : kRatio2);
+    EXPECT_LT(e8 / e0, bits == 4 ? kRatio4 : kRatio2);
+    EXPECT_LT(dq, bits == 4 ? kDiff4 : kDiff2);
   }
+}
+
+// The same lockstep measure at head_dim 64 (where the SIMD tables run their integer kernels),
+// on real data: the 4 kv heads of a TinyStories-656K layer side by side as one head of 64
+// channels; query heads 2i (2i + 1) side by side as query row 0 (1), multiplied by 2 so that
+// the logit is the sum of the four heads' recorded logits (scale 1/sqrt(16) each).
+TEST(Q8Quality, ExtraErrorOnConcatenatedRealHeads) {
+  KVSLIM_REQUIRE_SHARED("data/dumps");
+  int used = 0;
+  for (int bits : {4, 2}) {
+    Lockstep ls;
+    for (const auto& rec : recordings()) {
+      if (rec.head_dim != 16 || rec.kv_heads != 4 || rec.q_heads != 8) continue;
+      const int T = rec.tokens, d = 64;
+      for (int l = 0; l < rec.layers; ++l) {
+        std::vector<float> k(static_cast<std::size_t>(T) * d), v(k.size()), q(2 * k.size());
+        for (int t = 0; t < T; ++t)
+          for (int h = 0; h < 4; ++h)
+            for (int c = 0; c < 16; ++c) {
+              const std::size_t src = static_cast<std::size_t>(t) * 16 + c, dst = static_cast<std::size_t>(t) * d + h * 16 + c;
+              k[dst] = rec.k_head(l, h)[src];
+              v[dst] = rec.v_head(l, h)[src];
+              for (int r = 0; r < 2; ++r) q[static_cast<std::size_t>(r) * T * d + dst] = 2.0f * rec.q_head(l, 2 * h + r)[src];
+            }
+        lockstep_layer(k.data(), v.data(), q.data(), 1, 2, T, d, fmt::format("kivi:kbits={},vbits={},residual=0", bits, bits), ls);
+        ++used;
+      }
+    }
+    ASSERT_GT(ls.n, 0) << "no TinyStories-656K recording (head_dim 16, 4 kv heads) under data/dumps";
+    const double e0 = ls.err0 / ls.n, e8 = ls.err8 / ls.n, dq = ls.diff / ls.n;
+    std::printf("kivi %d-bit, d=64 (%s): vs f32 cache qbits=0 %.5g, qbits=8 %.5g (x%.4f); |q8 - q0| %.3g\n", bits,
+                isa_name(active_isa()), e0, e8, e8 / e0, dq);
+    EXPECT_LT(e8 / e0, bits == 4 ? kRatio4d64 : kRatio2d64);
+    EXPECT_LT(dq, bits == 4 ? kDiff4d64 : kDiff2d64);
+  }
+  EXPECT_GT(used, 0);
 }

@@ -248,6 +248,7 @@ void attend_kivi_ref(const float* q, int nq, const KiviPage& pg, int ntok, int d
 // Written as the definition reads: the integer sums in int32 (exact for every supported
 // shape: |q8 code| <= 127 * 255 per channel and d <= 4096; w8 code <= 255 * 255 per token and
 // ntok <= 4096, both far below 2^31).
+constexpr float kQ8Tiny = 0x1p-100f;  // amax / wmax at or below this: the inverse step is 0
 bool all_finite(const float* x, int n) noexcept {
   for (int i = 0; i < n; ++i)
     if (!std::isfinite(x[i])) return false;
@@ -271,7 +272,7 @@ void kivi_q8_scores_ref(const float* q, int nq, const std::uint16_t* scale, cons
       kivi_scores_ref(qr, 1, scale, zero, codes, ntok, d, bits, s + static_cast<std::ptrdiff_t>(r) * ntok);
       continue;
     }
-    const float S = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    const float S = amax / 127.0f, inv = amax > kQ8Tiny ? 127.0f / amax : 0.0f;
     for (int c = 0; c < d; ++c) q8[c] = static_cast<int>(std::nearbyint(qs[c] * inv));
     for (int j = 0; j < ntok; ++j) {
       std::int32_t acc = 0;
@@ -305,7 +306,7 @@ void kivi_q8_accum_ref(const float* p, int nq, const std::uint16_t* scale, const
     }
     for (int c = 0; c < d; ++c) acc[c] = 0;
     for (int g = 0; g < ng; ++g) {
-      const float inv = wmax[g] > 0.0f ? 255.0f / wmax[g] : 0.0f;
+      const float inv = wmax[g] > kQ8Tiny ? 255.0f / wmax[g] : 0.0f;
       for (int j = 0; j < ntok; ++j) {
         const float w = pr[j] == 0.0f ? 0.0f : pr[j] * f16_to_f32(scale[j * ng + g]);
         float w8 = std::nearbyint(w * inv);
