@@ -18,8 +18,11 @@
 // query's int8 bytes permuted the same way (built once per page and row), for every query
 // row of the block. int16 bound: a plane product lane is at most 2 * 15 * 127 = 3810
 // (B = 4; 762 for B = 2) and a row sums D / 32 <= 8 of them: <= 30480 < 32767, so one
-// VPMADDWD by ones per (row, token) and no overflow for any supported shape. The int32
-// vectors of 8 (row, token) pairs are reduced together (VPHADDD tree).
+// VPMADDWD by ones per (row, token) and no overflow for any supported shape (static_assert
+// in KeyShape). 8-bit codes (2 * 255 * 127 = 64770 per lane) would overflow VPMADDUBSW's
+// int16 saturation and are left to the scalar reference, as are 3-bit rows (codes across
+// byte boundaries). Per token the query rows' int32 vectors are reduced to one (VPHADDD),
+// the logits of two tokens stored together and transposed into s at the end of the page.
 //
 // Values (o += W_g * sum_j w8_jg code_jc + sum_j p_j vzero_jg): tokens are taken four at a
 // time (a quad A..D) and their code bytes interleaved once per page into a scratch copy in
@@ -27,10 +30,13 @@
 // 32-byte vector holds 8 channels of one value group. VPMADDUBSW with the row's broadcast
 // weight dword (w8_A, w8_B, w8_C, w8_D) of that group gives int16 lanes w8_A codeA +
 // w8_B codeB and w8_C codeC + w8_D codeD, at most 2 * 255 * 15 = 7650 (B = 4; 1530 for
-// B = 2); kQuadsInt16 quads are summed in int16 (4 * 7650 = 30600, 21 * 1530 = 32130 <
-// 32767) before VPMADDWD by ones adds each dword's two halves into the channel's int32 sum.
-// The int32 sums (<= 255 * 15 * kMaxTok) are in the scratch's channel order and are put back
-// in channel order once per page and row, when W_g * sum + zero-point sum is added to o.
+// B = 2); at most kQuadsInt16 quads are summed in int16 (4 * 7650 = 30600, 20 * 1530 =
+// 30600 < 32767: blocks of QI quads, static_assert in ValShape) before VPMADDWD by ones adds
+// each dword's two halves into the channel's int32 sum. The int32 sums (<= 255 * 15 *
+// kMaxTok) are in the scratch's channel order and are put back in channel order once per
+// page and row, when W_g * sum + zero-point sum is added to o. Two scratch vectors share
+// each weight broadcast; the weights of a row come from one pass over the page's (token,
+// group) entries (value_row).
 
 namespace q8 {
 
@@ -532,6 +538,7 @@ void value_block(const float* p, int ntok, const ValPage& vp, const std::uint8_t
   // Two scratch vectors (16 channels of one group) per weight broadcast; int16 sums over
   // blocks of QI quads (kQuadsInt16 rounded down to a multiple of 4), 4 quads unrolled.
   constexpr int QI = V::kQuadsInt16 >= 4 ? V::kQuadsInt16 / 4 * 4 : V::kQuadsInt16;
+  static_assert(QI * 2 * 255 * ((1 << B) - 1) <= 32767, "int16 sums of one block of quads cannot overflow");
   for (int cv = 0; cv < V::NCV; cv += 2) {
     const int g = (cv / V::P) * 8 * V::P / VG;
     const std::uint8_t* col = sc + cv * 32;
