@@ -91,7 +91,7 @@ def main():
     if att:
         order = ["scalar", "avx2", "avx512"]
         isas = sorted({k[0] for k in att}, key=lambda i: (order.index(i) if i in order else len(order), i))
-        known = ["f32", "f16", "bf16", "kivi8", "kivi4", "kivi3", "kivi2"]
+        known = ["f32", "f16", "bf16", "kivi8", "kivi4", "kivi3", "kivi2", "kivi4q8", "kivi2q8"]
         fmts = [f for f in known if any(k[1] == f for k in att)]
         fmts += sorted({k[1] for k in att} - set(known))
         ctxs = sorted({k[2] for k in att})
@@ -119,11 +119,13 @@ def main():
                     g = lambda f: att.get((isa, f, ctx, th), (None,))[0]
                     if None in (g("f16"), g("f32"), g("kivi4"), g("kivi2")):
                         continue
+                    q8 = "".join(f" {g('f16') / g(f):.2f}x |" if g(f) else " |" for f in ("kivi4q8", "kivi2q8"))
                     ratios.append(f"| {isa} | {ctx // 1024}K | {th} | {g('f16') / g('kivi4'):.2f}x | "
-                                  f"{g('f32') / g('kivi4'):.2f}x | {g('f16') / g('kivi2'):.2f}x |")
+                                  f"{g('f32') / g('kivi4'):.2f}x | {g('f16') / g('kivi2'):.2f}x |" + q8)
         if ratios:
             print("\n### Target ratios (time of the first / time of the second, same run)\n")
-            print("| ISA | context | threads | f16/kivi4 | f32/kivi4 | f16/kivi2 |\n|---|---|---|---|---|---|")
+            print("| ISA | context | threads | f16/kivi4 | f32/kivi4 | f16/kivi2 | f16/kivi4q8 | f16/kivi2q8 |\n"
+                  "|---|---|---|---|---|---|---|---|")
             print("\n".join(ratios))
 
         floors(rows, att, read, isas, fmts)

@@ -4,6 +4,9 @@
 // full precision. Page layout (docs/formats.md):
 //   kscale[d] kzero[d] | kcodes[group][row_bytes(d,kbits)] | pad to 2 |
 //   vscale[group][d/vgroup] vzero[group][d/vgroup] | vcodes[group][row_bytes(d,vbits)]
+// qbits=8 (default 0: full precision) makes attend() compute q.k and p.v with 8-bit integer
+// dot products (kernel_table.h, attend_kivi_q8); the page format is the same, and scores() /
+// accumulate() (the non-fused path and tests) stay full precision.
 #include <algorithm>
 
 #include "check.h"
@@ -15,7 +18,8 @@ namespace {
 
 class KiviCodec final : public Codec {
  public:
-  KiviCodec(int kbits, int vbits, int vgroup, PagingOptions o) : kbits_(kbits), vbits_(vbits), vgroup_(vgroup), o_(o) {}
+  KiviCodec(int kbits, int vbits, int vgroup, int qbits, PagingOptions o)
+      : kbits_(kbits), vbits_(vbits), vgroup_(vgroup), qbits_(qbits), o_(o) {}
 
   // Offsets of a page of ntok tokens (docs/formats.md).
   struct Layout {
@@ -35,8 +39,10 @@ class KiviCodec final : public Codec {
   }
 
   std::string describe() const override {
-    return fmt::format("kivi:kbits={},vbits={},group={},vgroup={},residual={},sinks={}", kbits_, vbits_, o_.group,
-                       vgroup_, o_.residual, o_.sinks);
+    std::string s = fmt::format("kivi:kbits={},vbits={},group={},vgroup={},residual={},sinks={}", kbits_, vbits_,
+                                o_.group, vgroup_, o_.residual, o_.sinks);
+    if (qbits_) s += fmt::format(",qbits={}", qbits_);  // only when set: existing texts unchanged
+    return s;
   }
   int page_tokens() const override { return o_.group; }
   int residual() const override { return o_.residual; }
@@ -74,7 +80,10 @@ class KiviCodec final : public Codec {
     const Layout l = layout(ntok, d);
     const kernels::KiviPage pg{u16(page), u16(page) + d,          u8(page + l.kcodes), u16(page + l.vscale),
                                u16(page + l.vzero), u8(page + l.vcodes), kbits_, vbits_, vgroup_};
-    kt.attend_kivi(q, nq, pg, ntok, d, mask, st);
+    if (qbits_ == 8)
+      kt.attend_kivi_q8(q, nq, pg, ntok, d, mask, st);
+    else
+      kt.attend_kivi(q, nq, pg, ntok, d, mask, st);
   }
 
  private:
@@ -83,7 +92,7 @@ class KiviCodec final : public Codec {
   static std::uint8_t* u8(std::byte* p) { return reinterpret_cast<std::uint8_t*>(p); }
   static const std::uint8_t* u8(const std::byte* p) { return reinterpret_cast<const std::uint8_t*>(p); }
 
-  int kbits_, vbits_, vgroup_;
+  int kbits_, vbits_, vgroup_, qbits_;
   PagingOptions o_;
 };
 
@@ -106,10 +115,17 @@ BuiltStage make_kivi_codec(StageParams& p, int head_dim) {
   const int vgroup = p.get_int("vgroup", def_vgroup, 1, 1 << 16);
   KVSLIM_CHECK(head_dim % vgroup == 0, ErrorCode::kInvalidArgument,
                "recipe stage 'kivi': vgroup={} does not divide head_dim {}", vgroup, head_dim);
+  // qbits: precision of the query and the value weights in attention (0: f32; 8: int8 dot
+  // products). A non-integer is Error(kRecipe) from get_int; any other integer names itself.
+  const int qbits = p.get_int("qbits", 0, -1000000, 1000000);
+  KVSLIM_CHECK(qbits == 0 || qbits == 8, ErrorCode::kInvalidArgument,
+               "recipe stage 'kivi': qbits={} is not supported (0: full-precision attention, 8: 8-bit integer dot "
+               "products)",
+               qbits);
   const PagingOptions o = read_paging(p, PagingOptions{32, 128, 0});
-  p.check_all_used({"kbits", "vbits", "group", "vgroup", "residual", "sinks"});
+  p.check_all_used({"kbits", "vbits", "group", "vgroup", "residual", "sinks", "qbits"});
   BuiltStage b{StageKind::kCodec, nullptr, nullptr, nullptr, nullptr};
-  b.codec = std::make_shared<KiviCodec>(kbits, vbits, vgroup, o);
+  b.codec = std::make_shared<KiviCodec>(kbits, vbits, vgroup, qbits, o);
   return b;
 }
 

@@ -23,6 +23,45 @@
 //   inv   = scale > 0 ? 1 / scale : 0     (f32 division)
 //   code  = clamp(nearbyint((x - zero) * inv), 0, qmax)   (ties to even)
 //   x'    = code * scale + zero
+//
+// KIVI attention with 8-bit integer dot products (attend_kivi_q8; recipe kivi:qbits=8), on
+// the page layout above. Per page and query row r (q already multiplied by 1/sqrt(d)), every
+// float operation in f32, in this order:
+//   keys    qs_c = q_c * kscale_c;  amax = max_c |qs_c|;  S = amax / 127;
+//           inv = amax > 2^-100 ? 127 / amax : 0;  q8_c = nearbyint(qs_c * inv)  (in [-127, 127])
+//           s_rj = S * float(sum_c q8_c code_jc) + sum_c q_c kzero_c
+//           The integer sum is exact: |sum| <= 127 * 255 * d <= 127 * 255 * 4096 < 2^31. The
+//           zero-point bias is the float sum of the full-precision path.
+//   then the BlockMask, the online-softmax update and the probs copy exactly as every fused
+//   kernel (mask_block, softmax_block), giving p_rj;
+//   values  w_jg = p_rj * vscale_jg (0 where p_rj = 0, whatever the scale); per value group g
+//           over the page's tokens: wmax_g = max(0, max_j w_jg);  W_g = wmax_g / 255;
+//           inv_g = wmax_g > 2^-100 ? 255 / wmax_g : 0;  w8_jg = clamp(nearbyint(w_jg * inv_g), 0, 255)
+//           o_rc += W_g * float(sum_j w8_jg code_jc) + sum_j p_rj vzero_jg      (g = c / vgroup)
+//           The integer sum is exact: <= 255 * 255 * ntok <= 255 * 255 * 4096 < 2^31. The
+//           zero-point sum is the float sum of the full-precision path. Weight scales are per
+//           (row, page, value group), the finest a sum over tokens allows (a per-(row, page) W
+//           costs the groups with smaller scales up to their ratio in resolution).
+//   The 2^-100 threshold keeps 255 / wmax (127 / amax) finite; below it the integer term is
+//   below 2^-100 * 255 * ntok (2^-100 * 255 * d) and is dropped.
+//   q8 and w8 are bit-exact across ISAs given the same q and p (f32 products, an exact max,
+//   one f32 division, one product, round to nearest even): outputs differ between ISAs only by
+//   float summation order and by the few-ulp differences of the softmax exp, which can move a
+//   w8 that lies within ~1e-6 of a rounding boundary by one step.
+//   Non-finite rows: if some qs_c of a row is NaN or infinite, that row's logits for the page
+//   come from the full-precision formula (kivi_scores); if some w_jg is, the row's value sum
+//   for the page does (kivi_accum). NaN and infinities propagate as in attend_kivi.
+//   Error bounds against attend_kivi on the same page (|rounding| <= 1/2 step):
+//     logits   |s_rj - s_rj(full)| <= S / 2 * sum_c code_jc        (+ f32 rounding)
+//              <= amax * d * (2^kbits - 1) / 254
+//     values   |o_rc - o_rc(full)| <= W_g / 2 * sum_j code_jc      (same p; before / l)
+//              <= max_j w_jg * ntok * (2^vbits - 1) / 510
+//   After the softmax division, a logit error of at most eps moves the output by at most
+//   (e^(2 eps) - 1) * (max_j v_jc - min_j v_jc) (tests/kernels_q8_test.cpp checks both).
+//   The SIMD tables run integer kernels (VPMADDUBSW, int16 sums, VPMADDWD; no overflow for any
+//   shape they take, see src/kernels/avx2/kivi_q8-inl.h) for kbits and vbits in {2, 4},
+//   head_dim 64, 128 or 256, vgroup a multiple of 32 and pages of at most 128 tokens; other
+//   pages (3- and 8-bit codes, other head_dims) run the scalar reference, same semantics.
 #pragma once
 
 #include <cstddef>
@@ -137,6 +176,10 @@ struct KernelTable {
                       const BlockMask& mask, OnlineState& st) noexcept;
   void (*attend_kivi)(const float* q, int nq, const KiviPage& page, int ntok, int d, const BlockMask& mask,
                       OnlineState& st) noexcept;
+  // attend_kivi with 8-bit integer dot products (semantics above, "KIVI attention with 8-bit
+  // integer dot products"): any kbits, vbits, vgroup, d and ntok.
+  void (*attend_kivi_q8)(const float* q, int nq, const KiviPage& page, int ntok, int d, const BlockMask& mask,
+                         OnlineState& st) noexcept;
 };
 
 /// The table for an ISA, or nullptr if its kernels were not built into this library.

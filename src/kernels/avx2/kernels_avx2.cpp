@@ -14,6 +14,7 @@ namespace {
 
 #include "kernels/avx2/simd_avx2.h"
 #include "kernels/kernels-inl.h"
+#include "kernels/avx2/kivi_q8-inl.h"
 
 }  // namespace
 
@@ -26,6 +27,7 @@ extern const KernelTable kTable = {
     kivi_quant_keys_k, kivi_quant_values_k, kivi_dequant_keys_k, kivi_dequant_values_k,
     kivi_scores_generic, kivi_accum_generic,
     mask_block_k, attend_f32_k, attend_f16_k, attend_bf16_k, attend_kivi_t<kivi_scores_generic, kivi_accum_generic>,
+    attend_kivi_q8_k,
 };
 
 }  // namespace kvslim::kernels::avx2

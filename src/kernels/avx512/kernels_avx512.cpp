@@ -21,6 +21,9 @@ namespace {
 
 #include "kernels/avx512/simd_avx512.h"
 #include "kernels/kernels-inl.h"
+// The AVX2 integer kernels of KIVI q8 attention (AVX2 intrinsics compile here too, with 32
+// vector registers).
+#include "kernels/avx2/kivi_q8-inl.h"
 
 // ---------------------------------------------------------------------------------------
 // VNNI fast paths for KIVI attention (AVX512_VNNI is checked at run time: the table itself
@@ -551,6 +554,7 @@ extern const KernelTable kTable = {
     kivi_quant_keys_k, kivi_quant_values_k, kivi_dequant_keys_k, kivi_dequant_values_k,
     kivi_scores_k, kivi_accum_k,
     mask_block_k, attend_f32_k, attend_f16_k, attend_bf16_k, attend_kivi_t<kivi_scores_k, kivi_accum_k>,
+    attend_kivi_q8_k,
 };
 
 }  // namespace kvslim::kernels::avx512

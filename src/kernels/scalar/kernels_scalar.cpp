@@ -244,6 +244,96 @@ void attend_kivi_ref(const float* q, int nq, const KiviPage& pg, int ntok, int d
       });
 }
 
+// --- KIVI attention with 8-bit integer dot products (kernel_table.h, attend_kivi_q8) ---
+// Written as the definition reads: the integer sums in int32 (exact for every supported
+// shape: |q8 code| <= 127 * 255 per channel and d <= 4096; w8 code <= 255 * 255 per token and
+// ntok <= 4096, both far below 2^31).
+constexpr float kQ8Tiny = 0x1p-100f;  // amax / wmax at or below this: the inverse step is 0
+bool all_finite(const float* x, int n) noexcept {
+  for (int i = 0; i < n; ++i)
+    if (!std::isfinite(x[i])) return false;
+  return true;
+}
+
+void kivi_q8_scores_ref(const float* q, int nq, const std::uint16_t* scale, const std::uint16_t* zero,
+                        const std::uint8_t* codes, int ntok, int d, int bits, float* s) noexcept {
+  const int rb = row_bytes(d, bits);
+  float qs[4096];
+  int q8[4096];
+  for (int r = 0; r < nq; ++r) {
+    const float* qr = q + static_cast<std::ptrdiff_t>(r) * d;
+    float amax = 0.0f, bias = 0.0f;
+    for (int c = 0; c < d; ++c) {
+      qs[c] = qr[c] * f16_to_f32(scale[c]);
+      amax = std::fabs(qs[c]) > amax ? std::fabs(qs[c]) : amax;
+      bias += qr[c] * f16_to_f32(zero[c]);
+    }
+    if (!all_finite(qs, d)) {  // the full-precision formula for this row
+      kivi_scores_ref(qr, 1, scale, zero, codes, ntok, d, bits, s + static_cast<std::ptrdiff_t>(r) * ntok);
+      continue;
+    }
+    const float S = amax / 127.0f, inv = amax > kQ8Tiny ? 127.0f / amax : 0.0f;
+    for (int c = 0; c < d; ++c) q8[c] = static_cast<int>(std::nearbyint(qs[c] * inv));
+    for (int j = 0; j < ntok; ++j) {
+      std::int32_t acc = 0;
+      for (int c = 0; c < d; ++c) acc += q8[c] * static_cast<std::int32_t>(get_code(codes + j * rb, c, bits));
+      s[r * ntok + j] = S * static_cast<float>(acc) + bias;
+    }
+  }
+}
+
+void kivi_q8_accum_ref(const float* p, int nq, const std::uint16_t* scale, const std::uint16_t* zero,
+                       const std::uint8_t* codes, int ntok, int d, int bits, int vgroup, float* o) noexcept {
+  const int rb = row_bytes(d, bits);
+  const int ng = d / vgroup;
+  float wmax[4096], zs[4096];
+  std::int32_t acc[4096];
+  for (int r = 0; r < nq; ++r) {
+    const float* pr = p + static_cast<std::ptrdiff_t>(r) * ntok;
+    float* orow = o + static_cast<std::ptrdiff_t>(r) * d;
+    bool finite = true;
+    for (int g = 0; g < ng; ++g) wmax[g] = 0.0f, zs[g] = 0.0f;
+    for (int j = 0; j < ntok; ++j)
+      for (int g = 0; g < ng; ++g) {
+        const float w = pr[j] == 0.0f ? 0.0f : pr[j] * f16_to_f32(scale[j * ng + g]);  // p = 0: nothing
+        finite = finite && std::isfinite(w);
+        wmax[g] = w > wmax[g] ? w : wmax[g];
+        zs[g] += pr[j] * f16_to_f32(zero[j * ng + g]);
+      }
+    if (!finite) {  // the full-precision formula for this row
+      kivi_accum_ref(pr, 1, scale, zero, codes, ntok, d, bits, vgroup, orow);
+      continue;
+    }
+    for (int c = 0; c < d; ++c) acc[c] = 0;
+    for (int g = 0; g < ng; ++g) {
+      const float inv = wmax[g] > kQ8Tiny ? 255.0f / wmax[g] : 0.0f;
+      for (int j = 0; j < ntok; ++j) {
+        const float w = pr[j] == 0.0f ? 0.0f : pr[j] * f16_to_f32(scale[j * ng + g]);
+        float w8 = std::nearbyint(w * inv);
+        w8 = w8 < 0.0f ? 0.0f : (w8 > 255.0f ? 255.0f : w8);
+        const std::int32_t wi = static_cast<std::int32_t>(w8);
+        for (int c = g * vgroup; c < (g + 1) * vgroup; ++c)
+          acc[c] += wi * static_cast<std::int32_t>(get_code(codes + j * rb, c, bits));
+      }
+    }
+    for (int c = 0; c < d; ++c) {
+      const int g = c / vgroup;
+      orow[c] += wmax[g] / 255.0f * static_cast<float>(acc[c]) + zs[g];
+    }
+  }
+}
+
+void attend_kivi_q8_ref(const float* q, int nq, const KiviPage& pg, int ntok, int d, const BlockMask& mask,
+                        OnlineState& st) noexcept {
+  fused_block(
+      nq, ntok, mask, st,
+      [&](float* s) { kivi_q8_scores_ref(q, nq, pg.kscale, pg.kzero, pg.kcodes, ntok, d, pg.kbits, s); },
+      [&](float* s, float* m, float* l, float* o) { softmax_block_ref(s, nq, ntok, m, l, o, d); },
+      [&](const float* p, float* o) {
+        kivi_q8_accum_ref(p, nq, pg.vscale, pg.vzero, pg.vcodes, ntok, d, pg.vbits, pg.vgroup, o);
+      });
+}
+
 }  // namespace
 
 extern const KernelTable kTable = {
@@ -255,6 +345,7 @@ extern const KernelTable kTable = {
     kivi_quant_keys_ref, kivi_quant_values_ref, kivi_dequant_keys_ref, kivi_dequant_values_ref,
     kivi_scores_ref, kivi_accum_ref,
     mask_block_ref, attend_f32_ref, attend_f16_ref, attend_bf16_ref, attend_kivi_ref,
+    attend_kivi_q8_ref,
 };
 
 }  // namespace kvslim::kernels::scalar
