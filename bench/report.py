@@ -128,5 +128,48 @@ def main():
                   "|---|---|---|---|---|---|---|---|")
             print("\n".join(ratios))
 
+        floors(rows, att, read, isas, fmts)
+
+
+def floors(rows, att, read, isas, fmts):
+    """Per ISA and format at the longest context, 1 thread: the measured time against the byte
+    floor (kv_bytes at BM_read_bandwidth, 1 thread), the FMA floor of a float kernel
+    (32 query / 8 kv heads -> 4 rows, head_dim 128: 4 * 128 * 2 multiply-adds per token and kv
+    head, BM_fma_peak lanes per FMA), and the in-cache compute time (the 4K step scaled to the
+    context: the kernels' own speed with the data in the last-level cache). Time close to
+    max(compute, transfer) means they overlap; close to their sum means they do not."""
+    lanes = {"avx2": 8, "avx512": 16}
+    peak = {}
+    for isa in lanes:
+        e = pick(rows, f"BM_fma_peak/{isa}", ("median", "mean", "iteration"))
+        if e and "fma_per_second" in e:
+            peak[isa] = e["fma_per_second"]
+    ctxs = sorted({k[2] for k in att})
+    if not ctxs or 1 not in read:
+        return
+    ctx, small = ctxs[-1], ctxs[0]
+    lines = []
+    for isa in isas:
+        if isa == "scalar":
+            continue
+        for f in fmts:
+            if (isa, f, ctx, 1) not in att:
+                continue
+            t, b = att[(isa, f, ctx, 1)]
+            byte = b / read[1]
+            fma = ctx * 8 * 4 * 128 * 2 / lanes[isa] / peak[isa] if isa in peak else None
+            comp = att[(isa, f, small, 1)][0] * ctx / small if (isa, f, small, 1) in att and small < ctx else None
+            cell = lambda x: f"{x * 1e3:.2f} ({t / x:.2f}x)" if x else ""
+            mx = max(comp, byte) if comp else None
+            sm = comp + byte if comp else None
+            lines.append(f"| {isa} | {f} | {t * 1e3:.2f} | {cell(byte)} | {cell(fma)} | {cell(comp)} | "
+                         f"{cell(mx)} | {cell(sm)} |")
+    if lines:
+        print(f"\n### Floors at {ctx // 1024}K, 1 thread: ms (measured / floor)\n")
+        print("| ISA | format | measured | byte floor | FMA floor | compute in cache | max(compute, bytes) | "
+              "compute + bytes |\n|---|---|---|---|---|---|---|---|")
+        print("\n".join(lines))
+
+
 if __name__ == "__main__":
     main()

@@ -1,13 +1,19 @@
 // The in-run roofline: what one core (and two) can read from memory, and memcpy.
 //   BM_read_bandwidth  sum-reduce of a 1 GiB buffer (bytes/s read); threads:2 splits it
 //   BM_memcpy          memcpy of 512 MiB into another 512 MiB buffer (bytes/s copied)
+//   BM_fma_peak/<isa>  independent vector FMAs (fma_per_second: FMA instructions per second,
+//                      8 lanes for avx2, 16 for avx512): the compute roofline of a float
+//                      kernel, which needs nq * head_dim * 2 / lanes FMAs per token and kv head
 // Attention moves KV bytes and the encoders read f32 input; compare their bytes/s with these.
 #include <benchmark/benchmark.h>
+#include <immintrin.h>
 
 #include <cstring>
 #include <memory>
+#include <string>
 
 #include "bench_util.h"
+#include "kvslim/cpu/isa.h"
 
 namespace kvslim::bench {
 
@@ -73,9 +79,49 @@ void BM_memcpy(benchmark::State& state) {
   state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations()) * static_cast<std::int64_t>(bytes));
 }
 
+// 12 independent accumulator chains (more than FMA latency x ports on current x86 cores),
+// kIters rounds: returns something so the loop is not removed.
+constexpr int kFmaIters = 1 << 16;
+__attribute__((target("avx2,fma"))) float fma_loop_avx2(float seed) {
+  __m256 a[12];
+  const __m256 x = _mm256_set1_ps(0.999f), y = _mm256_set1_ps(seed);
+  for (int i = 0; i < 12; ++i) a[i] = _mm256_set1_ps(static_cast<float>(i));
+  for (int it = 0; it < kFmaIters; ++it)
+    for (int i = 0; i < 12; ++i) a[i] = _mm256_fmadd_ps(a[i], x, y);
+  __m256 s = a[0];
+  for (int i = 1; i < 12; ++i) s = _mm256_add_ps(s, a[i]);
+  return _mm256_cvtss_f32(s);
+}
+__attribute__((target("avx512f"))) float fma_loop_avx512(float seed) {
+  __m512 a[12];
+  const __m512 x = _mm512_set1_ps(0.999f), y = _mm512_set1_ps(seed);
+  for (int i = 0; i < 12; ++i) a[i] = _mm512_set1_ps(static_cast<float>(i));
+  for (int it = 0; it < kFmaIters; ++it)
+    for (int i = 0; i < 12; ++i) a[i] = _mm512_fmadd_ps(a[i], x, y);
+  __m512 s = a[0];
+  for (int i = 1; i < 12; ++i) s = _mm512_add_ps(s, a[i]);
+  alignas(64) float t[16];
+  _mm512_store_ps(t, s);
+  return t[0] + t[15];
+}
+
+void BM_fma_peak(benchmark::State& state, Isa isa) {
+  float r = 0.0f;
+  for (auto _ : state) {
+    r += isa == Isa::kAvx512 ? fma_loop_avx512(r * 1e-9f) : fma_loop_avx2(r * 1e-9f);
+    benchmark::DoNotOptimize(r);
+  }
+  state.counters["fma_per_second"] = benchmark::Counter(12.0 * kFmaIters, benchmark::Counter::kIsIterationInvariantRate);
+}
+
 }  // namespace
 
 void register_roofline() {
+  for (Isa isa : available_isas()) {
+    if (isa == Isa::kScalar) continue;
+    benchmark::RegisterBenchmark((std::string("BM_fma_peak/") + isa_name(isa)).c_str(), BM_fma_peak, isa)
+        ->Unit(benchmark::kMicrosecond);
+  }
   benchmark::RegisterBenchmark("BM_read_bandwidth", BM_read_bandwidth)
       ->Threads(1)
       ->Threads(2)

@@ -570,19 +570,23 @@ void TokenStore::attend_blocks(const kernels::KernelTable& kt, const float* q, i
     codec.prepare(kt, q, nq, d, prepared);
   }
   // Pages are separate allocations, so the hardware prefetchers restart at every page, and
-  // the kernels' arithmetic does not overlap misses well on its own: ask for the page
-  // kPrefetchAhead pages on while this one is processed.
+  // the kernels' arithmetic does not overlap misses well on its own: the fused kernel
+  // prefetches the page kPrefetchAhead pages on while it processes this one, in bursts
+  // between its steps (OnlineState::prefetch).
   const std::size_t npages = std::min(range.page_end, pages_.size());
   for (std::size_t i = range.page_begin; i < npages; ++i) {
     const Page& pg = pages_[i];
     if (i + kPrefetchAhead < npages) {
       const Bytes& next = pages_[i + kPrefetchAhead].data;
-      for (std::size_t o = 0; o < next.size(); o += 64) __builtin_prefetch(next.data() + o, 0, 3);
+      st.prefetch = next.data();
+      st.prefetch_bytes = next.size();
     }
     const std::uint64_t* dead = pg.dead.empty() ? nullptr : pg.dead.data();
     run_block(pg.ntok, pg.live, dead, nullptr, [&](const kernels::BlockMask& mask) {
       codec.attend_page(kt, pg.data.data(), pg.ntok, d, q, prepared, nq, mask, st);
     });
+    st.prefetch = nullptr;
+    st.prefetch_bytes = 0;
   }
   if (range.tail) {
     dense(win_k_.data(), win_v_.data(), window_, nullptr);

@@ -15,6 +15,8 @@ void Codec::prepare(const kernels::KernelTable& /*kt*/, const float* /*q*/, int 
 void Codec::attend_page(const kernels::KernelTable& kt, const std::byte* page, int ntok, int d, const float* q,
                         const std::byte* /*prepared*/, int nq, const kernels::BlockMask& mask,
                         kernels::OnlineState& st) const {
+  const char* pf = static_cast<const char*>(st.prefetch);
+  for (std::size_t o = 0; pf && o < st.prefetch_bytes; o += 64) __builtin_prefetch(pf + o, 0, 3);
   scores(kt, page, ntok, d, q, nq, st.s);
   kt.mask_block(st.s, nq, ntok, mask);
   kt.softmax_block(st.s, nq, ntok, st.m, st.l, st.o, d);

@@ -100,6 +100,11 @@ struct OnlineState {
   /// copied to probs[r * probs_stride + j] (attention mass for scorers).
   float* probs = nullptr;
   std::int64_t probs_stride = 0;
+  /// Memory the caller reads a few blocks later (a later page): the kernel issues software
+  /// prefetches for these bytes spread between its steps, so that the misses overlap its
+  /// arithmetic instead of stalling on full fill buffers in one burst. May be null.
+  const void* prefetch = nullptr;
+  std::size_t prefetch_bytes = 0;
 };
 
 /// One KIVI page, its parts located (layout above; docs/formats.md).
