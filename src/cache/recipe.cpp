@@ -3,6 +3,11 @@
 
 #include <cctype>
 #include <charconv>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <system_error>
 
 #include "cache/recipe_text.h"
 #include "check.h"
@@ -316,6 +321,33 @@ Pipeline build_pipeline(const ChainSpec& chain, int head_dim) {
   if (p.eviction && p.scorers.empty())
     if (auto sc = p.eviction->implied_scorer()) p.scorers.push_back(std::move(sc));
   return p;
+}
+
+std::string load_recipe(const std::string& path) {
+  KVSLIM_CHECK(!path.empty(), ErrorCode::kIo, "recipe file: the path is empty (write --recipe @FILE)");
+  std::error_code ec;
+  KVSLIM_CHECK(!std::filesystem::is_directory(path, ec), ErrorCode::kIo,
+               "recipe file '{}' is a directory, not a file", path);
+  std::ifstream in(path, std::ios::binary);
+  KVSLIM_CHECK(in.is_open(), ErrorCode::kIo, "recipe file '{}' cannot be opened: {}", path, std::strerror(errno));
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  // A directory opens on some systems and then fails to read.
+  KVSLIM_CHECK(!in.bad(), ErrorCode::kIo, "recipe file '{}' cannot be read", path);
+  std::string text = ss.str();
+  KVSLIM_CHECK(text.find('\0') == std::string::npos, ErrorCode::kRecipe,
+               "recipe file '{}' holds a NUL byte: it is not a text file", path);
+  try {
+    (void)parse_recipe(text);
+  } catch (const Error& e) {
+    throw Error(e.code(), fmt::format("recipe file '{}': {}", path, e.what()));
+  }
+  return text;
+}
+
+std::string resolve_recipe(std::string_view arg) {
+  if (!arg.empty() && arg.front() == '@') return load_recipe(std::string(arg.substr(1)));
+  return std::string(arg);
 }
 
 }  // namespace kvslim

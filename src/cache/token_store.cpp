@@ -57,7 +57,9 @@ TokenStore::TokenStore(int head_dim, const Pipeline* pipeline)
       special_w_(TrackedAllocator<float>(&counter_)),
       special_pos_(TrackedAllocator<std::int64_t>(&counter_)),
       runs_(&counter_),
-      importance_(TrackedAllocator<float>(&counter_)) {}
+      importance_(TrackedAllocator<float>(&counter_)),
+      comp_sum_k_(TrackedAllocator<double>(&counter_)),
+      comp_sum_v_(TrackedAllocator<double>(&counter_)) {}
 
 TokenStore::~TokenStore() = default;
 
@@ -211,7 +213,12 @@ void TokenStore::flush(const kernels::KernelTable& kt) {
     if (pipeline_->eviction) {
       victims_.clear();
       pipeline_->eviction->select(*this, victims_);
-      if (!victims_.empty()) drop(kt, victims_);
+      if (!victims_.empty()) {
+        if (pipeline_->eviction->action() == EvictAction::kCompensate)
+          compensate(kt, victims_);
+        else
+          drop(kt, victims_);
+      }
     }
   }
   seal_pages(kt);
@@ -364,6 +371,19 @@ void TokenStore::drop(const kernels::KernelTable& kt, std::span<const std::int64
     window_ = erase_rows(win_v_, window_, d_, in_window);
   }
   if (!in_specials.empty()) {
+    if (comp_ >= 0) {  // the compensation token moves down, or goes with its sums
+      const auto below = std::lower_bound(in_specials.begin(), in_specials.end(), comp_);
+      if (below != in_specials.end() && *below == comp_) {
+        comp_ = -1;
+        comp_n_ = 0;
+        comp_sum_k_.clear();
+        comp_sum_k_.shrink_to_fit();
+        comp_sum_v_.clear();
+        comp_sum_v_.shrink_to_fit();
+      } else {
+        comp_ -= below - in_specials.begin();
+      }
+    }
     const std::int64_t ns = specials();
     erase_rows(special_k_, ns, d_, in_specials);
     erase_rows(special_v_, ns, d_, in_specials);
@@ -438,6 +458,83 @@ void TokenStore::add_special(const float* k, const float* v, float weight, std::
   special_w_.push_back(std::log(weight));
   special_pos_.push_back(position);
   if (!pipeline_->scorers.empty()) importance_.push_back(0.0f);
+}
+
+void TokenStore::compensate(const kernels::KernelTable& kt, std::span<const std::int64_t> victims) {
+  if (victims.empty()) return;
+  std::vector<std::int64_t> idx(victims.begin(), victims.end());
+  std::sort(idx.begin(), idx.end());
+  idx.erase(std::unique(idx.begin(), idx.end()), idx.end());
+  const std::int64_t ord = ordinary();
+  KVSLIM_CHECK(idx.front() >= 0 && idx.back() < ord, ErrorCode::kOutOfRange,
+               "compensate: token index {} is not an ordinary token (range [0, {}))",
+               idx.front() < 0 ? idx.front() : idx.back(), ord);
+  const std::size_t ud = static_cast<std::size_t>(d_);
+  if (comp_sum_k_.empty()) {
+    comp_sum_k_.assign(ud, 0.0);
+    comp_sum_v_.assign(ud, 0.0);
+  }
+  auto add = [&](const float* k, const float* v) {
+    for (std::size_t c = 0; c < ud; ++c) {
+      comp_sum_k_[c] += k[c];
+      comp_sum_v_[c] += v[c];
+    }
+  };
+  // Sum the victims where they are stored: sinks, sealed pages (decoded, live slots in
+  // logical order), the window.
+  std::size_t x = 0;
+  for (; x < idx.size() && idx[x] < sinks_; ++x)
+    add(sink_k_.data() + static_cast<std::size_t>(idx[x]) * ud, sink_v_.data() + static_cast<std::size_t>(idx[x]) * ud);
+  std::int64_t base = sinks_;
+  std::vector<float> pk, pv;
+  for (const Page& p : pages_) {
+    if (x >= idx.size() || idx[x] >= sinks_ + sealed_live_) break;
+    if (idx[x] >= base + p.live) {
+      base += p.live;
+      continue;
+    }
+    pk.resize(static_cast<std::size_t>(p.ntok) * ud);
+    pv.resize(pk.size());
+    pipeline_->codec->decode(kt, p.data.data(), p.ntok, d_, pk.data(), pv.data());
+    for (int j = 0, live = 0; j < p.ntok && x < idx.size() && idx[x] < base + p.live; ++j) {
+      if (p.is_dead(j)) continue;
+      if (idx[x] == base + live) {
+        add(pk.data() + static_cast<std::size_t>(j) * ud, pv.data() + static_cast<std::size_t>(j) * ud);
+        ++x;
+      }
+      ++live;
+    }
+    base += p.live;
+  }
+  for (; x < idx.size(); ++x) {
+    const std::size_t r = static_cast<std::size_t>(idx[x] - (ord - window_));
+    add(win_k_.data() + r * ud, win_v_.data() + r * ud);
+  }
+  // The newest position folded (idx.back() is the newest victim: index order is position order).
+  std::int64_t newest = -1, at = 0;
+  runs_.for_each_run([&](std::int64_t first, std::int64_t count) {
+    if (idx.back() >= at && idx.back() < at + count) newest = first + (idx.back() - at);
+    at += count;
+  });
+  comp_n_ += static_cast<std::int64_t>(idx.size());
+
+  drop(kt, idx);  // specials keep their indices relative to ordinary(): comp_ stays valid
+  const double inv = 1.0 / static_cast<double>(comp_n_);
+  std::vector<float> mk(ud), mv(ud);
+  for (std::size_t c = 0; c < ud; ++c) {
+    mk[c] = static_cast<float>(comp_sum_k_[c] * inv);
+    mv[c] = static_cast<float>(comp_sum_v_[c] * inv);
+  }
+  if (comp_ < 0) {
+    comp_ = specials();
+    add_special(mk.data(), mv.data(), static_cast<float>(comp_n_), newest);
+    return;
+  }
+  const std::size_t off = static_cast<std::size_t>(comp_) * ud;
+  std::memcpy(special_k_.data() + off, mk.data(), ud * sizeof(float));
+  std::memcpy(special_v_.data() + off, mv.data(), ud * sizeof(float));
+  special_w_[static_cast<std::size_t>(comp_)] = std::log(static_cast<float>(comp_n_));
+  special_pos_[static_cast<std::size_t>(comp_)] = newest;
 }
 
 void TokenStore::materialize(const kernels::KernelTable& kt, float* k, float* v, float* log_weights) const {
@@ -639,6 +736,10 @@ void TokenStore::reset() {
   release(special_v_);
   release(special_w_);
   release(special_pos_);
+  release(comp_sum_k_);
+  release(comp_sum_v_);
+  comp_n_ = 0;
+  comp_ = -1;
   runs_.clear();
   release(importance_);
   sinks_ = window_ = 0;

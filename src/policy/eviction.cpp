@@ -9,6 +9,7 @@
 #include "kvslim/policy/eviction/h2o.h"
 #include "kvslim/policy/eviction/l2norm.h"
 #include "kvslim/policy/eviction/random.h"
+#include "kvslim/policy/eviction/razor.h"
 #include "kvslim/policy/eviction/snapkv.h"
 #include "kvslim/policy/eviction/streaming.h"
 #include "policy/codecs.h"
@@ -101,9 +102,23 @@ std::shared_ptr<const Scorer> H2OEviction::implied_scorer() const { return std::
 
 std::string StreamingEviction::describe() const { return fmt::format("streaming:sinks={},window={}", sinks_, window_); }
 
-void StreamingEviction::select(const TokenStore& store, std::vector<std::int64_t>& victims) const {
+void outside_sinks_and_window(const TokenStore& store, int sinks, int window, std::vector<std::int64_t>& victims) {
   const std::int64_t ord = store.ordinary();
-  for (std::int64_t j = sinks_; j < ord - window_; ++j) victims.push_back(j);
+  for (std::int64_t j = sinks; j < ord - window; ++j) victims.push_back(j);
+}
+
+void StreamingEviction::select(const TokenStore& store, std::vector<std::int64_t>& victims) const {
+  outside_sinks_and_window(store, sinks_, window_, victims);
+}
+
+// ---- RazorAttention ----
+
+std::string RazorEviction::describe() const {
+  return fmt::format("razor:sinks={},window={}{}", sinks_, window_, compensate_ ? "" : ",compensate=0");
+}
+
+void RazorEviction::select(const TokenStore& store, std::vector<std::int64_t>& victims) const {
+  outside_sinks_and_window(store, sinks_, window_, victims);
 }
 
 // ---- L2 norm ----
@@ -215,6 +230,14 @@ BuiltStage make_streaming(StageParams& p, int) {
   const int window = p.get_int("window", 1020, 1, 1 << 30);
   p.check_all_used({"sinks", "window"});
   return eviction_stage(std::make_shared<StreamingEviction>(sinks, window));
+}
+
+BuiltStage make_razor(StageParams& p, int) {
+  const int sinks = p.get_int("sinks", 4, 0, 1 << 20);
+  const int window = p.get_int("window", 1020, 1, 1 << 30);
+  const int compensate = p.get_int("compensate", 1, 0, 1);
+  p.check_all_used({"sinks", "window", "compensate"});
+  return eviction_stage(std::make_shared<RazorEviction>(sinks, window, compensate != 0));
 }
 
 BuiltStage make_snapkv(StageParams& p, int) {

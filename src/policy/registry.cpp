@@ -31,6 +31,7 @@ struct Registry {
     entries["l2norm"] = {StageKind::kEviction, detail::make_l2norm};
     entries["snapkv"] = {StageKind::kEviction, detail::make_snapkv};
     entries["random"] = {StageKind::kEviction, detail::make_random};
+    entries["razor"] = {StageKind::kEviction, detail::make_razor};
   }
 };
 

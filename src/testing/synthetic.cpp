@@ -74,6 +74,27 @@ SyntheticLayer generate_layer(const SyntheticOptions& o, int layer) {
   }
   L.outlier_channels.resize(static_cast<std::size_t>(o.outlier_channels));
 
+  // Token ids: the same for every layer of a seed. Without a period every token is distinct.
+  KVSLIM_CHECK(o.period >= 0 && o.period <= 1 << 20, ErrorCode::kInvalidArgument, "synthetic: period {} out of range",
+               o.period);
+  L.token_ids.resize(static_cast<std::size_t>(T));
+  if (o.period == 0) {
+    for (int t = 0; t < T; ++t) L.token_ids[t] = t;
+  } else {
+    Rng ids{o.seed * 0x9e3779b97f4a7c15ull + 12345};
+    std::vector<int> perm(static_cast<std::size_t>(o.period) * 4);
+    for (std::size_t i = 0; i < perm.size(); ++i) perm[i] = static_cast<int>(i);
+    for (int i = 0; i < o.period; ++i)
+      std::swap(perm[i], perm[i + static_cast<std::size_t>(ids.next() % (perm.size() - i))]);
+    for (int t = 0; t < T; ++t) L.token_ids[t] = perm[t % o.period];
+  }
+  std::vector<char> retrieval_layer_head(static_cast<std::size_t>(o.kv_heads), 0);
+  for (const auto& [l, h] : o.retrieval_heads) {
+    KVSLIM_CHECK(h >= 0 && h < o.kv_heads, ErrorCode::kInvalidArgument,
+                 "synthetic: retrieval head ({}, {}) is outside {} kv heads", l, h, o.kv_heads);
+    if (l == layer) retrieval_layer_head[h] = true;
+  }
+
   // Token popularity shared by all heads of the layer: Zipf over a random ranking.
   std::vector<double> pop(static_cast<std::size_t>(T));
   {
@@ -134,24 +155,34 @@ SyntheticLayer generate_layer(const SyntheticOptions& o, int layer) {
       for (int t = 0; t < T; ++t) {
         float* qr = Q + static_cast<std::size_t>(t) * d;
         for (int c = 0; c < d; ++c) qr[c] = 0.3f * rng.normal();
-        if (t >= o.sink_tokens && cum[t + 1] > 0.0) {
+        // Adds key j's whitened noise with weight w: its logit rises by about w * sqrt(d)
+        // (w = a gives `focus`).
+        auto target = [&](int j, float w) {
+          const float* z = noise.data() + static_cast<std::size_t>(j) * d;
+          for (int c = 0; c < d; ++c) u[c] = z[c] * inv_var[c];
+          rope_half(u.data(), d, j, o.rope_theta);
+          // Keep targets orthogonal to the sink direction: the sink key is large along
+          // it, and a random projection would make the sink logit noisy.
+          float proj = 0.0f;
+          for (int c = 0; c < d; ++c) proj += u[c] * sink_dir[c];
+          for (int c = 0; c < d; ++c) qr[c] += w * (u[c] - proj * sink_dir[c]);
+        };
+        if (retrieval_layer_head[h] && o.period > 0 && t >= o.period) {
+          const float ar = o.retrieval_focus / std::sqrt(static_cast<float>(d));
+          target(t - o.period + 1, ar);
+          target(t - o.period, 0.5f * ar);
+        } else if (const int lo = o.local_window > 0 ? std::max(0, t - o.local_window + 1) : 0;
+                   t >= o.sink_tokens && cum[t + 1] - cum[lo] > 0.0) {
           // Distinct targets (a repeated pick would stack its logit to 2x focus and more).
           picked.clear();
           for (int m = 0, tries = 0; m < o.targets_per_query && tries < 8 * o.targets_per_query; ++tries) {
-            const double r = rng.uniform() * cum[t + 1];
-            int j = static_cast<int>(std::upper_bound(cum.begin(), cum.begin() + t + 2, r) - cum.begin()) - 1;
-            j = std::clamp(j, o.sink_tokens, t);
+            const double r = cum[lo] + rng.uniform() * (cum[t + 1] - cum[lo]);
+            int j = static_cast<int>(std::upper_bound(cum.begin() + lo, cum.begin() + t + 2, r) - cum.begin()) - 1;
+            j = std::clamp(j, std::max(lo, o.sink_tokens), t);
             if (std::find(picked.begin(), picked.end(), j) != picked.end()) continue;
             picked.push_back(j);
             ++m;
-            const float* z = noise.data() + static_cast<std::size_t>(j) * d;
-            for (int c = 0; c < d; ++c) u[c] = z[c] * inv_var[c];
-            rope_half(u.data(), d, j, o.rope_theta);
-            // Keep targets orthogonal to the sink direction: the sink key is large along
-            // it, and a random projection would make the sink logit noisy.
-            float proj = 0.0f;
-            for (int c = 0; c < d; ++c) proj += u[c] * sink_dir[c];
-            for (int c = 0; c < d; ++c) qr[c] += a * (u[c] - proj * sink_dir[c]);
+            target(j, a);
           }
         }
         // The sink: first tokens carry sink_dir strongly; q . k0 / sqrt(d) ~ sink_strength.

@@ -65,6 +65,16 @@ struct RecipeSpec {
 /// Parse a recipe (syntax only; stage names and keys are checked by build_pipeline).
 RecipeSpec parse_recipe(std::string_view text);
 
+/// Reads a recipe file (what `kvslim-llama calibrate` writes; '#' comments and line breaks
+/// allowed) and checks its syntax. Throws Error(kIo) naming the path if it is missing or
+/// unreadable, Error(kRecipe) naming the path, line and column if it is malformed. Stage names
+/// and keys are checked when a cache is built from it (they need the head_dim).
+std::string load_recipe(const std::string& path);
+
+/// What the tools do with a --recipe argument: "@FILE" is load_recipe(FILE), anything else is
+/// the recipe text itself.
+std::string resolve_recipe(std::string_view arg);
+
 /// The policy objects built from one chain. Policies are immutable and shared by every head
 /// that uses the same chain; per-head state lives in the head's TokenStore.
 struct Pipeline {

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 namespace kvslim::testing {
@@ -26,6 +27,18 @@ struct SyntheticOptions {
   int targets_per_query = 8;     // heavy hitters each query looks at
   float focus = 7.0f;            // logit a query gives each of its targets
   float rope_theta = 10000.0f;   // RoPE base, half-split (Hugging Face) layout
+  // Planted retrieval heads (RazorAttention calibration). With period > 0 the token sequence
+  // (SyntheticLayer::token_ids) is one random sequence of `period` distinct ids repeated, and
+  // every query head of the kv heads named in retrieval_heads, as (layer, kv head), attends
+  // from token t >= period to t - period + 1 (induction: what followed the earlier occurrence
+  // of its token, logit retrieval_focus) and to t - period (echo, half that logit) instead
+  // of heavy hitters. The other heads are unchanged.
+  int period = 0;
+  std::vector<std::pair<int, int>> retrieval_heads;
+  float retrieval_focus = 10.0f;
+  // > 0: the heads that are not retrieval heads pick their heavy hitters among the newest
+  // local_window tokens only (the local heads RazorAttention assumes); 0: anywhere.
+  int local_window = 0;
 };
 
 struct SyntheticLayer {
@@ -34,6 +47,7 @@ struct SyntheticLayer {
   std::vector<float> v;  // [kv_heads][tokens][head_dim]
   std::vector<float> q;  // [q_heads][tokens][head_dim], post-RoPE
   std::vector<int> outlier_channels;  // key channels that carry outliers
+  std::vector<int> token_ids;         // [tokens]: the sequence's token ids (see period)
 
   const float* k_head(int h) const { return k.data() + static_cast<std::size_t>(h) * tokens * head_dim; }
   const float* v_head(int h) const { return v.data() + static_cast<std::size_t>(h) * tokens * head_dim; }
