@@ -11,6 +11,8 @@
 #include <sys/wait.h>
 
 #include <cstdio>
+#include <filesystem>
+#include <fstream>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -66,6 +68,25 @@ TEST(EvalCli, EveryRecipeIsValidatedBeforeTheFirstRow) {
                            "kivi:kbits=2,nosuchkey=1", "--tokens", "8"},
                           " 2>&1 >/dev/null");
   EXPECT_TRUE(has(e.out, "nosuchkey")) << e.out;
+}
+
+TEST(EvalCli, RecipeFromAFile) {
+  KVSLIM_REQUIRE_SHARED(kDumps);
+  const std::string path = (std::filesystem::temp_directory_path() / "kvslim_eval_cli_heads.recipe").string();
+  {
+    std::ofstream(path) << "# per-head recipe\nrazor:sinks=4,window=8\n[layers=0 heads=1] f32  # kept full\n";
+  }
+  const RunResult r = run({"--dumps", test::shared_path(kDumps), "--recipe", test::at_file(path), "--tokens", "40",
+                           "--json"},
+                          " 2>/dev/null");
+  ASSERT_EQ(r.status, 0) << r.out;
+  const nlohmann::json row = nlohmann::json::parse(r.out.substr(0, r.out.find('\n')));
+  EXPECT_EQ(row.at("recipe"), test::at_file(path));  // labelled as given
+  EXPECT_LT(row.at("kept").get<double>(), 1.0);      // razor ran
+  std::filesystem::remove(path);
+  const RunResult missing = run({"--dumps", test::shared_path(kDumps), "--recipe", test::at_file(path)}, " 2>&1");
+  EXPECT_EQ(missing.status, 1);
+  EXPECT_TRUE(has(missing.out, path + "' cannot be opened")) << missing.out;
 }
 
 TEST(EvalCli, GoodRunPrintsOneRowPerRecipe) {

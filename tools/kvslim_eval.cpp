@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include "kvslim/cache/kv_cache.h"
+#include "kvslim/cache/recipe.h"
 #include "kvslim/error.h"
 #include "kvslim/testing/recordings.h"
 #include "kvslim/testing/replay.h"
@@ -33,7 +34,8 @@ void usage(std::FILE* f) {
       "  tokens kept (kept, at each recording's end, mean over recordings; 1 without eviction),\n"
       "  attention-output relative L2 error (mean, p99) and mean cosine\n"
       "  similarity vs the recorded attn_out. Every recipe is checked against every recording's\n"
-      "  shape before the first replay starts.\n"
+      "  shape before the first replay starts. --recipe @FILE reads the recipe from FILE ('#'\n"
+      "  comments and line breaks allowed, e.g. what kvslim-llama calibrate writes).\n"
       "  --chunk N   tokens per append/attend, N >= 1 (default 1 = decode; >1 = chunked prefill)\n"
       "  --tokens N  use only the first N >= 1 tokens of each recording (default: all)\n"
       "  --json      one JSON object per recipe: recipe, bits_per_value, bytes, ratio, rel_err_mean,\n"
@@ -90,6 +92,9 @@ int main(int argc, char** argv) {
   }
 
   try {
+    // "--recipe @FILE" reads the recipe from FILE; the label printed stays what was given.
+    std::vector<std::string> texts;
+    for (const auto& r : recipes) texts.push_back(kvslim::resolve_recipe(r));
     const auto dirs = kvslim::testing::find_recordings(dumps);
     if (dirs.empty()) {
       std::fprintf(stderr, "kvslim-eval: no recordings (directories with meta.json) under '%s'\n", dumps.c_str());
@@ -102,7 +107,8 @@ int main(int argc, char** argv) {
     std::set<std::tuple<int, int, int, int, int>> shapes;
     for (const auto& rec : recs)
       shapes.emplace(rec.layers, rec.q_heads, rec.kv_heads, rec.head_dim, rec.tokens);
-    for (const auto& r : recipes) {
+    for (std::size_t ri = 0; ri < recipes.size(); ++ri) {
+      const std::string& r = recipes[ri];
       for (const auto& [layers, q_heads, kv_heads, head_dim, tokens] : shapes) {
         kvslim::CacheConfig cfg;
         cfg.layers = layers;
@@ -110,7 +116,7 @@ int main(int argc, char** argv) {
         cfg.kv_heads = kv_heads;
         cfg.head_dim = head_dim;
         cfg.max_tokens = tokens;
-        cfg.recipe = r;
+        cfg.recipe = texts[ri];
         try {
           const kvslim::KVCache probe(cfg);
         } catch (const kvslim::Error& e) {
@@ -125,10 +131,11 @@ int main(int argc, char** argv) {
       fmt::print("{:<48} {:>8} {:>11} {:>7} {:>10} {:>7} {:>11} {:>11} {:>9}\n", "recipe", "bits/val", "bytes",
                  "ratio", "ratio_seen", "kept", "rel_err", "rel_err_p99", "cosine");
     }
-    for (const auto& r : recipes) {
+    for (std::size_t ri = 0; ri < recipes.size(); ++ri) {
+      const std::string& r = recipes[ri];
       // Progress on stderr: redrawn in place on a terminal, one line per recipe otherwise.
       const bool tty = isatty(2) != 0;
-      const auto res = kvslim::testing::replay(recs, r, opt, [&](int done, int total) {
+      const auto res = kvslim::testing::replay(recs, texts[ri], opt, [&](int done, int total) {
         if (tty) std::fprintf(stderr, "\r[%s] %d/%d recordings%s", r.c_str(), done, total, done == total ? "\n" : "");
         else if (done == total) std::fprintf(stderr, "[%s] %d recordings replayed\n", r.c_str(), total);
       });

@@ -1,6 +1,8 @@
 // kvslim-llama: a small llama-family inference engine whose KV cache is a kvslim::KVCache.
 // Subcommands: generate (greedy text), ppl (perplexity, KLD, top-1 agreement and memory per
-// recipe against the f32 cache), dump (a recording in the data/dumps format).
+// recipe against the f32 cache), dump (a recording in the data/dumps format), calibrate
+// (RazorAttention retrieval heads: a per-head recipe file and a JSON report).
+#include <algorithm>
 #include <charconv>
 #include <cmath>
 #include <cstdio>
@@ -13,7 +15,10 @@
 #include <fmt/format.h>
 #include <unistd.h>
 
+#include "calibrate.h"
 #include "eval.h"
+#include "file_io.h"
+#include "kvslim/cache/recipe.h"
 #include "kvslim/error.h"
 #include "util/json.h"
 #include "model.h"
@@ -65,6 +70,22 @@ commands:
       FILE (same token stream rule) in the format of data/dumps: q.f32, k.f32, k_pre.f32,
       v.f32, attn_out.f32 (computed by an f32 KVCache), nll.f32 and meta.json.
 
+  calibrate --model PATH --out FILE [--length N] [--repeats R] [--seed S] [--retrieval P]
+      [--keep CHAIN] [--compress CHAIN]
+      RazorAttention's retrieval-head calibration. Feeds BOS + a random sequence of N / R
+      distinct tokens repeated R times (default R 4, N the largest multiple of R that fits the
+      context, seed 1) through an f32 cache, scores every (layer, query head): echo = mean
+      attention a query gives to the earlier occurrences of its own token, induction = to the
+      tokens that followed them; a kv head takes the maximum over its query heads. Keeps the
+      top P (default 0.15, in (0, 1)) of kv heads by echo + induction in CHAIN --keep (default
+      f32) and gives every other head --compress (default razor:sinks=4,window=max(16,
+      context/8)). Writes the recipe to FILE ('#' comments name each head's scores; use it as
+      --recipe @FILE) and a JSON report to FILE.json (arguments, both scores per kv head and
+      per query head, the chosen heads, the recipe). Prints the score table.
+
+--recipe @FILE (ppl, generate) reads the recipe from FILE; '#' comments and line breaks are
+allowed. The label printed is @FILE.
+
 PATH is a llama2.c checkpoint (.bin, with tok*.bin beside it), a directory holding one, or a
 Hugging Face directory with config.json, model.safetensors and tokenizer.json.
 Recipes: f32, f16, bf16, kivi:kbits=K,vbits=V[,group=G,residual=R], ... (see docs/recipes.md).
@@ -81,13 +102,25 @@ struct Args {
   std::vector<std::string> recipes;
   std::int64_t tokens = 256, windows = 0, offset = -1, prefill = 0;
   bool json = false, progress = true;
+  kvslim::llama::CalibrateOptions calibrate;
 };
 
-std::int64_t parse_int(std::string_view opt, std::string_view v, std::int64_t lo) {
+std::int64_t parse_int(std::string_view opt, std::string_view v, std::int64_t lo,
+                       std::int64_t hi = INT64_MAX) {
   std::int64_t x = 0;
   const auto [p, ec] = std::from_chars(v.data(), v.data() + v.size(), x);
-  if (ec != std::errc() || p != v.data() + v.size() || x < lo)
-    throw UsageError{fmt::format("{} expects an integer >= {}, got '{}'", opt, lo, v)};
+  if (ec != std::errc() || p != v.data() + v.size() || x < lo || x > hi)
+    throw UsageError{hi == INT64_MAX
+                         ? fmt::format("{} expects an integer >= {}, got '{}'", opt, lo, v)
+                         : fmt::format("{} expects an integer in [{}, {}], got '{}'", opt, lo, hi, v)};
+  return x;
+}
+
+double parse_double(std::string_view opt, std::string_view v) {
+  double x = 0.0;
+  const auto [p, ec] = std::from_chars(v.data(), v.data() + v.size(), x);
+  if (ec != std::errc() || p != v.data() + v.size() || !std::isfinite(x))
+    throw UsageError{fmt::format("{} expects a number, got '{}'", opt, v)};
   return x;
 }
 
@@ -99,7 +132,7 @@ Args parse_args(int argc, char** argv) {
     a.command = "help";
     return a;
   }
-  if (a.command != "generate" && a.command != "ppl" && a.command != "dump")
+  if (a.command != "generate" && a.command != "ppl" && a.command != "dump" && a.command != "calibrate")
     throw UsageError{fmt::format("unknown command '{}'", a.command)};
   for (int i = 2; i < argc; ++i) {
     const std::string_view opt = argv[i];
@@ -116,7 +149,7 @@ Args parse_args(int argc, char** argv) {
       a.prompt = value();
     } else if (opt == "--tokens" && a.command == "generate") {
       a.tokens = parse_int(opt, value(), 0);
-    } else if (opt == "--recipe" && a.command != "dump") {
+    } else if (opt == "--recipe" && (a.command == "generate" || a.command == "ppl")) {
       a.recipes.push_back(value());
     } else if (opt == "--text" && a.command != "generate") {
       a.text = value();
@@ -130,8 +163,22 @@ Args parse_args(int argc, char** argv) {
       a.progress = false;
     } else if (opt == "--offset" && a.command == "dump") {
       a.offset = parse_int(opt, value(), 0);
-    } else if (opt == "--out" && a.command == "dump") {
+    } else if (opt == "--out" && (a.command == "dump" || a.command == "calibrate")) {
       a.out = value();
+    } else if (opt == "--length" && a.command == "calibrate") {
+      a.calibrate.length = static_cast<int>(parse_int(opt, value(), 1, 1 << 20));
+    } else if (opt == "--repeats" && a.command == "calibrate") {
+      a.calibrate.repeats = static_cast<int>(parse_int(opt, value(), 2, 1 << 20));
+    } else if (opt == "--seed" && a.command == "calibrate") {
+      a.calibrate.seed = static_cast<std::uint64_t>(parse_int(opt, value(), 0));
+    } else if (opt == "--retrieval" && a.command == "calibrate") {
+      a.calibrate.retrieval = parse_double(opt, value());
+      if (!(a.calibrate.retrieval > 0.0 && a.calibrate.retrieval < 1.0))
+        throw UsageError{fmt::format("--retrieval expects a fraction in (0, 1), got '{}'", argv[i])};
+    } else if (opt == "--keep" && a.command == "calibrate") {
+      a.calibrate.keep = value();
+    } else if (opt == "--compress" && a.command == "calibrate") {
+      a.calibrate.compress = value();
     } else {
       throw UsageError{fmt::format("unknown option '{}' for '{}'", opt, a.command)};
     }
@@ -145,6 +192,7 @@ Args parse_args(int argc, char** argv) {
     if (a.text.empty() || a.out.empty() || a.offset < 0)
       throw UsageError{"dump needs --text FILE, --offset BYTES and --out DIR"};
   }
+  if (a.command == "calibrate" && a.out.empty()) throw UsageError{"calibrate needs --out FILE"};
   if (a.command == "generate" && a.recipes.size() > 1)
     throw UsageError{"generate takes one --recipe"};
   return a;
@@ -169,7 +217,8 @@ void warn_unknown(const Model& model, const Tokenizer::UnknownCount& before,
 
 int run_generate(const Args& a) {
   const Model model = load_model(a.model);
-  const std::string recipe = a.recipes.empty() ? "f32" : a.recipes[0];
+  const std::string label = a.recipes.empty() ? "f32" : a.recipes[0];
+  const std::string recipe = kvslim::resolve_recipe(label);
   const Tokenizer::UnknownCount before = model.tokenizer->unknown();
   bool warned = false;
   const GenerateResult r =
@@ -193,7 +242,7 @@ int run_generate(const Args& a) {
              "[{} tokens generated, stopped by {}, {:.1f} tokens/s decode, recipe {}]\n"
              "[KV cache: {} bytes for {} tokens = {:.0f} bytes per token (raw f32: {}), "
              "{:.2f}x vs f32]\n",
-             r.generated, stop_reason_name(r.stop), r.tokens_per_s, recipe, r.kv_bytes, kept,
+             r.generated, stop_reason_name(r.stop), r.tokens_per_s, label, r.kv_bytes, kept,
              r.bytes_per_token, c.n_layers * c.n_kv_heads * c.head_dim * 2 * 4, r.ratio_vs_f32);
   return 0;
 }
@@ -223,7 +272,11 @@ int run_ppl(const Args& a) {
       std::fflush(stderr);
     };
   }
-  const PerplexityReport rep = evaluate_perplexity(model, stream, a.recipes, opt);
+  // Recipes from files run as their text and are labelled as given (@FILE).
+  std::vector<std::string> texts;
+  for (const std::string& r : a.recipes) texts.push_back(kvslim::resolve_recipe(r));
+  PerplexityReport rep = evaluate_perplexity(model, stream, texts, opt);
+  for (std::size_t i = 0; i < rep.recipes.size(); ++i) rep.recipes[i].recipe = a.recipes[i];
   if (a.json) {
     for (const RecipeMetrics& m : rep.recipes)
       fmt::print(
@@ -291,6 +344,31 @@ int run_dump(const Args& a) {
   return 0;
 }
 
+int run_calibrate(const Args& a) {
+  const Model model = load_model(a.model);
+  const CalibrateResult r = calibrate_retrieval(model, a.calibrate);
+  write_file(a.out, r.recipe.data(), r.recipe.size());
+  const std::string report = calibration_json(model, r);
+  write_file(a.out + ".json", report.data(), report.size());
+  const ModelConfig& c = model.config;
+  fmt::print("model {} ({} layers, {} query heads, {} kv heads); BOS + {} tokens repeated {} times\n",
+             model.name, c.n_layers, c.n_heads, c.n_kv_heads, r.period, r.options.repeats);
+  fmt::print("a head attending uniformly would score echo {:.4f}, induction {:.4f}\n",
+             r.uniform_echo, r.uniform_induction);
+  fmt::print("{:>5}  {:>7}  {:>8}  {:>9}  {:>8}  {}\n", "layer", "kv head", "echo", "induction",
+             "score", "kept full");
+  for (const kvslim::RetrievalHead& h : r.heads) {
+    const bool chosen = std::any_of(r.chosen.begin(), r.chosen.end(), [&](const kvslim::RetrievalHead& x) {
+      return x.layer == h.layer && x.kv_head == h.kv_head;
+    });
+    fmt::print("{:>5}  {:>7}  {:>8.4f}  {:>9.4f}  {:>8.4f}  {}\n", h.layer, h.kv_head, h.echo,
+               h.induction, h.score, chosen ? "yes" : "");
+  }
+  fmt::print("{} of {} kv heads kept as '{}', the rest '{}'\nwrote {} and {}.json (use: --recipe @{})\n",
+             r.chosen.size(), r.heads.size(), r.options.keep, r.options.compress, a.out, a.out, a.out);
+  return 0;
+}
+
 /// --model / --text paths that do not exist (what a missing ../shared looks like).
 std::vector<std::string> missing_paths(const Args& a) {
   std::vector<std::string> out;
@@ -313,6 +391,7 @@ int main(int argc, char** argv) {
     }
     if (a.command == "generate") return run_generate(a);
     if (a.command == "ppl") return run_ppl(a);
+    if (a.command == "calibrate") return run_calibrate(a);
     return run_dump(a);
   } catch (const UsageError& e) {
     fmt::print(stderr, "kvslim-llama: {}\n\n{}", e.message, kUsage);

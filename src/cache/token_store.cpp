@@ -57,9 +57,7 @@ TokenStore::TokenStore(int head_dim, const Pipeline* pipeline)
       special_w_(TrackedAllocator<float>(&counter_)),
       special_pos_(TrackedAllocator<std::int64_t>(&counter_)),
       runs_(&counter_),
-      importance_(TrackedAllocator<float>(&counter_)),
-      comp_sum_k_(TrackedAllocator<double>(&counter_)),
-      comp_sum_v_(TrackedAllocator<double>(&counter_)) {}
+      importance_(TrackedAllocator<float>(&counter_)) {}
 
 TokenStore::~TokenStore() = default;
 
@@ -376,10 +374,6 @@ void TokenStore::drop(const kernels::KernelTable& kt, std::span<const std::int64
       if (below != in_specials.end() && *below == comp_) {
         comp_ = -1;
         comp_n_ = 0;
-        comp_sum_k_.clear();
-        comp_sum_k_.shrink_to_fit();
-        comp_sum_v_.clear();
-        comp_sum_v_.shrink_to_fit();
       } else {
         comp_ -= below - in_specials.begin();
       }
@@ -470,14 +464,11 @@ void TokenStore::compensate(const kernels::KernelTable& kt, std::span<const std:
                "compensate: token index {} is not an ordinary token (range [0, {}))",
                idx.front() < 0 ? idx.front() : idx.back(), ord);
   const std::size_t ud = static_cast<std::size_t>(d_);
-  if (comp_sum_k_.empty()) {
-    comp_sum_k_.assign(ud, 0.0);
-    comp_sum_v_.assign(ud, 0.0);
-  }
+  std::vector<double> sk(ud, 0.0), sv(ud, 0.0);
   auto add = [&](const float* k, const float* v) {
     for (std::size_t c = 0; c < ud; ++c) {
-      comp_sum_k_[c] += k[c];
-      comp_sum_v_[c] += v[c];
+      sk[c] += k[c];
+      sv[c] += v[c];
     }
   };
   // Sum the victims where they are stored: sinks, sealed pages (decoded, live slots in
@@ -516,23 +507,27 @@ void TokenStore::compensate(const kernels::KernelTable& kt, std::span<const std:
     if (idx.back() >= at && idx.back() < at + count) newest = first + (idx.back() - at);
     at += count;
   });
+  const std::int64_t before = comp_n_;
   comp_n_ += static_cast<std::int64_t>(idx.size());
 
   drop(kt, idx);  // specials keep their indices relative to ordinary(): comp_ stays valid
-  const double inv = 1.0 / static_cast<double>(comp_n_);
-  std::vector<float> mk(ud), mv(ud);
-  for (std::size_t c = 0; c < ud; ++c) {
-    mk[c] = static_cast<float>(comp_sum_k_[c] * inv);
-    mv[c] = static_cast<float>(comp_sum_v_[c] * inv);
-  }
+  const double inv = 1.0 / static_cast<double>(comp_n_), old_w = static_cast<double>(before);
   if (comp_ < 0) {
+    std::vector<float> mk(ud), mv(ud);
+    for (std::size_t c = 0; c < ud; ++c) {
+      mk[c] = static_cast<float>(sk[c] * inv);
+      mv[c] = static_cast<float>(sv[c] * inv);
+    }
     comp_ = specials();
     add_special(mk.data(), mv.data(), static_cast<float>(comp_n_), newest);
     return;
   }
-  const std::size_t off = static_cast<std::size_t>(comp_) * ud;
-  std::memcpy(special_k_.data() + off, mk.data(), ud * sizeof(float));
-  std::memcpy(special_v_.data() + off, mv.data(), ud * sizeof(float));
+  float* mk = special_k_.data() + static_cast<std::size_t>(comp_) * ud;
+  float* mv = special_v_.data() + static_cast<std::size_t>(comp_) * ud;
+  for (std::size_t c = 0; c < ud; ++c) {
+    mk[c] = static_cast<float>((mk[c] * old_w + sk[c]) * inv);
+    mv[c] = static_cast<float>((mv[c] * old_w + sv[c]) * inv);
+  }
   special_w_[static_cast<std::size_t>(comp_)] = std::log(static_cast<float>(comp_n_));
   special_pos_[static_cast<std::size_t>(comp_)] = newest;
 }
@@ -736,8 +731,6 @@ void TokenStore::reset() {
   release(special_v_);
   release(special_w_);
   release(special_pos_);
-  release(comp_sum_k_);
-  release(comp_sum_v_);
   comp_n_ = 0;
   comp_ = -1;
   runs_.clear();

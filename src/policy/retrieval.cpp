@@ -71,6 +71,17 @@ RetrievalScores::RetrievalScores(int layers, int q_heads, int kv_heads, std::vec
     ind_first_.push_back(static_cast<std::int64_t>(ind_.size()));
     prev.push_back(static_cast<std::int64_t>(t));
   }
+  std::int64_t counted = 0;
+  for (std::size_t t = 0; t < T; ++t) {
+    if (first_[t] == first_[t + 1]) continue;
+    ++counted;
+    uniform_echo_ += static_cast<double>(first_[t + 1] - first_[t]) / static_cast<double>(t + 1);
+    uniform_ind_ += static_cast<double>(ind_first_[t + 1] - ind_first_[t]) / static_cast<double>(t + 1);
+  }
+  if (counted > 0) {
+    uniform_echo_ /= static_cast<double>(counted);
+    uniform_ind_ /= static_cast<double>(counted);
+  }
   const std::size_t heads = static_cast<std::size_t>(layers) * q_heads;
   echo_sum_.assign(heads, 0.0);
   ind_sum_.assign(heads, 0.0);

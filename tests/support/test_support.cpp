@@ -92,4 +92,10 @@ RunResult run_command(const std::string& exe, const std::vector<std::string>& ar
   return r;
 }
 
+std::string at_file(const std::string& path) {
+  std::string s(1, '@');
+  s.append(path);
+  return s;
+}
+
 }  // namespace kvslim::test

@@ -44,6 +44,10 @@ namespace kvslim::test {
 void ref_attention(const float* q, const float* k, const float* v, long ntok, int d, long stride, double scale,
                    float* out, double* probs = nullptr, const float* log_w = nullptr);
 
+/// "@" + path (a --recipe @FILE argument), built without GCC 12's -Wrestrict false positive
+/// on string literal + std::string.
+std::string at_file(const std::string& path);
+
 /// Relative L2 error ||a - b|| / ||b|| over n floats.
 double rel_l2(const float* a, const float* b, long n);
 

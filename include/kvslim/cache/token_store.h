@@ -121,8 +121,9 @@ class TokenStore {
 
   /// Fold ordinary tokens (indices < ordinary(), any order) into the head's compensation
   /// token (RazorAttention), creating it on first use, then drop them: the token's key and
-  /// value become the mean over everything folded so far (sums kept in double), its weight
-  /// the count. Throws Error(kOutOfRange) for an index outside [0, ordinary()).
+  /// value become the mean over everything folded so far, its weight the count. The mean is
+  /// updated in double from the stored f32 mean (no extra memory): m' = (m N + sum) / N',
+  /// one f32 rounding per call, earlier roundings shrink by N / N'. Throws Error(kOutOfRange) for an index outside [0, ordinary()).
   void compensate(const kernels::KernelTable& kt, std::span<const std::int64_t> victims);
   /// Logical index of the compensation token, or -1 if the head has none.
   std::int64_t compensation_index() const noexcept { return comp_ < 0 ? -1 : ordinary() + comp_; }
@@ -242,9 +243,7 @@ class TokenStore {
   std::int64_t seen_ = 0;
   bool evict_pending_ = false;
   std::int64_t repacked_pages_ = 0;
-  using Doubles = std::vector<double, TrackedAllocator<double>>;
-  Doubles comp_sum_k_, comp_sum_v_;  // [d] each: sums of everything folded into the compensation token
-  std::int64_t comp_n_ = 0;          // tokens folded
+  std::int64_t comp_n_ = 0;          // tokens folded into the compensation token
   std::int64_t comp_ = -1;           // its index among the specials, -1: none
   std::vector<std::int64_t> victims_;  // scratch for the eviction policy (not kept memory)
 };

@@ -70,6 +70,11 @@ class RetrievalScores {
   double induction(int layer, int q_head) const;
   /// Queries counted for (layer, q_head).
   std::int64_t queries(int layer, int q_head) const;
+  /// What a head attending uniformly to every visible token would score, over the queries
+  /// that count (each query t with an earlier occurrence: |targets| / (t + 1)); the baseline a
+  /// retrieval head must stand out from.
+  double uniform_echo() const noexcept { return uniform_echo_; }
+  double uniform_induction() const noexcept { return uniform_ind_; }
 
   /// One entry per kv head (layer-major).
   std::vector<RetrievalHead> heads() const;
@@ -88,6 +93,7 @@ class RetrievalScores {
   std::vector<std::int64_t> first_, echo_, ind_first_, ind_;
   std::vector<double> echo_sum_, ind_sum_;
   std::vector<std::int64_t> count_;
+  double uniform_echo_ = 0.0, uniform_ind_ = 0.0;
 };
 
 /// The recipe text of a calibration: `compress` for every head, then one override per chosen

@@ -12,9 +12,8 @@
 //
 // The head then holds at most S + W + 1 tokens whatever it has seen. The compensation token's
 // key is the mean of keys that RoPE has already rotated at their own positions; its position
-// (TokenStore::positions) is the newest position folded into it. Its sums are kept in double
-// (2 * head_dim doubles per head, counted in stats()), so the mean stays exact to f32
-// rounding however many tokens it holds.
+// (TokenStore::positions) is the newest position folded into it. It costs one f32 token:
+// the running mean is updated in double from the stored mean (TokenStore::compensate).
 #pragma once
 
 #include "kvslim/policy/policy.h"
