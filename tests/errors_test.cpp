@@ -159,8 +159,8 @@ TEST(Errors, BudgetLargerThanCapacity) {
 TEST(Errors, RecipeErrorsReachTheConstructor) {
   expect_error([] { KVCache c(CacheConfig{1, 1, 1, 8, 10, "kivi:kbits=9"}); }, ErrorCode::kInvalidArgument,
                {"kbits=9 is not a supported bit width"});
-  expect_error([] { KVCache c(CacheConfig{1, 1, 1, 8, 10, "mikv:budget=4 | f16"}); }, ErrorCode::kRecipe,
-               {"recipe stage 'mikv' is reserved but not implemented yet"});
+  expect_error([] { KVCache c(CacheConfig{1, 1, 1, 8, 10, "cq:bits=2 | f16"}); }, ErrorCode::kRecipe,
+               {"recipe stage 'cq' is reserved but not implemented yet"});
   expect_error([] { KVCache c(CacheConfig{1, 1, 1, 8, 10, "kivi:vgroup=3"}); }, ErrorCode::kInvalidArgument,
                {"vgroup=3 does not divide head_dim 8"});
   expect_error([] { KVCache c(CacheConfig{1, 1, 1, 8, 10, "f32:bits=3"}); }, ErrorCode::kRecipe,

@@ -113,15 +113,35 @@ std::string_view trim(std::string_view s) {
   return s;
 }
 
+// Splits at `sep` outside parentheses (a parameter value may be a nested recipe in
+// parentheses: mikv:lo=(kivi:kbits=2,vbits=2)).
 std::vector<std::string_view> split(std::string_view s, char sep) {
   std::vector<std::string_view> out;
   std::size_t start = 0;
-  for (std::size_t i = 0; i <= s.size(); ++i)
-    if (i == s.size() || s[i] == sep) {
+  int depth = 0;
+  for (std::size_t i = 0; i <= s.size(); ++i) {
+    if (i < s.size() && s[i] == '(') ++depth;
+    if (i < s.size() && s[i] == ')') --depth;
+    if (i == s.size() || (s[i] == sep && depth <= 0)) {
       out.push_back(s.substr(start, i - start));
       start = i + 1;
     }
+  }
   return out;
+}
+
+// Checks that parentheses balance in a stage; names the first unbalanced one.
+void check_parens(std::string_view s, const Source& src) {
+  int depth = 0;
+  std::size_t open = 0;
+  for (std::size_t i = 0; i < s.size(); ++i) {
+    if (s[i] == '(' && depth++ == 0) open = i;
+    if (s[i] == ')') {
+      KVSLIM_CHECK(depth > 0, ErrorCode::kRecipe, "{}: ')' without a matching '('", where(src, s.substr(i)));
+      --depth;
+    }
+  }
+  KVSLIM_CHECK(depth == 0, ErrorCode::kRecipe, "{}: '(' is never closed", where(src, s.substr(open)));
 }
 
 bool is_name(std::string_view s) {
@@ -155,6 +175,7 @@ StageSpec parse_stage(std::string_view s, const Source& src) {
   KVSLIM_CHECK(is_name(name), ErrorCode::kRecipe, "{}: '{}' is not a stage name", where(src, name),
                clip_recipe(name));
   if (colon == std::string_view::npos) return st;
+  check_parens(s, src);
   const std::string qname = clip_recipe(name);
   const std::string_view rest = trim(s.substr(colon + 1));
   KVSLIM_CHECK(!rest.empty(), ErrorCode::kRecipe, "{}: stage '{}' has ':' but no parameters",
@@ -165,10 +186,13 @@ StageSpec parse_stage(std::string_view s, const Source& src) {
     KVSLIM_CHECK(eq != std::string_view::npos, ErrorCode::kRecipe, "{}: stage '{}': parameter '{}' is not key=value",
                  where(src, kv), qname, clip_recipe(kv));
     const std::string_view key = trim(kv.substr(0, eq));
-    const std::string_view val = trim(kv.substr(eq + 1));
+    std::string_view val = trim(kv.substr(eq + 1));
+    // (nested recipe): stored without the parentheses, written back with them.
+    const bool nested = val.size() >= 2 && val.front() == '(' && val.back() == ')';
+    if (nested) val = trim(val.substr(1, val.size() - 2));
     KVSLIM_CHECK(is_name(key) && !val.empty(), ErrorCode::kRecipe, "{}: stage '{}': malformed parameter '{}'",
                  where(src, kv), qname, clip_recipe(kv));
-    KVSLIM_CHECK(val.find(' ') == std::string_view::npos, ErrorCode::kRecipe,
+    KVSLIM_CHECK(nested || val.find(' ') == std::string_view::npos, ErrorCode::kRecipe,
                  "{}: stage '{}': value '{}' of '{}' contains a space (missing '|' between stages, or ';' before "
                  "an override?)",
                  where(src, val), qname, clip_recipe(val), clip_recipe(key));
@@ -178,6 +202,7 @@ StageSpec parse_stage(std::string_view s, const Source& src) {
 }
 
 ChainSpec parse_chain(std::string_view s, const Source& src) {
+  check_parens(s, src);
   ChainSpec c;
   for (std::string_view st : split(s, '|')) c.stages.push_back(parse_stage(st, src));
   return c;
@@ -251,8 +276,11 @@ bool in_ranges(const std::vector<std::pair<int, int>>& r, int v) {
 
 std::string StageSpec::text() const {
   std::string s = name;
-  for (std::size_t i = 0; i < params.size(); ++i)
-    s += (i ? "," : ":") + params[i].first + "=" + params[i].second;
+  for (std::size_t i = 0; i < params.size(); ++i) {
+    const std::string& v = params[i].second;
+    const bool nested = v.find_first_of(":,|=() ") != std::string::npos;
+    s += (i ? "," : ":") + params[i].first + "=" + (nested ? "(" + v + ")" : v);
+  }
   return s;
 }
 
@@ -310,6 +338,16 @@ Pipeline build_pipeline(const ChainSpec& chain, int head_dim) {
   if (!p.codec) {
     StageSpec f32{"f32", {}};
     p.codec = detail::build_stage(f32, head_dim).codec;
+  }
+  if (p.eviction && p.eviction->demote_codec()) {
+    // Demotion must save memory: compare bytes per token of full pages.
+    const Codec& lo = *p.eviction->demote_codec();
+    const double lo_b = static_cast<double>(lo.page_bytes(lo.page_tokens(), head_dim)) / lo.page_tokens();
+    const double hi_b = static_cast<double>(p.codec->page_bytes(p.codec->page_tokens(), head_dim)) / p.codec->page_tokens();
+    KVSLIM_CHECK(lo_b < hi_b, ErrorCode::kInvalidArgument,
+                 "recipe '{}': the demotion codec '{}' ({:.1f} bytes per token at head_dim {}) is not cheaper than the "
+                 "chain's codec '{}' ({:.1f} bytes per token)",
+                 clip_recipe(chain.text()), lo.describe(), lo_b, head_dim, p.codec->describe(), hi_b);
   }
   std::string text;
   for (const auto& s : p.scorers) text += s->describe() + " | ";

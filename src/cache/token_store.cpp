@@ -57,13 +57,24 @@ TokenStore::TokenStore(int head_dim, const Pipeline* pipeline)
       special_w_(TrackedAllocator<float>(&counter_)),
       special_pos_(TrackedAllocator<std::int64_t>(&counter_)),
       runs_(&counter_),
-      importance_(TrackedAllocator<float>(&counter_)) {}
+      importance_(TrackedAllocator<float>(&counter_)),
+      lo_codec_(pipeline->eviction ? pipeline->eviction->demote_codec() : nullptr),
+      lo_pages_(TrackedAllocator<Page>(&counter_)),
+      lo_k_(TrackedAllocator<float>(&counter_)),
+      lo_v_(TrackedAllocator<float>(&counter_)),
+      lo_runs_(&counter_) {}
 
 TokenStore::~TokenStore() = default;
 
 std::int64_t TokenStore::page_slots() const noexcept {
   std::int64_t n = 0;
   for (const Page& p : pages_) n += p.ntok;
+  return n;
+}
+
+std::int64_t TokenStore::lo_slots() const noexcept {
+  std::int64_t n = lo_stage_;
+  for (const Page& p : lo_pages_) n += p.ntok;
   return n;
 }
 
@@ -76,7 +87,9 @@ void TokenStore::PositionRuns::put(Bytes& bytes, std::uint64_t v) {
 }
 
 void TokenStore::PositionRuns::close_into(Block& b, std::int64_t first, std::int64_t count) {
-  put(b.bytes, static_cast<std::uint64_t>(first - b.end));
+  // Zigzag: the demoted segment's positions go down as well as up.
+  const std::int64_t gap = first - b.end;
+  put(b.bytes, (static_cast<std::uint64_t>(gap) << 1) ^ static_cast<std::uint64_t>(gap >> 63));
   put(b.bytes, static_cast<std::uint64_t>(count - 1));
   b.end = first + count;
   b.tokens += count;
@@ -112,7 +125,8 @@ void TokenStore::PositionRuns::decode(const Block& b, F&& f) {
     }
   };
   while (i < b.bytes.size()) {
-    const std::int64_t first = end + static_cast<std::int64_t>(get());
+    const std::uint64_t z = get();
+    const std::int64_t first = end + static_cast<std::int64_t>((z >> 1) ^ (~(z & 1) + 1));
     const std::int64_t count = static_cast<std::int64_t>(get()) + 1;
     f(first, count);
     end = first + count;
@@ -175,6 +189,9 @@ std::vector<std::int64_t> TokenStore::positions() const {
   runs_.for_each_run([&](std::int64_t first, std::int64_t count) {
     for (std::int64_t i = 0; i < count; ++i) out.push_back(first + i);
   });
+  lo_runs_.for_each_run([&](std::int64_t first, std::int64_t count) {
+    for (std::int64_t i = 0; i < count; ++i) out.push_back(first + i);
+  });
   out.insert(out.end(), special_pos_.begin(), special_pos_.end());
   return out;
 }
@@ -198,8 +215,8 @@ void TokenStore::grow_window(std::int64_t rows) {
   win_v_.resize(n);
 }
 
-TokenStore::Page TokenStore::make_page(int ntok) {
-  Page p{Bytes(round16(pipeline_->codec->page_bytes(ntok, d_)), std::byte{0}, TrackedAllocator<std::byte>(&counter_)),
+TokenStore::Page TokenStore::make_page(int ntok, const Codec& codec) {
+  Page p{Bytes(round16(codec.page_bytes(ntok, d_)), std::byte{0}, TrackedAllocator<std::byte>(&counter_)),
          Words(TrackedAllocator<std::uint64_t>(&counter_)), ntok, ntok};
   return p;
 }
@@ -211,11 +228,19 @@ void TokenStore::flush(const kernels::KernelTable& kt) {
     if (pipeline_->eviction) {
       victims_.clear();
       pipeline_->eviction->select(*this, victims_);
+      const EvictAction action = pipeline_->eviction->action();
       if (!victims_.empty()) {
-        if (pipeline_->eviction->action() == EvictAction::kCompensate)
+        if (action == EvictAction::kCompensate)
           compensate(kt, victims_);
+        else if (action == EvictAction::kDemote)
+          demote(kt, victims_);
         else
           drop(kt, victims_);
+      }
+      if (action == EvictAction::kDemote) {
+        victims_.clear();
+        pipeline_->eviction->select_drops(*this, victims_);
+        if (!victims_.empty()) drop(kt, victims_);
       }
     }
   }
@@ -227,7 +252,7 @@ void TokenStore::seal_pages(const kernels::KernelTable& kt) {
   const std::int64_t g = page_tokens_;
   std::int64_t sealed = 0;
   while (window_ - sealed - g >= residual_) {
-    Page page = make_page(page_tokens_);
+    Page page = make_page(page_tokens_, *pipeline_->codec);
     const std::size_t off = static_cast<std::size_t>(sealed * d_);
     pipeline_->codec->encode(kt, win_k_.data() + off, win_v_.data() + off, page_tokens_, d_, page.data.data());
     pages_.push_back(std::move(page));
@@ -281,8 +306,8 @@ void TokenStore::append(const kernels::KernelTable& kt, const float* k, std::int
   seen_ += n;
   evict_pending_ = true;
   if (!pipeline_->scorers.empty()) {
-    // New tokens sit before the specials in index order.
-    importance_.insert(importance_.end() - specials(), static_cast<std::size_t>(n), 0.0f);
+    // New tokens sit after the window, before the demoted tokens and the specials.
+    importance_.insert(importance_.begin() + first, static_cast<std::size_t>(n), 0.0f);
     for (const auto& sc : pipeline_->scorers) {
       if (n_sink) sc->on_append(*this, first, n_sink, sink_k_.data() + sink_first * d_);
       if (n > n_sink) sc->on_append(*this, first + n_sink, n - n_sink, win_k_.data() + win_first * d_);
@@ -331,34 +356,45 @@ void TokenStore::drop(const kernels::KernelTable& kt, std::span<const std::int64
     }
   }
 
-  // Split the victims by segment (relative indices).
-  std::vector<std::int64_t> in_sinks, in_window, in_specials;
+  // Split the victims by segment (relative indices). Pages are masked in place.
+  std::vector<std::int64_t> in_sinks, in_window, in_lo_stage, in_specials, in_lo;
   std::size_t x = 0;
   for (; x < idx.size() && idx[x] < sinks_; ++x) in_sinks.push_back(idx[x]);
-  std::int64_t base = sinks_;
-  const std::int64_t pages_end = sinks_ + sealed_live_;  // before this drop
-  bool touched = false;
-  for (Page& p : pages_) {
-    if (x >= idx.size() || idx[x] >= pages_end) break;
-    // Walk the page's live slots: logical base .. base + live.
-    int live_seen = 0, dropped = 0;
-    for (int j = 0; j < p.ntok && x < idx.size() && idx[x] < base + p.live; ++j) {
-      if (p.is_dead(j)) continue;
-      if (idx[x] == base + live_seen) {
-        if (p.dead.empty()) p.dead.assign(static_cast<std::size_t>((p.ntok + 63) / 64), 0);
-        p.dead[static_cast<std::size_t>(j) >> 6] |= std::uint64_t{1} << (j & 63);
-        ++x;
-        ++dropped;
-        touched = true;
+  // Marks the victims among a page list whose first token has logical index `base`;
+  // returns whether any slot was masked. live_total is the list's live count.
+  auto mark = [&](PageList& pages, std::int64_t base, std::int64_t& live_total) {
+    const std::int64_t end = base + live_total;  // before this drop
+    bool touched = false;
+    for (Page& p : pages) {
+      if (x >= idx.size() || idx[x] >= end) break;
+      // Walk the page's live slots: logical base .. base + live.
+      int live_seen = 0, dropped = 0;
+      for (int j = 0; j < p.ntok && x < idx.size() && idx[x] < base + p.live; ++j) {
+        if (p.is_dead(j)) continue;
+        if (idx[x] == base + live_seen) {
+          if (p.dead.empty()) p.dead.assign(static_cast<std::size_t>((p.ntok + 63) / 64), 0);
+          p.dead[static_cast<std::size_t>(j) >> 6] |= std::uint64_t{1} << (j & 63);
+          ++x;
+          ++dropped;
+          touched = true;
+        }
+        ++live_seen;
       }
-      ++live_seen;
+      base += p.live;
+      p.live -= dropped;
+      live_total -= dropped;
     }
-    base += p.live;
-    p.live -= dropped;
-    sealed_live_ -= dropped;
-  }
+    return touched;
+  };
+  const bool touched = mark(pages_, sinks_, sealed_live_);
   for (; x < idx.size() && idx[x] < ord; ++x) in_window.push_back(idx[x] - (ord - window_));
-  for (; x < idx.size(); ++x) in_specials.push_back(idx[x] - ord);
+  const std::size_t lo_from = x;
+  const std::int64_t stage_first = ord + lo_live_, lo_end = stage_first + lo_stage_;  // before this drop
+  const bool touched_lo = mark(lo_pages_, ord, lo_live_);
+  for (; x < idx.size() && idx[x] < lo_end; ++x) in_lo_stage.push_back(idx[x] - stage_first);
+  for (std::size_t y = lo_from; y < x; ++y) in_lo.push_back(idx[y] - ord);
+  for (; x < idx.size(); ++x) in_specials.push_back(idx[x] - lo_end);
+  if (!in_lo.empty()) lo_runs_.erase(in_lo);
 
   if (!in_sinks.empty()) {
     erase_rows(sink_k_, sinks_, d_, in_sinks);
@@ -368,8 +404,12 @@ void TokenStore::drop(const kernels::KernelTable& kt, std::span<const std::int64
     erase_rows(win_k_, window_, d_, in_window);
     window_ = erase_rows(win_v_, window_, d_, in_window);
   }
+  if (!in_lo_stage.empty()) {
+    erase_rows(lo_k_, lo_stage_, d_, in_lo_stage);
+    lo_stage_ = erase_rows(lo_v_, lo_stage_, d_, in_lo_stage);
+  }
   if (!in_specials.empty()) {
-    if (comp_ >= 0) {  // the compensation token moves down, or goes with its sums
+    if (comp_ >= 0) {  // the compensation token moves down, or goes
       const auto below = std::lower_bound(in_specials.begin(), in_specials.end(), comp_);
       if (below != in_specials.end() && *below == comp_) {
         comp_ = -1;
@@ -384,7 +424,8 @@ void TokenStore::drop(const kernels::KernelTable& kt, std::span<const std::int64
     erase_rows(special_w_, ns, 1, in_specials);
     erase_rows(special_pos_, ns, 1, in_specials);
   }
-  if (touched) repack(kt);
+  if (touched) repack(kt, pages_, *pipeline_->codec);
+  if (touched_lo) repack(kt, lo_pages_, *lo_codec_);
 }
 
 // Re-pack when a page has more than a quarter of its slots dead: every such page, and every
@@ -395,36 +436,36 @@ void TokenStore::drop(const kernels::KernelTable& kt, std::span<const std::int64
 // Lossless for f32/f16/bf16 (decode then encode gives the same bits); KIVI re-quantizes keys
 // over each new page's range (values per token come back to the same codes up to rounding).
 // Order, positions and importance are unchanged.
-void TokenStore::repack(const kernels::KernelTable& kt) {
-  const int g = page_tokens_;
+void TokenStore::repack(const kernels::KernelTable& kt, PageList& pages, const Codec& codec) {
+  const int g = codec.page_tokens();
   auto candidate = [](const Page& p) { return 4 * p.live < 3 * p.ntok; };
   auto small = [g](const Page& p) { return 2 * p.ntok < g; };
   bool any = false;
-  for (const Page& p : pages_) any |= candidate(p);
+  for (const Page& p : pages) any |= candidate(p);
   if (!any) return;
 
   std::vector<Page, TrackedAllocator<Page>> out{TrackedAllocator<Page>(&counter_)};
-  out.reserve(pages_.size());
+  out.reserve(pages.size());
   std::vector<float> k, v, rk, rv;  // scratch, freed on return
   const std::size_t ud = static_cast<std::size_t>(d_);
-  const std::size_t n = pages_.size();
+  const std::size_t n = pages.size();
   std::size_t i = 0;
   while (i < n) {
-    if (!candidate(pages_[i]) && !small(pages_[i])) {
-      out.push_back(std::move(pages_[i++]));
+    if (!candidate(pages[i]) && !small(pages[i])) {
+      out.push_back(std::move(pages[i++]));
       continue;
     }
     std::size_t j = i;
     std::int64_t total = 0;
-    while (j < n && total < g) total += pages_[j++].live;
+    while (j < n && total < g) total += pages[j++].live;
     rk.resize(static_cast<std::size_t>(total) * ud);
     rv.resize(rk.size());
     std::size_t row = 0;
     for (std::size_t q = i; q < j; ++q) {
-      const Page& p = pages_[q];
+      const Page& p = pages[q];
       k.resize(static_cast<std::size_t>(p.ntok) * ud);
       v.resize(k.size());
-      pipeline_->codec->decode(kt, p.data.data(), p.ntok, d_, k.data(), v.data());
+      codec.decode(kt, p.data.data(), p.ntok, d_, k.data(), v.data());
       for (int s = 0; s < p.ntok; ++s) {
         if (p.is_dead(s)) continue;
         std::memcpy(rk.data() + row * ud, k.data() + static_cast<std::size_t>(s) * ud, ud * sizeof(float));
@@ -434,14 +475,14 @@ void TokenStore::repack(const kernels::KernelTable& kt) {
     }
     for (std::int64_t r0 = 0; r0 < total; r0 += g) {
       const int nt = static_cast<int>(std::min<std::int64_t>(g, total - r0));
-      Page np = make_page(nt);
-      pipeline_->codec->encode(kt, rk.data() + r0 * d_, rv.data() + r0 * d_, nt, d_, np.data.data());
+      Page np = make_page(nt, codec);
+      codec.encode(kt, rk.data() + r0 * d_, rv.data() + r0 * d_, nt, d_, np.data.data());
       out.push_back(std::move(np));
       ++repacked_pages_;
     }
     i = j;
   }
-  pages_.swap(out);
+  pages.swap(out);
 }
 
 void TokenStore::add_special(const float* k, const float* v, float weight, std::int64_t position) {
@@ -452,6 +493,111 @@ void TokenStore::add_special(const float* k, const float* v, float weight, std::
   special_w_.push_back(std::log(weight));
   special_pos_.push_back(position);
   if (!pipeline_->scorers.empty()) importance_.push_back(0.0f);
+}
+
+template <class F>
+void TokenStore::for_rows(const kernels::KernelTable& kt, const std::vector<std::int64_t>& idx, F&& f) const {
+  // Where the rows are stored: sinks, sealed pages (decoded, live slots in logical order),
+  // the window.
+  const std::size_t ud = static_cast<std::size_t>(d_);
+  const std::int64_t ord = ordinary();
+  std::size_t x = 0;
+  for (; x < idx.size() && idx[x] < sinks_; ++x)
+    f(sink_k_.data() + static_cast<std::size_t>(idx[x]) * ud, sink_v_.data() + static_cast<std::size_t>(idx[x]) * ud);
+  std::int64_t base = sinks_;
+  std::vector<float> pk, pv;
+  for (const Page& p : pages_) {
+    if (x >= idx.size() || idx[x] >= sinks_ + sealed_live_) break;
+    if (idx[x] >= base + p.live) {
+      base += p.live;
+      continue;
+    }
+    pk.resize(static_cast<std::size_t>(p.ntok) * ud);
+    pv.resize(pk.size());
+    pipeline_->codec->decode(kt, p.data.data(), p.ntok, d_, pk.data(), pv.data());
+    for (int j = 0, live = 0; j < p.ntok && x < idx.size() && idx[x] < base + p.live; ++j) {
+      if (p.is_dead(j)) continue;
+      if (idx[x] == base + live) {
+        f(pk.data() + static_cast<std::size_t>(j) * ud, pv.data() + static_cast<std::size_t>(j) * ud);
+        ++x;
+      }
+      ++live;
+    }
+    base += p.live;
+  }
+  for (; x < idx.size(); ++x) {
+    const std::size_t r = static_cast<std::size_t>(idx[x] - (ord - window_));
+    f(win_k_.data() + r * ud, win_v_.data() + r * ud);
+  }
+}
+
+void TokenStore::demote(const kernels::KernelTable& kt, std::span<const std::int64_t> victims) {
+  KVSLIM_CHECK(lo_codec_ != nullptr, ErrorCode::kInvalidState,
+               "demote: the pipeline '{}' has no demotion codec", pipeline_->text);
+  if (victims.empty()) return;
+  std::vector<std::int64_t> idx(victims.begin(), victims.end());
+  std::sort(idx.begin(), idx.end());
+  idx.erase(std::unique(idx.begin(), idx.end()), idx.end());
+  const std::int64_t ord = ordinary();
+  KVSLIM_CHECK(idx.front() >= 0 && idx.back() < ord, ErrorCode::kOutOfRange,
+               "demote: token index {} is not an ordinary token (range [0, {}))",
+               idx.front() < 0 ? idx.front() : idx.back(), ord);
+  const std::size_t ud = static_cast<std::size_t>(d_), n = idx.size();
+  // Rows as the head's codec holds them (a demoted token is re-encoded from what was
+  // stored, not from the original), their scores and positions.
+  std::vector<float> k, v;
+  k.reserve(n * ud);
+  v.reserve(n * ud);
+  for_rows(kt, idx, [&](const float* kr, const float* vr) {
+    k.insert(k.end(), kr, kr + ud);
+    v.insert(v.end(), vr, vr + ud);
+  });
+  std::vector<float> imp;
+  if (!importance_.empty())
+    for (std::int64_t j : idx) imp.push_back(importance_[static_cast<std::size_t>(j)]);
+  std::vector<std::int64_t> pos;
+  pos.reserve(n);
+  {
+    std::size_t x = 0;
+    std::int64_t at = 0;
+    runs_.for_each_run([&](std::int64_t first, std::int64_t count) {
+      for (; x < n && idx[x] < at + count; ++x) pos.push_back(first + (idx[x] - at));
+      at += count;
+    });
+  }
+  drop(kt, idx);
+  // Append to the demoted segment, before the specials.
+  const std::size_t at = static_cast<std::size_t>(specials_first());
+  if (!imp.empty()) importance_.insert(importance_.begin() + static_cast<std::ptrdiff_t>(at), imp.begin(), imp.end());
+  for (std::int64_t p : pos) lo_runs_.push_run(p, 1);
+  lo_k_.insert(lo_k_.end(), k.begin(), k.end());
+  lo_v_.insert(lo_v_.end(), v.begin(), v.end());
+  lo_stage_ += static_cast<std::int64_t>(n);
+  seal_demoted(kt);
+}
+
+// Encode every full page of waiting demoted tokens with the demotion codec.
+void TokenStore::seal_demoted(const kernels::KernelTable& kt) {
+  const int g = lo_codec_->page_tokens();
+  std::int64_t sealed = 0;
+  while (lo_stage_ - sealed >= g) {
+    Page page = make_page(g, *lo_codec_);
+    const std::size_t off = static_cast<std::size_t>(sealed * d_);
+    lo_codec_->encode(kt, lo_k_.data() + off, lo_v_.data() + off, g, d_, page.data.data());
+    lo_pages_.push_back(std::move(page));
+    lo_live_ += g;
+    sealed += g;
+  }
+  if (sealed == 0) return;
+  const std::size_t off = static_cast<std::size_t>(sealed * d_);
+  lo_k_.erase(lo_k_.begin(), lo_k_.begin() + static_cast<std::ptrdiff_t>(off));
+  lo_v_.erase(lo_v_.begin(), lo_v_.begin() + static_cast<std::ptrdiff_t>(off));
+  lo_stage_ -= sealed;
+  // At most a page of rows waits; give back what a large demotion left behind.
+  if (lo_k_.capacity() > 2 * static_cast<std::size_t>(g * d_)) {
+    lo_k_.shrink_to_fit();
+    lo_v_.shrink_to_fit();
+  }
 }
 
 void TokenStore::compensate(const kernels::KernelTable& kt, std::span<const std::int64_t> victims) {
@@ -471,36 +617,7 @@ void TokenStore::compensate(const kernels::KernelTable& kt, std::span<const std:
       sv[c] += v[c];
     }
   };
-  // Sum the victims where they are stored: sinks, sealed pages (decoded, live slots in
-  // logical order), the window.
-  std::size_t x = 0;
-  for (; x < idx.size() && idx[x] < sinks_; ++x)
-    add(sink_k_.data() + static_cast<std::size_t>(idx[x]) * ud, sink_v_.data() + static_cast<std::size_t>(idx[x]) * ud);
-  std::int64_t base = sinks_;
-  std::vector<float> pk, pv;
-  for (const Page& p : pages_) {
-    if (x >= idx.size() || idx[x] >= sinks_ + sealed_live_) break;
-    if (idx[x] >= base + p.live) {
-      base += p.live;
-      continue;
-    }
-    pk.resize(static_cast<std::size_t>(p.ntok) * ud);
-    pv.resize(pk.size());
-    pipeline_->codec->decode(kt, p.data.data(), p.ntok, d_, pk.data(), pv.data());
-    for (int j = 0, live = 0; j < p.ntok && x < idx.size() && idx[x] < base + p.live; ++j) {
-      if (p.is_dead(j)) continue;
-      if (idx[x] == base + live) {
-        add(pk.data() + static_cast<std::size_t>(j) * ud, pv.data() + static_cast<std::size_t>(j) * ud);
-        ++x;
-      }
-      ++live;
-    }
-    base += p.live;
-  }
-  for (; x < idx.size(); ++x) {
-    const std::size_t r = static_cast<std::size_t>(idx[x] - (ord - window_));
-    add(win_k_.data() + r * ud, win_v_.data() + r * ud);
-  }
+  for_rows(kt, idx, add);
   // The newest position folded (idx.back() is the newest victim: index order is position order).
   std::int64_t newest = -1, at = 0;
   runs_.for_each_run([&](std::int64_t first, std::int64_t count) {
@@ -510,7 +627,7 @@ void TokenStore::compensate(const kernels::KernelTable& kt, std::span<const std:
   const std::int64_t before = comp_n_;
   comp_n_ += static_cast<std::int64_t>(idx.size());
 
-  drop(kt, idx);  // specials keep their indices relative to ordinary(): comp_ stays valid
+  drop(kt, idx);  // specials keep their indices relative to specials_first(): comp_ stays valid
   const double inv = 1.0 / static_cast<double>(comp_n_), old_w = static_cast<double>(before);
   if (comp_ < 0) {
     std::vector<float> mk(ud), mv(ud);
@@ -543,19 +660,24 @@ void TokenStore::materialize(const kernels::KernelTable& kt, float* k, float* v,
   };
   copy_rows(sink_k_.data(), sink_v_.data(), sinks_);
   std::vector<float> pk, pv;
-  for (const Page& p : pages_) {
-    if (p.live == p.ntok) {
-      pipeline_->codec->decode(kt, p.data.data(), p.ntok, d_, k + row * d, v + row * d);
-      row += static_cast<std::size_t>(p.ntok);
-      continue;
+  auto pages = [&](const PageList& list, const Codec& codec) {
+    for (const Page& p : list) {
+      if (p.live == p.ntok) {
+        codec.decode(kt, p.data.data(), p.ntok, d_, k + row * d, v + row * d);
+        row += static_cast<std::size_t>(p.ntok);
+        continue;
+      }
+      pk.resize(static_cast<std::size_t>(p.ntok) * d);
+      pv.resize(pk.size());
+      codec.decode(kt, p.data.data(), p.ntok, d_, pk.data(), pv.data());
+      for (int s = 0; s < p.ntok; ++s)
+        if (!p.is_dead(s)) copy_rows(pk.data() + s * d, pv.data() + s * d, 1);
     }
-    pk.resize(static_cast<std::size_t>(p.ntok) * d);
-    pv.resize(pk.size());
-    pipeline_->codec->decode(kt, p.data.data(), p.ntok, d_, pk.data(), pv.data());
-    for (int s = 0; s < p.ntok; ++s)
-      if (!p.is_dead(s)) copy_rows(pk.data() + s * d, pv.data() + s * d, 1);
-  }
+  };
+  pages(pages_, *pipeline_->codec);
   copy_rows(win_k_.data(), win_v_.data(), window_);
+  if (lo_codec_) pages(lo_pages_, *lo_codec_);
+  copy_rows(lo_k_.data(), lo_v_.data(), lo_stage_);
   copy_rows(special_k_.data(), special_v_.data(), specials());
   if (log_weights) {
     const std::size_t n_plain = row - static_cast<std::size_t>(specials());
@@ -592,10 +714,10 @@ void TokenStore::attend_blocks(const kernels::KernelTable& kt, const float* q, i
   ws.m.assign(unq, kNegInf);
   ws.l.assign(unq, 0.0f);
   std::fill(out, out + unq * d, 0.0f);
-  const int block = std::max(page_tokens_, kDenseBlock);
+  const int block = std::max({page_tokens_, lo_codec_ ? lo_codec_->page_tokens() : 0, kDenseBlock});
   if (ws.s.size() < unq * block) ws.s.resize(unq * block);
   // Physical slots: dead page slots are scored (then masked) like the others.
-  const std::int64_t slots = sinks_ + page_slots() + window_ + specials();
+  const std::int64_t slots = sinks_ + page_slots() + window_ + lo_slots() + specials();
   ws.blocks.clear();
   ws.slots = slots;
   if (want_probs) {
@@ -622,12 +744,13 @@ void TokenStore::attend_blocks(const kernels::KernelTable& kt, const float* q, i
   kernels::OnlineState st{ws.m.data(), ws.l.data(), out, s};
   // Every block: the fused kernel updates the softmax state (and copies its probabilities
   // for the mass output), then the block is recorded for collect_mass().
-  auto run_block = [&](int ntok, int live, const std::uint64_t* dead, const float* bias, auto&& attend) {
+  // past: every query sees the block (demoted tokens and specials stand for the past).
+  auto run_block = [&](int ntok, int live, const std::uint64_t* dead, const float* bias, bool past, auto&& attend) {
     kernels::BlockMask mask;
     mask.dead = dead;
     mask.bias = bias;
     mask.first = index;
-    mask.limit0 = bias ? kernels::BlockMask::kNoLimit : first_limit;  // specials stand for the past
+    mask.limit0 = past ? kernels::BlockMask::kNoLimit : first_limit;
     mask.nquery = nquery;
     st.probs = want_probs ? ws.probs.data() + slot : nullptr;
     st.probs_stride = slots;
@@ -641,26 +764,28 @@ void TokenStore::attend_blocks(const kernels::KernelTable& kt, const float* q, i
   };
   // Full-precision rows [n][d]: ordinary tokens (causally masked) or specials (a per-token
   // logit bias ln(weight), never masked).
-  auto dense = [&](const float* ks, const float* vs, std::int64_t n, const float* bias) {
+  auto dense = [&](const float* ks, const float* vs, std::int64_t n, const float* bias, bool past) {
     for (std::int64_t b0 = 0; b0 < n; b0 += block) {
       const int bn = static_cast<int>(std::min<std::int64_t>(block, n - b0));
-      run_block(bn, bn, nullptr, bias ? bias + b0 : nullptr, [&](const kernels::BlockMask& mask) {
+      run_block(bn, bn, nullptr, bias ? bias + b0 : nullptr, past, [&](const kernels::BlockMask& mask) {
         kt.attend_f32(q, nq, ks + b0 * d, vs + b0 * d, bn, d, mask, st);
       });
     }
   };
 
-  if (range.head) dense(sink_k_.data(), sink_v_.data(), sinks_, nullptr);
+  if (range.head) dense(sink_k_.data(), sink_v_.data(), sinks_, nullptr, false);
+  // Query-side state, once per call and codec (aligned to 64 bytes inside a workspace buffer).
+  auto prepare = [&](const Codec& codec, std::vector<std::byte>& buf) -> std::byte* {
+    const std::size_t prep_bytes = codec.prepared_bytes(nq, d);
+    if (!prep_bytes) return nullptr;
+    if (buf.size() < prep_bytes + 64) buf.resize(prep_bytes + 64);
+    const auto addr = reinterpret_cast<std::uintptr_t>(buf.data());
+    std::byte* p = buf.data() + ((64 - addr % 64) % 64);
+    codec.prepare(kt, q, nq, d, p);
+    return p;
+  };
   const Codec& codec = *pipeline_->codec;
-  // Query-side state, once per call (aligned to 64 bytes inside the workspace buffer).
-  const std::size_t prep_bytes = codec.prepared_bytes(nq, d);
-  std::byte* prepared = nullptr;
-  if (prep_bytes) {
-    if (ws.prepared.size() < prep_bytes + 64) ws.prepared.resize(prep_bytes + 64);
-    const auto addr = reinterpret_cast<std::uintptr_t>(ws.prepared.data());
-    prepared = ws.prepared.data() + ((64 - addr % 64) % 64);
-    codec.prepare(kt, q, nq, d, prepared);
-  }
+  std::byte* prepared = prepare(codec, ws.prepared);
   // Pages are separate allocations, so the hardware prefetchers restart at every page, and
   // the kernels' arithmetic does not overlap misses well on its own: the fused kernel
   // prefetches the page kPrefetchAhead pages on while it processes this one, in bursts
@@ -674,15 +799,26 @@ void TokenStore::attend_blocks(const kernels::KernelTable& kt, const float* q, i
       st.prefetch_bytes = next.size();
     }
     const std::uint64_t* dead = pg.dead.empty() ? nullptr : pg.dead.data();
-    run_block(pg.ntok, pg.live, dead, nullptr, [&](const kernels::BlockMask& mask) {
+    run_block(pg.ntok, pg.live, dead, nullptr, false, [&](const kernels::BlockMask& mask) {
       codec.attend_page(kt, pg.data.data(), pg.ntok, d, q, prepared, nq, mask, st);
     });
     st.prefetch = nullptr;
     st.prefetch_bytes = 0;
   }
   if (range.tail) {
-    dense(win_k_.data(), win_v_.data(), window_, nullptr);
-    dense(special_k_.data(), special_v_.data(), specials(), special_w_.data());
+    dense(win_k_.data(), win_v_.data(), window_, nullptr, false);
+    if (lo_codec_ && !lo_pages_.empty()) {
+      const Codec& lo = *lo_codec_;
+      std::byte* lo_prepared = prepare(lo, ws.prepared_lo);
+      for (const Page& pg : lo_pages_) {
+        const std::uint64_t* dead = pg.dead.empty() ? nullptr : pg.dead.data();
+        run_block(pg.ntok, pg.live, dead, nullptr, true, [&](const kernels::BlockMask& mask) {
+          lo.attend_page(kt, pg.data.data(), pg.ntok, d, q, lo_prepared, nq, mask, st);
+        });
+      }
+    }
+    dense(lo_k_.data(), lo_v_.data(), lo_stage_, nullptr, true);
+    dense(special_k_.data(), special_v_.data(), specials(), special_w_.data(), true);
   }
 }
 
@@ -731,6 +867,11 @@ void TokenStore::reset() {
   release(special_v_);
   release(special_w_);
   release(special_pos_);
+  release(lo_pages_);
+  release(lo_k_);
+  release(lo_v_);
+  lo_live_ = lo_stage_ = 0;
+  lo_runs_.clear();
   comp_n_ = 0;
   comp_ = -1;
   runs_.clear();

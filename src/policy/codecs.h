@@ -25,6 +25,8 @@ BuiltStage make_l2norm(StageParams& p, int head_dim);
 BuiltStage make_snapkv(StageParams& p, int head_dim);
 BuiltStage make_random(StageParams& p, int head_dim);
 BuiltStage make_razor(StageParams& p, int head_dim);
+BuiltStage make_mikv(StageParams& p, int head_dim);
+BuiltStage make_zipcache(StageParams& p, int head_dim);
 
 /// Throws Error(kInvalidArgument) if any |x| > 65504 (not representable in f16).
 void check_f16_range(const char* codec, const float* x, int ntok, int d, const char* what);

@@ -8,10 +8,12 @@
 #include "kvslim/policy/eviction/budget.h"
 #include "kvslim/policy/eviction/h2o.h"
 #include "kvslim/policy/eviction/l2norm.h"
+#include "kvslim/policy/eviction/mikv.h"
 #include "kvslim/policy/eviction/random.h"
 #include "kvslim/policy/eviction/razor.h"
 #include "kvslim/policy/eviction/snapkv.h"
 #include "kvslim/policy/eviction/streaming.h"
+#include "kvslim/cache/recipe.h"
 #include "policy/codecs.h"
 
 namespace kvslim {
@@ -198,6 +200,43 @@ void SnapKVEviction::select(const TokenStore& store, std::vector<std::int64_t>& 
 
 std::shared_ptr<const Scorer> SnapKVEviction::implied_scorer() const { return std::make_shared<ObservationScore>(window_); }
 
+// ---- MiKV and ZipCache ----
+
+std::string MiKVEviction::describe() const {
+  return fmt::format("mikv:{},lo=({}){}", b_.describe(), lo_->describe(), total_ > 0 ? fmt::format(",total={}", total_) : "");
+}
+
+void MiKVEviction::select(const TokenStore& store, std::vector<std::int64_t>& victims) const {
+  // The chain's codec holds the ordinary tokens (sinks, pages, window); the demoted ones
+  // sit after them and are never selected again.
+  const std::int64_t over = std::max<std::int64_t>(0, store.ordinary() - b_.at(store.seen()));
+  lowest_scored(store, evictable(store, b_.recent), over, victims);
+}
+
+void MiKVEviction::select_drops(const TokenStore& store, std::vector<std::int64_t>& victims) const {
+  if (total_ <= 0) return;
+  const std::int64_t over = std::max<std::int64_t>(0, store.size() - total_);
+  lowest_scored(store, Evictable{store.ordinary(), store.specials_first()}, over, victims);
+}
+
+std::shared_ptr<const Scorer> MiKVEviction::implied_scorer() const { return std::make_shared<AccumulatedAttention>(); }
+
+void NormalizedAttention::on_attention(TokenStore& store, std::span<const float> mass) const {
+  // Queries that could see token j: one per position from its own to the newest. This call
+  // added the last `n` of them (n = the append's queries), so the old mean over
+  // `count - n` queries (at least 0) becomes the mean over `count`.
+  auto imp = store.importance();
+  const std::vector<std::int64_t> pos = store.positions();
+  const std::int64_t last = store.last_position();
+  const std::int64_t n = std::max<std::int64_t>(1, store.last_append_count());
+  for (std::size_t j = 0; j < mass.size() && j < imp.size(); ++j) {
+    const std::int64_t count = std::max<std::int64_t>(1, last - pos[j] + 1);
+    const std::int64_t before = std::max<std::int64_t>(0, count - n);
+    imp[j] = static_cast<float>((static_cast<double>(imp[j]) * static_cast<double>(before) + mass[j]) /
+                                static_cast<double>(count));
+  }
+}
+
 // ---- factories ----
 
 namespace detail {
@@ -238,6 +277,46 @@ BuiltStage make_razor(StageParams& p, int) {
   const int compensate = p.get_int("compensate", 1, 0, 1);
   p.check_all_used({"sinks", "window", "compensate"});
   return eviction_stage(std::make_shared<RazorEviction>(sinks, window, compensate != 0));
+}
+
+BuiltStage make_mikv(StageParams& p, int head_dim) {
+  const TokenBudget b = TokenBudget::read(p, "mikv", 0.5);
+  const std::string lo_text = p.get_string("lo", "kivi:kbits=2,vbits=2");
+  const int total = p.get_int("total", 0, 0, 1 << 30);
+  p.check_all_used({"budget", "ratio", "recent", "lo", "total"});
+  Pipeline lo;
+  try {
+    RecipeSpec spec = parse_recipe(lo_text);
+    KVSLIM_CHECK(spec.overrides.empty() && spec.base.stages.size() == 1, ErrorCode::kRecipe,
+                 "a single codec stage is expected");
+    const std::string& name = spec.base.stages[0].name;
+    const auto stages = registered_stages();
+    const bool codec = std::any_of(stages.begin(), stages.end(), [&](const auto& st) {
+      return st.first == name && st.second == stage_kind_name(StageKind::kCodec);
+    });
+    if (!codec) (void)build_pipeline(spec.base, head_dim);  // an unknown name says so itself
+    KVSLIM_CHECK(codec, ErrorCode::kRecipe, "'{}' is not a codec", name);
+    // Demoted tokens are old ones: no residual window unless the tier names one (an error below).
+    auto& params = spec.base.stages[0].params;
+    if (std::none_of(params.begin(), params.end(), [](const auto& kv) { return kv.first == "residual"; }))
+      params.emplace_back("residual", "0");
+    lo = build_pipeline(spec.base, head_dim);
+  } catch (const Error& e) {
+    KVSLIM_FAIL(e.code(), "recipe stage 'mikv': lo=({}) is not a demotion codec: {}", lo_text, e.what());
+  }
+  KVSLIM_CHECK(lo.codec->residual() == 0 && lo.codec->sinks() == 0, ErrorCode::kInvalidArgument,
+               "recipe stage 'mikv': lo=({}) must have residual=0 and sinks=0 (demoted tokens are old ones; 0 is the "
+               "default there)",
+               lo.codec->describe());
+  KVSLIM_CHECK(total == 0 || (b.budget > 0 && total > b.budget), ErrorCode::kInvalidArgument,
+               "recipe stage 'mikv': total={} must be larger than budget={} (and needs an absolute budget)", total,
+               b.budget);
+  return eviction_stage(std::make_shared<MiKVEviction>(b, lo.codec, total));
+}
+
+BuiltStage make_zipcache(StageParams& p, int) {
+  p.check_all_used({});
+  return BuiltStage{StageKind::kScorer, std::make_shared<NormalizedAttention>(), nullptr, nullptr, nullptr};
 }
 
 BuiltStage make_snapkv(StageParams& p, int) {

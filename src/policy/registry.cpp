@@ -32,6 +32,8 @@ struct Registry {
     entries["snapkv"] = {StageKind::kEviction, detail::make_snapkv};
     entries["random"] = {StageKind::kEviction, detail::make_random};
     entries["razor"] = {StageKind::kEviction, detail::make_razor};
+    entries["mikv"] = {StageKind::kEviction, detail::make_mikv};
+    entries["zipcache"] = {StageKind::kScorer, detail::make_zipcache};
   }
 };
 

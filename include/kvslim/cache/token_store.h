@@ -1,6 +1,6 @@
 // TokenStore: everything one (layer, kv head) of a cache holds.
 //
-//   index order   [ sinks | sealed pages ... | window (full precision) | special tokens ]
+//   index order   [ sinks | sealed pages ... | window (full precision) | demoted | special tokens ]
 //   sinks         first Codec::sinks() tokens of the sequence, f32, evicted only by a policy
 //                 that says so
 //   sealed pages  up to Codec::page_tokens() tokens each, encoded by the head's codec; a
@@ -10,13 +10,19 @@
 //                 the tokens of the latest append until they have attended (flush() runs
 //                 after attend and before the next append, so a prefill chunk attends to its
 //                 own tokens in full precision)
+//   demoted       tokens a demoting policy (MiKV, EvictAction::kDemote) moved out of the head's
+//                 codec into the policy's low-precision codec, in the order they were demoted:
+//                 pages of that codec, then the last page's tokens still waiting in f32 until
+//                 a page of them is full. Every one of them is older than any later query, so
+//                 attention never masks them causally. A demoted token never comes back up.
 //   specials      weighted f32 tokens (merged tokens, compensation tokens): a special token
 //                 of weight w adds ln(w) to its logit, i.e. counts as w identical tokens
 //
 // "Index" below is the logical index: kept tokens only, in this order (dead page slots are
 // not counted). Positions are kept apart from slots (run-length coded: consecutive positions
-// cost one run) so eviction never confuses RoPE positions; importance scores are in index
-// order and follow their tokens through drops and re-packing. Policy authors read tokens through this
+// cost one run) so eviction never confuses RoPE positions; they follow index order, so the
+// demoted segment's positions are not sorted. Importance scores are in index order and follow
+// their tokens through drops, demotion and re-packing. Policy authors read tokens through this
 // class; engines normally use KVCache only.
 #pragma once
 
@@ -54,7 +60,8 @@ struct AttendWorkspace {
   std::vector<Block> blocks;
   std::vector<float> mass;       // KVCache: scorer mass of one head
   std::vector<float> block_sum;  // collect_mass: one block's probabilities summed over rows
-  std::vector<std::byte> prepared;  // the codec's query-side state (Codec::prepare)
+  std::vector<std::byte> prepared;     // the codec's query-side state (Codec::prepare)
+  std::vector<std::byte> prepared_lo;  // the same for the demoted tokens' codec
   std::int64_t slots = 0;  // physical slots covered by probs rows
 };
 
@@ -71,7 +78,7 @@ class TokenStore {
   const Codec& codec() const noexcept { return *pipeline_->codec; }
 
   /// Tokens held, all segments.
-  std::int64_t size() const noexcept { return sinks_ + sealed_tokens() + window_ + specials(); }
+  std::int64_t size() const noexcept { return sinks_ + sealed_tokens() + window_ + demoted() + specials(); }
   std::int64_t sink_count() const noexcept { return sinks_; }
   /// Kept tokens in sealed pages.
   std::int64_t sealed_tokens() const noexcept { return sealed_live_; }
@@ -86,6 +93,15 @@ class TokenStore {
   std::int64_t ordinary() const noexcept { return sinks_ + sealed_live_ + window_; }
   std::int64_t window_count() const noexcept { return window_; }
   std::int64_t specials() const noexcept { return static_cast<std::int64_t>(special_w_.size()); }
+  /// Tokens in the demoted segment (index ordinary() .. ordinary() + demoted()), and how many of
+  /// them are encoded in pages of the demotion codec (the rest wait in f32 for a full page).
+  std::int64_t demoted() const noexcept { return lo_live_ + lo_stage_; }
+  std::int64_t demoted_encoded() const noexcept { return lo_live_; }
+  std::int64_t demoted_pages() const noexcept { return static_cast<std::int64_t>(lo_pages_.size()); }
+  /// Index of the first special token.
+  std::int64_t specials_first() const noexcept { return ordinary() + demoted(); }
+  /// The low-precision codec demoted tokens use (the eviction policy's), or null.
+  const Codec* demote_codec() const noexcept { return lo_codec_; }
   /// Bytes this store has allocated (all containers).
   std::int64_t bytes() const noexcept { return counter_.bytes; }
   /// Position of every token, in index order.
@@ -125,8 +141,13 @@ class TokenStore {
   /// updated in double from the stored f32 mean (no extra memory): m' = (m N + sum) / N',
   /// one f32 rounding per call, earlier roundings shrink by N / N'. Throws Error(kOutOfRange) for an index outside [0, ordinary()).
   void compensate(const kernels::KernelTable& kt, std::span<const std::int64_t> victims);
+  /// Re-encode ordinary tokens (indices < ordinary(), any order) with the demotion codec and
+  /// move them to the end of the demoted segment, scores and positions with them (MiKV).
+  /// Throws Error(kInvalidState) if the pipeline has no demotion codec, Error(kOutOfRange)
+  /// for an index outside [0, ordinary()).
+  void demote(const kernels::KernelTable& kt, std::span<const std::int64_t> victims);
   /// Logical index of the compensation token, or -1 if the head has none.
-  std::int64_t compensation_index() const noexcept { return comp_ < 0 ? -1 : ordinary() + comp_; }
+  std::int64_t compensation_index() const noexcept { return comp_ < 0 ? -1 : specials_first() + comp_; }
   /// Tokens folded into the compensation token since construction or reset().
   std::int64_t compensated() const noexcept { return comp_n_; }
 
@@ -218,8 +239,14 @@ class TokenStore {
   void grow_window(std::int64_t rows);
   void push_position(std::int64_t p);
   void seal_pages(const kernels::KernelTable& kt);
-  void repack(const kernels::KernelTable& kt);
-  Page make_page(int ntok);
+  using PageList = std::vector<Page, TrackedAllocator<Page>>;
+  void repack(const kernels::KernelTable& kt, PageList& pages, const Codec& codec);
+  Page make_page(int ntok, const Codec& codec);
+  /// Calls f(k, v) with the decoded rows of ordinary tokens idx (sorted, unique, < ordinary()).
+  template <class F>
+  void for_rows(const kernels::KernelTable& kt, const std::vector<std::int64_t>& idx, F&& f) const;
+  void seal_demoted(const kernels::KernelTable& kt);
+  std::int64_t lo_slots() const noexcept;
 
   int d_;
   const Pipeline* pipeline_;
@@ -243,6 +270,12 @@ class TokenStore {
   std::int64_t seen_ = 0;
   bool evict_pending_ = false;
   std::int64_t repacked_pages_ = 0;
+  const Codec* lo_codec_;  // the demotion codec, or null
+  std::vector<Page, TrackedAllocator<Page>> lo_pages_;
+  std::int64_t lo_live_ = 0;  // kept tokens in lo_pages_
+  Floats lo_k_, lo_v_;        // demoted tokens waiting for a full page [lo_stage_][d]
+  std::int64_t lo_stage_ = 0;
+  PositionRuns lo_runs_;      // positions of the demoted segment, in its index order
   std::int64_t comp_n_ = 0;          // tokens folded into the compensation token
   std::int64_t comp_ = -1;           // its index among the specials, -1: none
   std::vector<std::int64_t> victims_;  // scratch for the eviction policy (not kept memory)

@@ -156,6 +156,12 @@ class EvictionPolicy {
   virtual std::shared_ptr<const Scorer> implied_scorer() const { return nullptr; }
   /// For kDemote: the codec demoted tokens are stored with; null otherwise.
   virtual const Codec* demote_codec() const { return nullptr; }
+  /// For kDemote, after select()'s tokens were demoted: tokens to drop outright (a total
+  /// budget over every tier; any indices of the store). Default: none.
+  virtual void select_drops(const TokenStore& store, std::vector<std::int64_t>& victims) const {
+    (void)store;
+    (void)victims;
+  }
 };
 
 /// Merges tokens within one head (KVMerger) — or, for cross-layer policies, a head with the
