@@ -99,8 +99,9 @@ commands:
       keeps only the named families, at least one codec family among them. A probe feeds
       each candidate a context of seeded random keys and values through a cache of the
       model's shape (same protocol) and reads ratio_seen; only candidates whose probe lies
-      in [smallest target / 1.3, largest target * 1.5] are evaluated, in one ppl run (same
-      --windows, default all, and --prefill). Prints every evaluated recipe sorted by
+      in [smallest target / 1.3, largest target * 1.5] are evaluated (one whose probe computed
+      exactly what an earlier one's did is skipped), in one ppl run (same --windows, default
+      all, and --prefill). Prints every evaluated recipe sorted by
       ratio_seen with KLD, top-1, ppl, bytes per seen token, the probe and a mark for the
       Pareto frontier (no other recipe has a ratio_seen >= and a KLD <=, one strictly);
       then per target the recipe with the lowest KLD whose measured ratio_seen meets it,

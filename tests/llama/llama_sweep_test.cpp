@@ -30,6 +30,7 @@
 namespace {
 
 using kvslim::llama::RecipeMetrics;
+using kvslim::llama::test::read_all;
 using kvslim::test::run_command;
 using kvslim::test::shared_path;
 using json = nlohmann::json;
@@ -44,13 +45,6 @@ constexpr double kTinyK4V2Margin = 1.5;
 const std::vector<std::string> kPplKeys = {
     "recipe",          "ppl",  "dppl_rel",  "kld_mean",       "top1_agree",   "kv_bytes", "ratio",
     "tokens_per_s", "bytes_per_token", "bits_per_value", "ratio_vs_f16", "ratio_seen", "kept"};
-
-std::string read_all(const std::string& path) {
-  std::ifstream f(path);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
 
 /// True if `a` dominates `b`: ratio_seen >= and KLD <=, one strictly.
 bool dominates(const json& a, const json& b) {
@@ -267,8 +261,7 @@ INSTANTIATE_TEST_SUITE_P(Models, KeyBits,
                          ::testing::Values(AdaQuantCase{kvslim::llama::test::kStories, kStoriesK4V2Margin},
                                            AdaQuantCase{kvslim::llama::test::kTiny, kTinyK4V2Margin}),
                          [](const ::testing::TestParamInfo<AdaQuantCase>& i) {
-                           return std::string(i.param.model).find("260K") != std::string::npos ? "stories260K"
-                                                                                                 : "tinystories656K";
+                           return kvslim::llama::test::model_label(i.param.model);
                          });
 
 }  // namespace
