@@ -6,11 +6,6 @@
 #include "check.h"
 
 namespace kvslim::llama {
-namespace {
-
-using RowMat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-using MapMat = Eigen::Map<RowMat>;
-using ConstMapMat = Eigen::Map<const RowMat>;
 
 CacheConfig cache_config(const ModelConfig& c, const std::string& recipe,
                          std::int64_t max_positions) {
@@ -25,6 +20,12 @@ CacheConfig cache_config(const ModelConfig& c, const std::string& recipe,
   cfg.recipe = recipe;
   return cfg;
 }
+
+namespace {
+
+using RowMat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+using MapMat = Eigen::Map<RowMat>;
+using ConstMapMat = Eigen::Map<const RowMat>;
 
 /// y[n][out] = x[n][in] * w[out][in]^T, or += when accumulate.
 void matmul_wt(const float* x, int n, int in, const std::vector<float>& w, int out, float* y,

@@ -21,6 +21,12 @@
 
 namespace kvslim::llama {
 
+/// The shape of `c`'s cache (layers, query and kv heads, head_dim) with `recipe`, holding up
+/// to `max_positions` (>= 1) tokens per head: what Engine builds, and what a probe of a
+/// recipe's memory builds without a model. Throws Error(kInvalidArgument) for max_positions < 1.
+CacheConfig cache_config(const ModelConfig& c, const std::string& recipe,
+                         std::int64_t max_positions);
+
 /// One layer's attention tensors for a chunk, handed to a ForwardObserver. Every buffer is
 /// [n][heads][head_dim] row-major (heads = n_heads for q/attn_out, n_kv_heads otherwise).
 struct LayerActivations {

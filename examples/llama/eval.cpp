@@ -104,6 +104,11 @@ double bytes_per_token(const CacheStats& stats) {
          static_cast<double>(stats.total_tokens);
 }
 
+std::int64_t f32_bytes_per_token(const ModelConfig& c) {
+  return static_cast<std::int64_t>(c.n_layers) * c.n_kv_heads * c.head_dim * 2 *
+         static_cast<std::int64_t>(sizeof(float));
+}
+
 const char* stop_reason_name(StopReason r) noexcept {
   switch (r) {
     case StopReason::kEndOfText: return "EOS token";

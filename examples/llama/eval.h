@@ -118,6 +118,9 @@ GenerateResult generate(const Model& model, const std::string& recipe, std::stri
 /// sequence, all layers and kv heads together; 0 for an empty cache.
 double bytes_per_token(const CacheStats& stats);
 
+/// Bytes of one token in an f32 cache of the model: all layers and kv heads, K and V.
+std::int64_t f32_bytes_per_token(const ModelConfig& config);
+
 /// Reads a text file; Error(kIo) naming the path if it cannot be read.
 std::string read_text(const std::string& path);
 

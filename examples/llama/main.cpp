@@ -1,18 +1,22 @@
 // kvslim-llama: a small llama-family inference engine whose KV cache is a kvslim::KVCache.
 // Subcommands: generate (greedy text), ppl (perplexity, KLD, top-1 agreement and memory per
 // recipe against the f32 cache), dump (a recording in the data/dumps format), calibrate
-// (RazorAttention retrieval heads: a per-head recipe file and a JSON report).
+// (RazorAttention retrieval heads: a per-head recipe file and a JSON report), sweep (the
+// equal-memory frontier: candidate recipes probed for memory, the ones near the targets
+// evaluated, the best per target and the Pareto frontier).
 #include <algorithm>
 #include <charconv>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
+#include <limits>
 #include <string>
 #include <string_view>
 #include <system_error>
 #include <vector>
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <unistd.h>
 
 #include "calibrate.h"
@@ -22,6 +26,7 @@
 #include "kvslim/error.h"
 #include "util/json.h"
 #include "model.h"
+#include "sweep.h"
 
 namespace {
 
@@ -83,6 +88,28 @@ commands:
       --recipe @FILE) and a JSON report to FILE.json (arguments, both scores per kv head and
       per query head, the chosen heads, the recipe). Prints the score table.
 
+  sweep --model PATH --text FILE --target T[,T2...] [--family F ...] [--windows N]
+      [--prefill N] [--json] [--plot FILE.svg] [--no-progress]
+      The equal-memory frontier (docs/sweep.md). A target is a memory goal: 8 or 8x = 8 times
+      smaller than an f32 cache of every token seen (ratio_seen, "vs seen" of ppl); 300B =
+      300 bytes per token seen, all layers and kv heads (ratio = f32 bytes per token / 300).
+      Ratios must be above 1, byte counts positive. Candidates come from families: the
+      codecs f16 and kivi (K and V bits each in {2,3,4,8}, residual 0 and 32), alone and
+      after each h2o budget (1/2, 1/4, 1/8, 1/16 of the context); --family F (repeatable)
+      keeps only the named families, at least one codec family among them. A probe feeds
+      each candidate a context of seeded random keys and values through a cache of the
+      model's shape (same protocol) and reads ratio_seen; only candidates whose probe lies
+      in [smallest target / 1.3, largest target * 1.5] are evaluated (one whose probe computed
+      exactly what an earlier one's did is skipped), in one ppl run (same --windows, default
+      all, and --prefill). Prints every evaluated recipe sorted by
+      ratio_seen with KLD, top-1, ppl, bytes per seen token, the probe and a mark for the
+      Pareto frontier (no other recipe has a ratio_seen >= and a KLD <=, one strictly);
+      then per target the recipe with the lowest KLD whose measured ratio_seen meets it,
+      or "none meets it". --json prints one line per evaluated recipe with the keys of
+      ppl --json plus target (the largest target it meets, as a ratio, or null) and pareto
+      (true/false). --plot FILE.svg writes KLD against ratio_seen (both log scale): every
+      recipe, the frontier, a line per target and the best recipe per target.
+
 --recipe @FILE (ppl, generate) reads the recipe from FILE; '#' comments and line breaks are
 allowed. The label printed is @FILE.
 
@@ -96,10 +123,18 @@ struct UsageError {
   std::string message;
 };
 
+/// One --target value as typed: a ratio (8, 8x) or bytes per token seen (300B).
+struct TargetArg {
+  std::string text;
+  double value = 0.0;
+  bool bytes = false;
+};
+
 struct Args {
   std::string command;
-  std::string model, prompt, text, out;
-  std::vector<std::string> recipes;
+  std::string model, prompt, text, out, plot;
+  std::vector<std::string> recipes, families;
+  std::vector<TargetArg> targets;
   std::int64_t tokens = 256, windows = 0, offset = -1, prefill = 0;
   bool json = false, progress = true;
   kvslim::llama::CalibrateOptions calibrate;
@@ -124,6 +159,31 @@ double parse_double(std::string_view opt, std::string_view v) {
   return x;
 }
 
+/// --target's comma-separated list; a bad item is a usage error naming it.
+std::vector<TargetArg> parse_targets(std::string_view v) {
+  std::vector<TargetArg> out;
+  for (std::size_t pos = 0;;) {
+    const std::size_t comma = v.find(',', pos);
+    const std::string_view item = v.substr(pos, comma == std::string_view::npos ? comma : comma - pos);
+    TargetArg t{std::string(item)};
+    std::string_view number = item;
+    if (!number.empty() && (number.back() == 'x' || number.back() == 'B')) {
+      t.bytes = number.back() == 'B';
+      number.remove_suffix(1);
+    }
+    const auto [p, ec] = std::from_chars(number.data(), number.data() + number.size(), t.value);
+    if (ec != std::errc() || p != number.data() + number.size() || !std::isfinite(t.value) ||
+        !(t.bytes ? t.value > 0.0 : t.value > 1.0))
+      throw UsageError{fmt::format(
+          "--target expects comma-separated ratios above 1 (8 or 8x) or positive bytes per token "
+          "seen (300B), got '{}'",
+          item)};
+    out.push_back(std::move(t));
+    if (comma == std::string_view::npos) return out;
+    pos = comma + 1;
+  }
+}
+
 Args parse_args(int argc, char** argv) {
   Args a;
   if (argc < 2) throw UsageError{"missing command"};
@@ -132,8 +192,10 @@ Args parse_args(int argc, char** argv) {
     a.command = "help";
     return a;
   }
-  if (a.command != "generate" && a.command != "ppl" && a.command != "dump" && a.command != "calibrate")
+  if (a.command != "generate" && a.command != "ppl" && a.command != "dump" &&
+      a.command != "calibrate" && a.command != "sweep")
     throw UsageError{fmt::format("unknown command '{}'", a.command)};
+  const bool evaluates = a.command == "ppl" || a.command == "sweep";
   for (int i = 2; i < argc; ++i) {
     const std::string_view opt = argv[i];
     auto value = [&]() -> std::string {
@@ -153,14 +215,23 @@ Args parse_args(int argc, char** argv) {
       a.recipes.push_back(value());
     } else if (opt == "--text" && a.command != "generate") {
       a.text = value();
-    } else if (opt == "--windows" && a.command == "ppl") {
+    } else if (opt == "--windows" && evaluates) {
       a.windows = parse_int(opt, value(), 1);
-    } else if (opt == "--prefill" && a.command == "ppl") {
-      a.prefill = parse_int(opt, value(), 1);  // the upper bound needs the model: run_ppl
-    } else if (opt == "--json" && a.command == "ppl") {
+    } else if (opt == "--prefill" && evaluates) {
+      a.prefill = parse_int(opt, value(), 1);  // the upper bound needs the model: perplexity_options
+    } else if (opt == "--json" && evaluates) {
       a.json = true;
-    } else if (opt == "--no-progress" && a.command == "ppl") {
+    } else if (opt == "--no-progress" && evaluates) {
       a.progress = false;
+    } else if (opt == "--target" && a.command == "sweep") {
+      for (TargetArg& t : parse_targets(value())) a.targets.push_back(std::move(t));
+    } else if (opt == "--family" && a.command == "sweep") {
+      a.families.push_back(value());
+      if (!find_sweep_family(a.families.back()))
+        throw UsageError{fmt::format("--family expects one of {}, got '{}'", sweep_family_names(),
+                                     a.families.back())};
+    } else if (opt == "--plot" && a.command == "sweep") {
+      a.plot = value();
     } else if (opt == "--offset" && a.command == "dump") {
       a.offset = parse_int(opt, value(), 0);
     } else if (opt == "--out" && (a.command == "dump" || a.command == "calibrate")) {
@@ -187,6 +258,15 @@ Args parse_args(int argc, char** argv) {
   if (a.command == "ppl") {
     if (a.text.empty()) throw UsageError{"ppl needs --text FILE"};
     if (a.recipes.empty()) throw UsageError{"ppl needs at least one --recipe"};
+  }
+  if (a.command == "sweep") {
+    if (a.text.empty()) throw UsageError{"sweep needs --text FILE"};
+    if (a.targets.empty()) throw UsageError{"sweep needs --target (e.g. --target 8,12,16)"};
+    if (!a.families.empty() &&
+        std::none_of(a.families.begin(), a.families.end(), [](const std::string& f) {
+          return find_sweep_family(f)->kind == SweepFamily::Kind::kCodec;
+        }))
+      throw UsageError{"--family selects no codec family; add --family f16 or --family kivi"};
   }
   if (a.command == "dump") {
     if (a.text.empty() || a.out.empty() || a.offset < 0)
@@ -243,16 +323,22 @@ int run_generate(const Args& a) {
              "[KV cache: {} bytes for {} tokens = {:.0f} bytes per token (raw f32: {}), "
              "{:.2f}x vs f32]\n",
              r.generated, stop_reason_name(r.stop), r.tokens_per_s, label, r.kv_bytes, kept,
-             r.bytes_per_token, c.n_layers * c.n_kv_heads * c.head_dim * 2 * 4, r.ratio_vs_f32);
+             r.bytes_per_token, f32_bytes_per_token(c), r.ratio_vs_f32);
   return 0;
 }
 
-int run_ppl(const Args& a) {
-  const Model model = load_model(a.model);
-  const std::string text = read_text(a.text);
+/// The token stream of --text FILE, with one warning for characters outside the vocabulary.
+std::vector<int> load_stream(const Model& model, const std::string& path) {
+  const std::string text = read_text(path);
   const Tokenizer::UnknownCount before = model.tokenizer->unknown();
-  const std::vector<int> stream = token_stream(*model.tokenizer, text);
-  warn_unknown(model, before, fmt::format("'{}'", a.text));
+  std::vector<int> stream = token_stream(*model.tokenizer, text);
+  warn_unknown(model, before, fmt::format("'{}'", path));
+  return stream;
+}
+
+/// What ppl and sweep pass to evaluate_perplexity: --windows, --prefill (checked against the
+/// model's context) and the progress bar.
+PerplexityOptions perplexity_options(const Args& a, const Model& model) {
   if (a.prefill >= model.config.seq_len)
     throw UsageError{fmt::format(
         "--prefill expects an integer >= 1 and smaller than the window length ({} tokens, the "
@@ -272,23 +358,24 @@ int run_ppl(const Args& a) {
       std::fflush(stderr);
     };
   }
-  // Recipes from files run as their text and are labelled as given (@FILE).
-  std::vector<std::string> texts;
-  for (const std::string& r : a.recipes) texts.push_back(kvslim::resolve_recipe(r));
-  PerplexityReport rep = evaluate_perplexity(model, stream, texts, opt);
-  for (std::size_t i = 0; i < rep.recipes.size(); ++i) rep.recipes[i].recipe = a.recipes[i];
-  if (a.json) {
-    for (const RecipeMetrics& m : rep.recipes)
-      fmt::print(
-          "{{\"recipe\": {}, \"ppl\": {}, \"dppl_rel\": {}, \"kld_mean\": {}, \"top1_agree\": "
-          "{}, \"kv_bytes\": {}, \"ratio\": {}, \"tokens_per_s\": {}, \"bytes_per_token\": "
-          "{}, \"bits_per_value\": {}, \"ratio_vs_f16\": {}, \"ratio_seen\": {}, \"kept\": {}}}\n",
-          kvslim::json::quote(m.recipe), num(m.ppl), num(m.dppl_rel), num(m.kld_mean),
-          num(m.top1_agree), num(m.kv_bytes), num(m.ratio), num(m.tokens_per_s),
-          num(m.bytes_per_token), num(m.bits_per_value), num(m.ratio / 2.0), num(m.ratio_seen),
-          num(m.kept));
-    return 0;
-  }
+  return opt;
+}
+
+/// One line of ppl --json: the object of `m`'s keys, then `extra` (", \"key\": value" pairs
+/// that sweep adds) before the closing brace.
+std::string metrics_json(const RecipeMetrics& m, std::string_view extra = {}) {
+  return fmt::format(
+      "{{\"recipe\": {}, \"ppl\": {}, \"dppl_rel\": {}, \"kld_mean\": {}, \"top1_agree\": {}, "
+      "\"kv_bytes\": {}, \"ratio\": {}, \"tokens_per_s\": {}, \"bytes_per_token\": {}, "
+      "\"bits_per_value\": {}, \"ratio_vs_f16\": {}, \"ratio_seen\": {}, \"kept\": {}{}}}\n",
+      kvslim::json::quote(m.recipe), num(m.ppl), num(m.dppl_rel), num(m.kld_mean),
+      num(m.top1_agree), num(m.kv_bytes), num(m.ratio), num(m.tokens_per_s),
+      num(m.bytes_per_token), num(m.bits_per_value), num(m.ratio / 2.0), num(m.ratio_seen),
+      num(m.kept), extra);
+}
+
+/// The first lines of the ppl and sweep tables: model, windows, protocol, f32 perplexity.
+void print_run_header(const Model& model, const PerplexityReport& rep) {
   fmt::print("model {} ({}), {} windows of up to {} tokens, {} predicted tokens per recipe\n",
              model.name, model.kind, rep.windows, model.config.seq_len, rep.tokens);
   if (rep.prefill > 0)
@@ -298,6 +385,22 @@ int run_ppl(const Args& a) {
   else
     fmt::print("protocol: token by token from the first token\n");
   fmt::print("f32 reference perplexity {:.4f}\n", rep.ppl_f32);
+}
+
+int run_ppl(const Args& a) {
+  const Model model = load_model(a.model);
+  const std::vector<int> stream = load_stream(model, a.text);
+  const PerplexityOptions opt = perplexity_options(a, model);
+  // Recipes from files run as their text and are labelled as given (@FILE).
+  std::vector<std::string> texts;
+  for (const std::string& r : a.recipes) texts.push_back(kvslim::resolve_recipe(r));
+  PerplexityReport rep = evaluate_perplexity(model, stream, texts, opt);
+  for (std::size_t i = 0; i < rep.recipes.size(); ++i) rep.recipes[i].recipe = a.recipes[i];
+  if (a.json) {
+    for (const RecipeMetrics& m : rep.recipes) fmt::print("{}", metrics_json(m));
+    return 0;
+  }
+  print_run_header(model, rep);
   std::size_t w = 6;
   for (const RecipeMetrics& m : rep.recipes) w = std::max(w, m.recipe.size());
   fmt::print(
@@ -312,7 +415,7 @@ int run_ppl(const Args& a) {
         m.bytes_per_token, m.bits_per_value, m.ratio, m.ratio / 2.0, m.ratio_seen,
         100.0 * m.kept, m.tokens_per_s);
   const ModelConfig& c = model.config;
-  const int f32_per_token = c.n_layers * c.n_kv_heads * c.head_dim * 2 * 4;
+  const std::int64_t f32_per_token = f32_bytes_per_token(c);
   fmt::print(
       "B/token: KV bytes / tokens kept, all {} layers x {} kv heads (raw f32: {} B, f16: {} B).\n"
       "bits/val: bits per stored K or V value, metadata included. vs f32, vs f16: times smaller\n"
@@ -330,6 +433,111 @@ int run_ppl(const Args& a) {
         c.head_dim, 32 / std::max(1, std::min(c.head_dim, 32)));
   else
     fmt::print("KIVI's residual window (default 128 tokens) stays f32.\n");
+  return 0;
+}
+
+int run_sweep(const Args& a) {
+  const Model model = load_model(a.model);
+  const std::vector<int> stream = load_stream(model, a.text);
+  const PerplexityOptions opt = perplexity_options(a, model);
+  const ModelConfig& c = model.config;
+  const double f32_token = static_cast<double>(f32_bytes_per_token(c));
+  std::vector<SweepTarget> targets;
+  for (const TargetArg& t : a.targets)
+    targets.push_back({t.text, t.bytes ? f32_token / t.value : t.value});
+  const auto [lo_t, hi_t] = std::minmax_element(
+      targets.begin(), targets.end(),
+      [](const SweepTarget& x, const SweepTarget& y) { return x.ratio < y.ratio; });
+  const double lo = lo_t->ratio / kSweepProbeBelow, hi = hi_t->ratio * kSweepProbeAbove;
+
+  // Probe every candidate's memory, keep the ones near the targets.
+  const std::vector<std::string> candidates = sweep_candidates(c, a.families);
+  const MemoryProbe probe(c, opt.prefill);
+  std::vector<std::string> selected;
+  std::vector<double> probed;
+  std::vector<std::uint64_t> seen;  // fingerprints: a recipe equal to an earlier one is skipped
+  std::size_t same = 0;
+  double probe_min = std::numeric_limits<double>::infinity(), probe_max = 0.0;
+  for (const std::string& r : candidates) {
+    const ProbeResult p = probe.run(r);
+    probe_min = std::min(probe_min, p.ratio_seen);
+    probe_max = std::max(probe_max, p.ratio_seen);
+    if (p.ratio_seen < lo || p.ratio_seen > hi) continue;
+    if (std::find(seen.begin(), seen.end(), p.fingerprint) != seen.end()) {
+      ++same;
+      continue;
+    }
+    seen.push_back(p.fingerprint);
+    selected.push_back(r);
+    probed.push_back(p.ratio_seen);
+  }
+  if (selected.empty())
+    throw kvslim::Error(kvslim::ErrorCode::kInvalidArgument,
+                        fmt::format("none of the {} candidates has a probed ratio_seen in "
+                                    "[{:.2f}x, {:.2f}x] (they range from {:.2f}x to {:.2f}x)",
+                                    candidates.size(), lo, hi, probe_min, probe_max));
+
+  const PerplexityReport rep = evaluate_perplexity(model, stream, selected, opt);
+  const std::vector<RecipeMetrics>& m = rep.recipes;
+  const std::vector<bool> pareto = pareto_front(m);
+  std::vector<std::size_t> order(m.size());
+  for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(), [&](std::size_t x, std::size_t y) {
+    return m[x].ratio_seen < m[y].ratio_seen;
+  });
+  if (!a.plot.empty()) {
+    const std::string svg = frontier_svg(
+        m, pareto, targets,
+        fmt::format("{}: KLD against memory, {} windows, {} recipes", model.name, rep.windows, m.size()));
+    write_file(a.plot, svg.data(), svg.size());
+  }
+  if (a.json) {
+    for (std::size_t i : order) {
+      const SweepTarget* met = nullptr;  // the largest target this recipe meets
+      for (const SweepTarget& t : targets)
+        if (m[i].ratio_seen >= t.ratio && (!met || t.ratio > met->ratio)) met = &t;
+      fmt::print("{}", metrics_json(m[i], fmt::format(", \"target\": {}, \"pareto\": {}",
+                                                      met ? num(met->ratio) : "null",
+                                                      pareto[i] ? "true" : "false")));
+    }
+    return 0;
+  }
+
+  print_run_header(model, rep);
+  std::string names;
+  for (const SweepTarget& t : targets)
+    names += fmt::format("{}{} ({:.2f}x)", names.empty() ? "" : ", ", t.text, t.ratio);
+  fmt::print("targets: {}; an f32 cache takes {} B per token\n", names, f32_bytes_per_token(c));
+  fmt::print("{} candidates ({}), probed on {} random tokens; {} with a probe in [{:.2f}x, {:.2f}x] "
+             "evaluated ({} more in range skipped: same cache as an earlier one)\n",
+             candidates.size(),
+             a.families.empty() ? sweep_family_names() : fmt::format("{}", fmt::join(a.families, ", ")),
+             c.seq_len, selected.size(), lo, hi, same);
+  std::size_t w = 6;
+  for (const RecipeMetrics& r : m) w = std::max(w, r.recipe.size());
+  fmt::print("{:<{}}  {:>9}  {:>7}  {:>9}  {:>7}  {:>9}  {:>7}  {}\n", "recipe", w, "KLD", "top1",
+             "ppl", "vs seen", "B/seen", "probe", "frontier");
+  for (std::size_t i : order)
+    fmt::print("{:<{}}  {:>9.2e}  {:>6.2f}%  {:>9.4f}  {:>6.2f}x  {:>9.1f}  {:>6.2f}x  {}\n", m[i].recipe, w,
+               m[i].kld_mean, 100.0 * m[i].top1_agree, m[i].ppl, m[i].ratio_seen,
+               f32_token / m[i].ratio_seen, probed[i], pareto[i] ? "*" : "");
+  fmt::print("vs seen: f32 bytes of every token seen / cache bytes at each window's end (mean);\n"
+             "  B/seen: bytes per token seen, all layers and kv heads; probe: vs seen of the probe.\n"
+             "frontier *: no other recipe has a vs seen >= and a KLD <=, one of them strictly.\n"
+             "best per target (lowest KLD with a measured vs seen >= the target):\n");
+  std::size_t tw = 0;
+  for (const SweepTarget& t : targets) tw = std::max(tw, t.text.size());
+  for (const SweepTarget& t : targets) {
+    const int b = best_meeting(m, t.ratio);
+    if (b < 0) {
+      fmt::print("  {:<{}}  none meets it\n", t.text, tw);
+      continue;
+    }
+    const RecipeMetrics& r = m[static_cast<std::size_t>(b)];
+    fmt::print("  {:<{}}  {}  KLD {:.2e}  top1 {:.2f}%  vs seen {:.2f}x\n", t.text, tw, r.recipe,
+               r.kld_mean, 100.0 * r.top1_agree, r.ratio_seen);
+  }
+  if (!a.plot.empty()) fmt::print("wrote {}\n", a.plot);
   return 0;
 }
 
@@ -392,6 +600,7 @@ int main(int argc, char** argv) {
     if (a.command == "generate") return run_generate(a);
     if (a.command == "ppl") return run_ppl(a);
     if (a.command == "calibrate") return run_calibrate(a);
+    if (a.command == "sweep") return run_sweep(a);
     return run_dump(a);
   } catch (const UsageError& e) {
     fmt::print(stderr, "kvslim-llama: {}\n\n{}", e.message, kUsage);

@@ -22,6 +22,7 @@
 
 namespace {
 
+using kvslim::llama::test::read_all;
 using kvslim::test::run_command;
 using kvslim::test::shared_path;
 using json = nlohmann::json;
@@ -33,13 +34,6 @@ using json = nlohmann::json;
 constexpr double kStoriesRazorKldCeiling = 0.050;
 constexpr double kTinyRazorKldCeiling = 0.44;
 constexpr double kMinRatioSeen = 1.0 / 0.30;  // >= 70% saved
-
-std::string read_all(const std::string& path) {
-  std::ifstream f(path);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
 
 std::map<std::string, json> ppl_json(const std::string& model, const std::vector<std::string>& recipes) {
   std::vector<std::string> args = {"ppl", "--model", model, "--text", shared_path(kvslim::llama::test::kText),
@@ -142,8 +136,7 @@ INSTANTIATE_TEST_SUITE_P(Models, RazorModel,
                          ::testing::Values(Case{kvslim::llama::test::kStories, kStoriesRazorKldCeiling},
                                            Case{kvslim::llama::test::kTiny, kTinyRazorKldCeiling}),
                          [](const ::testing::TestParamInfo<Case>& i) {
-                           return std::string(i.param.model).find("260K") != std::string::npos ? "stories260K"
-                                                                                                 : "tinystories656K";
+                           return kvslim::llama::test::model_label(i.param.model);
                          });
 
 TEST(RazorCli, ErrorsNameTheBadValue) {

@@ -8,8 +8,10 @@
 #include <cctype>
 #include <cmath>
 #include <filesystem>
+#include <fstream>
 #include <map>
 #include <memory>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -30,6 +32,19 @@ inline const Model& shared_model(const std::string& rel) {
   auto& m = cache[rel];
   if (!m) m = std::make_unique<Model>(load_model(kvslim::test::shared_path(rel)));
   return *m;
+}
+
+/// "stories260K" or "tinystories656K": the name of a test parameter holding kStories or kTiny.
+inline std::string model_label(const std::string& rel) {
+  return rel.find("260K") != std::string::npos ? "stories260K" : "tinystories656K";
+}
+
+/// The whole file as a string ("" if it cannot be read).
+inline std::string read_all(const std::string& path) {
+  std::ifstream f(path);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
 }
 
 /// A fresh directory under the system temp dir, removed on destruction.
