@@ -9,6 +9,7 @@
 #include "check.h"
 #include "engine.h"
 #include "kvslim/cache/kv_cache.h"
+#include "kvslim/cache/recipe.h"
 
 namespace kvslim::llama {
 namespace {
@@ -31,6 +32,17 @@ std::vector<std::string> h2o_prefixes(const ModelConfig& c) {
   std::vector<std::string> out;
   for (int div : {2, 4, 8, 16})
     if (c.seq_len / div >= 2) out.push_back(fmt::format("h2o:budget={}", c.seq_len / div));
+  return out;
+}
+
+/// MiKV demotion (hi budgets of 1/4 and 1/2 of the context, the rest in 2, 3 or 4-bit KIVI)
+/// in front of every codec it is cheaper than (sweep_candidates skips the others).
+std::vector<std::string> mikv_prefixes(const ModelConfig& c) {
+  std::vector<std::string> out;
+  for (int div : {4, 2})
+    for (int lo : {2, 3, 4})
+      if (c.seq_len / div >= 2)
+        out.push_back(fmt::format("mikv:budget={},lo=(kivi:kbits={},vbits={})", c.seq_len / div, lo, lo));
   return out;
 }
 
@@ -72,6 +84,7 @@ const std::vector<SweepFamily>& sweep_families() {
       {"f16", SweepFamily::Kind::kCodec, f16_codecs},
       {"kivi", SweepFamily::Kind::kCodec, kivi_codecs},
       {"h2o", SweepFamily::Kind::kStage, h2o_prefixes},
+      {"mikv", SweepFamily::Kind::kStage, mikv_prefixes},
   };
   return families;
 }
@@ -107,7 +120,17 @@ std::vector<std::string> sweep_candidates(const ModelConfig& config,
                "the families selected give no codec; add a codec family (f16 or kivi)");
   std::vector<std::string> out = codecs;
   for (const std::string& p : prefixes)
-    for (const std::string& c : codecs) out.push_back(p + " | " + c);
+    for (const std::string& c : codecs) {
+      const std::string r = p + " | " + c;
+      // Combinations the library rejects (a demotion codec not cheaper than the chain's) are
+      // not candidates.
+      try {
+        (void)build_pipeline(parse_recipe(r).base, config.head_dim);
+      } catch (const Error&) {
+        continue;
+      }
+      out.push_back(r);
+    }
   return out;
 }
 

@@ -58,11 +58,12 @@ TokenStore::TokenStore(int head_dim, const Pipeline* pipeline)
       special_pos_(TrackedAllocator<std::int64_t>(&counter_)),
       runs_(&counter_),
       importance_(TrackedAllocator<float>(&counter_)),
-      lo_codec_(pipeline->eviction ? pipeline->eviction->demote_codec() : nullptr),
-      lo_pages_(TrackedAllocator<Page>(&counter_)),
-      lo_k_(TrackedAllocator<float>(&counter_)),
-      lo_v_(TrackedAllocator<float>(&counter_)),
-      lo_runs_(&counter_) {}
+      lo_codec_(pipeline->eviction ? pipeline->eviction->demote_codec() : nullptr) {
+  if (lo_codec_) {
+    lo_ = std::make_unique<Demoted>(&counter_);
+    counter_.bytes += static_cast<std::int64_t>(sizeof(Demoted));
+  }
+}
 
 TokenStore::~TokenStore() = default;
 
@@ -74,7 +75,8 @@ std::int64_t TokenStore::page_slots() const noexcept {
 
 std::int64_t TokenStore::lo_slots() const noexcept {
   std::int64_t n = lo_stage_;
-  for (const Page& p : lo_pages_) n += p.ntok;
+  if (lo_)
+    for (const Page& p : lo_->pages) n += p.ntok;
   return n;
 }
 
@@ -86,10 +88,11 @@ void TokenStore::PositionRuns::put(Bytes& bytes, std::uint64_t v) {
   bytes.push_back(static_cast<std::byte>(v));
 }
 
-void TokenStore::PositionRuns::close_into(Block& b, std::int64_t first, std::int64_t count) {
-  // Zigzag: the demoted segment's positions go down as well as up.
+void TokenStore::PositionRuns::close_into(Block& b, std::int64_t first, std::int64_t count) const {
+  // Zigzag when the positions may go down (the demoted segment).
   const std::int64_t gap = first - b.end;
-  put(b.bytes, (static_cast<std::uint64_t>(gap) << 1) ^ static_cast<std::uint64_t>(gap >> 63));
+  put(b.bytes, signed_ ? (static_cast<std::uint64_t>(gap) << 1) ^ static_cast<std::uint64_t>(gap >> 63)
+                       : static_cast<std::uint64_t>(gap));
   put(b.bytes, static_cast<std::uint64_t>(count - 1));
   b.end = first + count;
   b.tokens += count;
@@ -113,7 +116,7 @@ void TokenStore::PositionRuns::push_run(std::int64_t first, std::int64_t count) 
 }
 
 template <class F>
-void TokenStore::PositionRuns::decode(const Block& b, F&& f) {
+void TokenStore::PositionRuns::decode(const Block& b, F&& f) const {
   std::size_t i = 0;
   std::int64_t end = b.base;
   auto get = [&] {
@@ -126,7 +129,7 @@ void TokenStore::PositionRuns::decode(const Block& b, F&& f) {
   };
   while (i < b.bytes.size()) {
     const std::uint64_t z = get();
-    const std::int64_t first = end + static_cast<std::int64_t>((z >> 1) ^ (~(z & 1) + 1));
+    const std::int64_t first = end + static_cast<std::int64_t>(signed_ ? (z >> 1) ^ (~(z & 1) + 1) : z);
     const std::int64_t count = static_cast<std::int64_t>(get()) + 1;
     f(first, count);
     end = first + count;
@@ -189,9 +192,10 @@ std::vector<std::int64_t> TokenStore::positions() const {
   runs_.for_each_run([&](std::int64_t first, std::int64_t count) {
     for (std::int64_t i = 0; i < count; ++i) out.push_back(first + i);
   });
-  lo_runs_.for_each_run([&](std::int64_t first, std::int64_t count) {
-    for (std::int64_t i = 0; i < count; ++i) out.push_back(first + i);
-  });
+  if (lo_)
+    lo_->runs.for_each_run([&](std::int64_t first, std::int64_t count) {
+      for (std::int64_t i = 0; i < count; ++i) out.push_back(first + i);
+    });
   out.insert(out.end(), special_pos_.begin(), special_pos_.end());
   return out;
 }
@@ -390,11 +394,11 @@ void TokenStore::drop(const kernels::KernelTable& kt, std::span<const std::int64
   for (; x < idx.size() && idx[x] < ord; ++x) in_window.push_back(idx[x] - (ord - window_));
   const std::size_t lo_from = x;
   const std::int64_t stage_first = ord + lo_live_, lo_end = stage_first + lo_stage_;  // before this drop
-  const bool touched_lo = mark(lo_pages_, ord, lo_live_);
+  const bool touched_lo = lo_ && mark(lo_->pages, ord, lo_live_);
   for (; x < idx.size() && idx[x] < lo_end; ++x) in_lo_stage.push_back(idx[x] - stage_first);
   for (std::size_t y = lo_from; y < x; ++y) in_lo.push_back(idx[y] - ord);
   for (; x < idx.size(); ++x) in_specials.push_back(idx[x] - lo_end);
-  if (!in_lo.empty()) lo_runs_.erase(in_lo);
+  if (!in_lo.empty()) lo_->runs.erase(in_lo);
 
   if (!in_sinks.empty()) {
     erase_rows(sink_k_, sinks_, d_, in_sinks);
@@ -405,8 +409,8 @@ void TokenStore::drop(const kernels::KernelTable& kt, std::span<const std::int64
     window_ = erase_rows(win_v_, window_, d_, in_window);
   }
   if (!in_lo_stage.empty()) {
-    erase_rows(lo_k_, lo_stage_, d_, in_lo_stage);
-    lo_stage_ = erase_rows(lo_v_, lo_stage_, d_, in_lo_stage);
+    erase_rows(lo_->k, lo_stage_, d_, in_lo_stage);
+    lo_stage_ = erase_rows(lo_->v, lo_stage_, d_, in_lo_stage);
   }
   if (!in_specials.empty()) {
     if (comp_ >= 0) {  // the compensation token moves down, or goes
@@ -425,7 +429,7 @@ void TokenStore::drop(const kernels::KernelTable& kt, std::span<const std::int64
     erase_rows(special_pos_, ns, 1, in_specials);
   }
   if (touched) repack(kt, pages_, *pipeline_->codec);
-  if (touched_lo) repack(kt, lo_pages_, *lo_codec_);
+  if (touched_lo) repack(kt, lo_->pages, *lo_codec_);
 }
 
 // Re-pack when a page has more than a quarter of its slots dead: every such page, and every
@@ -569,9 +573,9 @@ void TokenStore::demote(const kernels::KernelTable& kt, std::span<const std::int
   // Append to the demoted segment, before the specials.
   const std::size_t at = static_cast<std::size_t>(specials_first());
   if (!imp.empty()) importance_.insert(importance_.begin() + static_cast<std::ptrdiff_t>(at), imp.begin(), imp.end());
-  for (std::int64_t p : pos) lo_runs_.push_run(p, 1);
-  lo_k_.insert(lo_k_.end(), k.begin(), k.end());
-  lo_v_.insert(lo_v_.end(), v.begin(), v.end());
+  for (std::int64_t p : pos) lo_->runs.push_run(p, 1);
+  lo_->k.insert(lo_->k.end(), k.begin(), k.end());
+  lo_->v.insert(lo_->v.end(), v.begin(), v.end());
   lo_stage_ += static_cast<std::int64_t>(n);
   seal_demoted(kt);
 }
@@ -583,20 +587,20 @@ void TokenStore::seal_demoted(const kernels::KernelTable& kt) {
   while (lo_stage_ - sealed >= g) {
     Page page = make_page(g, *lo_codec_);
     const std::size_t off = static_cast<std::size_t>(sealed * d_);
-    lo_codec_->encode(kt, lo_k_.data() + off, lo_v_.data() + off, g, d_, page.data.data());
-    lo_pages_.push_back(std::move(page));
+    lo_codec_->encode(kt, lo_->k.data() + off, lo_->v.data() + off, g, d_, page.data.data());
+    lo_->pages.push_back(std::move(page));
     lo_live_ += g;
     sealed += g;
   }
   if (sealed == 0) return;
   const std::size_t off = static_cast<std::size_t>(sealed * d_);
-  lo_k_.erase(lo_k_.begin(), lo_k_.begin() + static_cast<std::ptrdiff_t>(off));
-  lo_v_.erase(lo_v_.begin(), lo_v_.begin() + static_cast<std::ptrdiff_t>(off));
+  lo_->k.erase(lo_->k.begin(), lo_->k.begin() + static_cast<std::ptrdiff_t>(off));
+  lo_->v.erase(lo_->v.begin(), lo_->v.begin() + static_cast<std::ptrdiff_t>(off));
   lo_stage_ -= sealed;
   // At most a page of rows waits; give back what a large demotion left behind.
-  if (lo_k_.capacity() > 2 * static_cast<std::size_t>(g * d_)) {
-    lo_k_.shrink_to_fit();
-    lo_v_.shrink_to_fit();
+  if (lo_->k.capacity() > 2 * static_cast<std::size_t>(g * d_)) {
+    lo_->k.shrink_to_fit();
+    lo_->v.shrink_to_fit();
   }
 }
 
@@ -676,8 +680,10 @@ void TokenStore::materialize(const kernels::KernelTable& kt, float* k, float* v,
   };
   pages(pages_, *pipeline_->codec);
   copy_rows(win_k_.data(), win_v_.data(), window_);
-  if (lo_codec_) pages(lo_pages_, *lo_codec_);
-  copy_rows(lo_k_.data(), lo_v_.data(), lo_stage_);
+  if (lo_) {
+    pages(lo_->pages, *lo_codec_);
+    copy_rows(lo_->k.data(), lo_->v.data(), lo_stage_);
+  }
   copy_rows(special_k_.data(), special_v_.data(), specials());
   if (log_weights) {
     const std::size_t n_plain = row - static_cast<std::size_t>(specials());
@@ -807,17 +813,17 @@ void TokenStore::attend_blocks(const kernels::KernelTable& kt, const float* q, i
   }
   if (range.tail) {
     dense(win_k_.data(), win_v_.data(), window_, nullptr, false);
-    if (lo_codec_ && !lo_pages_.empty()) {
+    if (lo_ && !lo_->pages.empty()) {
       const Codec& lo = *lo_codec_;
       std::byte* lo_prepared = prepare(lo, ws.prepared_lo);
-      for (const Page& pg : lo_pages_) {
+      for (const Page& pg : lo_->pages) {
         const std::uint64_t* dead = pg.dead.empty() ? nullptr : pg.dead.data();
         run_block(pg.ntok, pg.live, dead, nullptr, true, [&](const kernels::BlockMask& mask) {
           lo.attend_page(kt, pg.data.data(), pg.ntok, d, q, lo_prepared, nq, mask, st);
         });
       }
     }
-    dense(lo_k_.data(), lo_v_.data(), lo_stage_, nullptr, true);
+    if (lo_) dense(lo_->k.data(), lo_->v.data(), lo_stage_, nullptr, true);
     dense(special_k_.data(), special_v_.data(), specials(), special_w_.data(), true);
   }
 }
@@ -867,11 +873,13 @@ void TokenStore::reset() {
   release(special_v_);
   release(special_w_);
   release(special_pos_);
-  release(lo_pages_);
-  release(lo_k_);
-  release(lo_v_);
+  if (lo_) {
+    release(lo_->pages);
+    release(lo_->k);
+    release(lo_->v);
+    lo_->runs.clear();
+  }
   lo_live_ = lo_stage_ = 0;
-  lo_runs_.clear();
   comp_n_ = 0;
   comp_ = -1;
   runs_.clear();

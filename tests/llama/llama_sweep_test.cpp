@@ -216,7 +216,7 @@ TEST(Sweep, BadArgumentsAreUsageErrors) {
       {{"--target", "0B"}, "got '0B'"},
       {{"--target", "8,,12"}, "got ''"},
       {{}, "sweep needs --target"},
-      {{"--target", "8", "--family", "nosuch"}, "--family expects one of f16, kivi, h2o, got 'nosuch'"},
+      {{"--target", "8", "--family", "nosuch"}, "--family expects one of f16, kivi, h2o, mikv, got 'nosuch'"},
       {{"--target", "8", "--family", "h2o"}, "no codec family"},
       {{"--target", "8", "--recipe", "f16"}, "unknown option '--recipe' for 'sweep'"},
   };

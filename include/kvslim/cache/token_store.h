@@ -97,7 +97,7 @@ class TokenStore {
   /// them are encoded in pages of the demotion codec (the rest wait in f32 for a full page).
   std::int64_t demoted() const noexcept { return lo_live_ + lo_stage_; }
   std::int64_t demoted_encoded() const noexcept { return lo_live_; }
-  std::int64_t demoted_pages() const noexcept { return static_cast<std::int64_t>(lo_pages_.size()); }
+  std::int64_t demoted_pages() const noexcept { return lo_ ? static_cast<std::int64_t>(lo_->pages.size()) : 0; }
   /// Index of the first special token.
   std::int64_t specials_first() const noexcept { return ordinary() + demoted(); }
   /// The low-precision codec demoted tokens use (the eviction policy's), or null.
@@ -195,7 +195,10 @@ class TokenStore {
   /// neighbours about two, and dropping a token re-codes one block, not the whole list.
   class PositionRuns {
    public:
-    explicit PositionRuns(ByteCounter* c) : counter_(c), blocks_(TrackedAllocator<Block>(c)) {}
+    /// signed_gaps: positions may go down between runs (the demoted segment); the gaps are then
+    /// zigzag coded, which costs a bit more per gap, so the ordinary tokens' list does not.
+    explicit PositionRuns(ByteCounter* c, bool signed_gaps = false)
+        : counter_(c), signed_(signed_gaps), blocks_(TrackedAllocator<Block>(c)) {}
     void push_run(std::int64_t first, std::int64_t count);
     template <class F>
     void for_each_run(F&& f) const;  // f(first, count) in index order
@@ -213,10 +216,11 @@ class TokenStore {
       int runs = 0;
     };
     template <class F>
-    static void decode(const Block& b, F&& f);
+    void decode(const Block& b, F&& f) const;
     static void put(Bytes& bytes, std::uint64_t v);
-    static void close_into(Block& b, std::int64_t first, std::int64_t count);
+    void close_into(Block& b, std::int64_t first, std::int64_t count) const;
     ByteCounter* counter_;
+    bool signed_;
     std::vector<Block, TrackedAllocator<Block>> blocks_;
     std::int64_t open_first_ = 0, open_count_ = 0;  // the last run, still growing
   };
@@ -271,11 +275,18 @@ class TokenStore {
   bool evict_pending_ = false;
   std::int64_t repacked_pages_ = 0;
   const Codec* lo_codec_;  // the demotion codec, or null
-  std::vector<Page, TrackedAllocator<Page>> lo_pages_;
-  std::int64_t lo_live_ = 0;  // kept tokens in lo_pages_
-  Floats lo_k_, lo_v_;        // demoted tokens waiting for a full page [lo_stage_][d]
-  std::int64_t lo_stage_ = 0;
-  PositionRuns lo_runs_;      // positions of the demoted segment, in its index order
+  /// The demoted segment's containers, allocated only for a pipeline that demotes (every
+  /// store's own size counts in stats()).
+  struct Demoted {
+    explicit Demoted(ByteCounter* c)
+        : pages(TrackedAllocator<Page>(c)), k(TrackedAllocator<float>(c)), v(TrackedAllocator<float>(c)), runs(c, true) {}
+    PageList pages;
+    Floats k, v;        // demoted tokens waiting for a full page [lo_stage_][d]
+    PositionRuns runs;  // positions of the demoted segment, in its index order
+  };
+  std::unique_ptr<Demoted> lo_;
+  std::int64_t lo_live_ = 0;   // kept tokens in lo_->pages
+  std::int64_t lo_stage_ = 0;  // rows in lo_->k / lo_->v
   std::int64_t comp_n_ = 0;          // tokens folded into the compensation token
   std::int64_t comp_ = -1;           // its index among the specials, -1: none
   std::vector<std::int64_t> victims_;  // scratch for the eviction policy (not kept memory)
