@@ -83,6 +83,9 @@ TEST(Recipe, Errors) {
   EXPECT_NE(m.find("kbits='two' is not an integer"), std::string::npos) << m;
   m = error_of(build("kivi:vgroup=12"), ErrorCode::kInvalidArgument);
   EXPECT_NE(m.find("vgroup=12 does not divide head_dim 64"), std::string::npos) << m;
+  // A non-positive head_dim is an error, not a division by zero in a factory.
+  const auto z = error_of([] { (void)build_pipeline(parse_recipe("kivi").base, 0); }, ErrorCode::kInvalidArgument);
+  EXPECT_NE(z.find("head_dim 0 must be at least 1"), std::string::npos) << z;
   m = error_of(build("kivi:group=0"), ErrorCode::kInvalidArgument);
   EXPECT_NE(m.find("group=0 is out of range"), std::string::npos) << m;
   m = error_of(build("kivi:kbits=2,kbits=4"), ErrorCode::kRecipe);

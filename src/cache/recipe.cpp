@@ -316,6 +316,8 @@ RecipeSpec parse_recipe(std::string_view text) {
 }
 
 Pipeline build_pipeline(const ChainSpec& chain, int head_dim) {
+  KVSLIM_CHECK(head_dim >= 1, ErrorCode::kInvalidArgument, "recipe '{}': head_dim {} must be at least 1",
+               clip_recipe(chain.text()), head_dim);
   Pipeline p;
   int last_kind = -1;
   std::string last_name;

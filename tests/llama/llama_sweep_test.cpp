@@ -189,12 +189,19 @@ TEST(Sweep, FrontierAndBestWithoutAModel) {
 TEST(Sweep, CandidatesComeFromFamilies) {
   kvslim::llama::ModelConfig c;
   c.seq_len = 512;
+  c.head_dim = 16;
   const std::vector<std::string> kivi = kvslim::llama::sweep_candidates(c, std::vector<std::string>{"kivi"});
   EXPECT_EQ(kivi.size(), 32u);  // K, V in {2,3,4,8}, residual 0 and 32
   EXPECT_NE(std::find(kivi.begin(), kivi.end(), "kivi:kbits=4,vbits=2,residual=0"), kivi.end());
   EXPECT_NE(std::find(kivi.begin(), kivi.end(), "kivi:kbits=2,vbits=4,residual=32"), kivi.end());
   const std::vector<std::string> all = kvslim::llama::sweep_candidates(c);
-  EXPECT_EQ(all.size(), 33u * 5u);  // (f16 + 32 kivi) x (no eviction + 4 h2o budgets)
+  const auto n_mikv = std::count_if(all.begin(), all.end(), [](const std::string& r) { return r.rfind("mikv", 0) == 0; });
+  EXPECT_EQ(all.size() - static_cast<std::size_t>(n_mikv), 33u * 5u);  // (f16 + 32 kivi) x (no eviction + 4 h2o budgets)
+  // mikv only in front of codecs its tier is cheaper than.
+  EXPECT_NE(std::find(all.begin(), all.end(), "mikv:budget=128,lo=(kivi:kbits=2,vbits=2) | f16"), all.end());
+  EXPECT_EQ(std::find(all.begin(), all.end(), "mikv:budget=128,lo=(kivi:kbits=4,vbits=4) | kivi:kbits=2,vbits=2,residual=0"),
+            all.end());
+  EXPECT_GT(n_mikv, 0);
   EXPECT_NE(std::find(all.begin(), all.end(), "h2o:budget=32 | f16"), all.end());
   EXPECT_NE(std::find(all.begin(), all.end(), "h2o:budget=256 | kivi:kbits=8,vbits=4,residual=0"), all.end());
   EXPECT_THROW(kvslim::llama::sweep_candidates(c, std::vector<std::string>{"h2o"}), kvslim::Error);
