@@ -7,20 +7,12 @@
 #include <limits>
 
 #include "kvslim/kvslim.h"
+#include "test_support.h"
 
 using namespace kvslim;
+using kvslim::test::expect_error;
 
 namespace {
-void expect_error(const std::function<void()>& f, ErrorCode code, const std::vector<std::string>& parts) {
-  try {
-    f();
-  } catch (const Error& e) {
-    EXPECT_EQ(e.code(), code) << e.what();
-    for (const auto& p : parts) EXPECT_NE(std::string(e.what()).find(p), std::string::npos) << "'" << p << "' not in: " << e.what();
-    return;
-  }
-  ADD_FAILURE() << "no kvslim::Error thrown";
-}
 
 struct Fixture {
   CacheConfig cfg{2, 4, 2, 8, 10, "f32"};

@@ -18,35 +18,6 @@ using namespace kvslim;
 
 namespace {
 
-// Mean over queries (after the first `warm` tokens) and query heads of ||out - exact|| / ||exact||.
-double decode_error(const kvslim::testing::SyntheticLayer& L, const std::string& recipe, int warm) {
-  const int d = L.head_dim, T = L.tokens, g = L.q_heads / L.kv_heads;
-  KVCache cache(CacheConfig{1, L.q_heads, L.kv_heads, d, T, recipe});
-  std::vector<float> out(static_cast<std::size_t>(L.q_heads) * d), ref(d);
-  double sum = 0.0;
-  long n = 0;
-  for (int t = 0; t < T; ++t) {
-    Layout kv;
-    kv.rank = 3;
-    kv.shape = {L.kv_heads, 1, d, 0};
-    kv.strides = {static_cast<std::int64_t>(T) * d, d, 1, 0};
-    cache.append(0, TensorView<const float>(L.k.data() + static_cast<std::size_t>(t) * d, kv),
-                 TensorView<const float>(L.v.data() + static_cast<std::size_t>(t) * d, kv));
-    Layout ql = kv;
-    ql.shape[0] = L.q_heads;
-    cache.attend(0, TensorView<const float>(L.q.data() + static_cast<std::size_t>(t) * d, ql),
-                 TensorView<float>(out.data(), {L.q_heads, 1, d}));
-    if (t < warm) continue;
-    for (int h = 0; h < L.q_heads; ++h) {
-      const int kvh = h / g;
-      test::ref_attention(L.q_head(h) + static_cast<std::size_t>(t) * d, L.k_head(kvh), L.v_head(kvh), t + 1, d, d,
-                          1.0 / std::sqrt(d), ref.data());
-      sum += test::rel_l2(out.data() + static_cast<std::size_t>(h) * d, ref.data(), d);
-      ++n;
-    }
-  }
-  return sum / static_cast<double>(n);
-}
 
 }  // namespace
 
@@ -59,9 +30,9 @@ TEST(EvictionGenerator, H2OHalvesTheErrorOfRandomAndStreamingWhereHeavyHittersEx
   o.seed = 7;
   const kvslim::testing::SyntheticLayer L = kvslim::testing::generate_layer(o);
   const int budget = o.tokens / 4;
-  const double h2o = decode_error(L, "h2o:budget=" + std::to_string(budget) + " | f32", budget);
-  const double rnd = decode_error(L, "random:budget=" + std::to_string(budget) + ",seed=1 | f32", budget);
-  const double str = decode_error(L, "streaming:sinks=4,window=" + std::to_string(budget - 4) + " | f32", budget);
+  const double h2o = test::synthetic_decode(L, "h2o:budget=" + std::to_string(budget) + " | f32", budget).error;
+  const double rnd = test::synthetic_decode(L, "random:budget=" + std::to_string(budget) + ",seed=1 | f32", budget).error;
+  const double str = test::synthetic_decode(L, "streaming:sinks=4,window=" + std::to_string(budget - 4) + " | f32", budget).error;
   std::printf("generator, 25%% budget, attention error: h2o %.4f, random %.4f, streaming %.4f\n", h2o, rnd, str);
   EXPECT_LE(h2o, 0.5 * rnd);
   EXPECT_LE(h2o, 0.5 * str);

@@ -29,18 +29,10 @@
 #include "test_support.h"
 
 using namespace kvslim;
+using kvslim::test::expect_error;
 
 namespace {
 
-void expect_error(const std::function<void()>& f, ErrorCode code, const std::vector<std::string>& parts) {
-  try {
-    f();
-    ADD_FAILURE() << "no error thrown";
-  } catch (const Error& e) {
-    EXPECT_EQ(e.code(), code) << e.what();
-    for (const std::string& p : parts) EXPECT_NE(std::string(e.what()).find(p), std::string::npos) << e.what();
-  }
-}
 
 std::vector<float> random_rows(std::mt19937& rng, std::size_t n) {
   std::normal_distribution<float> nd(0.0f, 1.0f);
@@ -187,35 +179,6 @@ TEST(Mikv, ZipCacheScoreIsAttentionPerQueryThatSawTheToken) {
 
 namespace {
 
-// Mean over the last `last` queries and every query head of the relative attention error.
-std::pair<double, std::int64_t> decode_error(const kvslim::testing::SyntheticLayer& L, const std::string& recipe,
-                                             int last) {
-  const int d = L.head_dim, T = L.tokens, g = L.q_heads / L.kv_heads;
-  KVCache cache(CacheConfig{1, L.q_heads, L.kv_heads, d, T, recipe});
-  std::vector<float> out(static_cast<std::size_t>(L.q_heads) * d), ref(d);
-  double sum = 0.0;
-  long n = 0;
-  for (int t = 0; t < T; ++t) {
-    Layout kv;
-    kv.rank = 3;
-    kv.shape = {L.kv_heads, 1, d, 0};
-    kv.strides = {static_cast<std::int64_t>(T) * d, d, 1, 0};
-    cache.append(0, TensorView<const float>(L.k.data() + static_cast<std::size_t>(t) * d, kv),
-                 TensorView<const float>(L.v.data() + static_cast<std::size_t>(t) * d, kv));
-    Layout ql = kv;
-    ql.shape[0] = L.q_heads;
-    cache.attend(0, TensorView<const float>(L.q.data() + static_cast<std::size_t>(t) * d, ql),
-                 TensorView<float>(out.data(), {L.q_heads, 1, d}));
-    if (t < T - last) continue;
-    for (int h = 0; h < L.q_heads; ++h) {
-      test::ref_attention(L.q_head(h) + static_cast<std::size_t>(t) * d, L.k_head(h / g), L.v_head(h / g), t + 1, d,
-                          d, 1.0 / std::sqrt(d), ref.data());
-      sum += test::rel_l2(out.data() + static_cast<std::size_t>(h) * d, ref.data(), d);
-      ++n;
-    }
-  }
-  return {sum / static_cast<double>(n), cache.stats().total_bytes};
-}
 
 struct Versus {
   double e_mikv, e_h2o, bytes_ratio;
@@ -233,16 +196,18 @@ Versus mikv_vs_h2o(int outliers, int lo_bits) {
   o.seed = 5;
   const auto L = kvslim::testing::generate_layer(o, 0);
   const std::string hi = "kivi:kbits=8,vbits=8,residual=0";
-  const auto [e_mikv, b_mikv] =
-      decode_error(L, fmt::format("mikv:budget=128,recent=32,lo=(kivi:kbits={},vbits={}) | {}", lo_bits, lo_bits, hi), 128);
+  const auto [e_mikv, b_mikv] = test::synthetic_decode(
+      L, fmt::format("mikv:budget=128,recent=32,lo=(kivi:kbits={},vbits={}) | {}", lo_bits, lo_bits, hi), o.tokens - 128);
   // The H2O budget that spends the same bytes: a first guess from an 8-bit token's bytes, then
   // one proportional correction (eviction's per-token scores and masks are extra).
   const auto probe = build_pipeline(parse_recipe(hi).base, 128).codec;
   const double per_token = static_cast<double>(probe->page_bytes(32, 128)) / 32.0;
   int budget = static_cast<int>(static_cast<double>(b_mikv) / (o.kv_heads * per_token));
-  auto [e_h2o, b_h2o] = decode_error(L, fmt::format("h2o:budget={},recent=32 | {}", budget, hi), 128);
+  auto [e_h2o, b_h2o] = test::synthetic_decode(L, fmt::format("h2o:budget={},recent=32 | {}", budget, hi), o.tokens - 128);
   budget = static_cast<int>(budget * static_cast<double>(b_mikv) / static_cast<double>(b_h2o));
-  std::tie(e_h2o, b_h2o) = decode_error(L, fmt::format("h2o:budget={},recent=32 | {}", budget, hi), 128);
+  const test::DecodeRun again = test::synthetic_decode(L, fmt::format("h2o:budget={},recent=32 | {}", budget, hi), o.tokens - 128);
+  e_h2o = again.error;
+  b_h2o = again.bytes;
   std::printf("outliers %d: mikv 8/%d budget 128: error %.4f, %lld B; h2o:budget=%d: error %.4f, %lld B\n", outliers,
               lo_bits, e_mikv, static_cast<long long>(b_mikv), budget, e_h2o, static_cast<long long>(b_h2o));
   return {e_mikv, e_h2o, static_cast<double>(b_h2o) / static_cast<double>(b_mikv)};

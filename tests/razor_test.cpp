@@ -28,18 +28,10 @@
 #include "test_support.h"
 
 using namespace kvslim;
+using kvslim::test::expect_error;
 
 namespace {
 
-void expect_error(const std::function<void()>& f, ErrorCode code, const std::vector<std::string>& parts) {
-  try {
-    f();
-    ADD_FAILURE() << "no error thrown";
-  } catch (const Error& e) {
-    EXPECT_EQ(e.code(), code) << e.what();
-    for (const std::string& p : parts) EXPECT_NE(std::string(e.what()).find(p), std::string::npos) << e.what();
-  }
-}
 
 std::vector<float> random_rows(std::mt19937& rng, int n, int d) {
   std::normal_distribution<float> nd(0.0f, 1.0f);

@@ -1,7 +1,10 @@
 #include "test_support.h"
 
 #include <cstdlib>
+#include <cmath>
 #include <filesystem>
+
+#include "kvslim/kvslim.h"
 
 namespace kvslim::test {
 
@@ -96,6 +99,44 @@ std::string at_file(const std::string& path) {
   std::string s(1, '@');
   s.append(path);
   return s;
+}
+
+void expect_error(const std::function<void()>& f, ErrorCode code, const std::vector<std::string>& parts) {
+  try {
+    f();
+    ADD_FAILURE() << "no error thrown";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), code) << e.what();
+    for (const std::string& p : parts) EXPECT_NE(std::string(e.what()).find(p), std::string::npos) << e.what();
+  }
+}
+
+DecodeRun synthetic_decode(const kvslim::testing::SyntheticLayer& L, const std::string& recipe, int first_scored) {
+  const int d = L.head_dim, T = L.tokens, g = L.q_heads / L.kv_heads;
+  KVCache cache(CacheConfig{1, L.q_heads, L.kv_heads, d, T, recipe});
+  std::vector<float> out(static_cast<std::size_t>(L.q_heads) * d), ref(d);
+  double sum = 0.0;
+  long n = 0;
+  for (int t = 0; t < T; ++t) {
+    Layout kv;
+    kv.rank = 3;
+    kv.shape = {L.kv_heads, 1, d, 0};
+    kv.strides = {static_cast<std::int64_t>(T) * d, d, 1, 0};
+    cache.append(0, TensorView<const float>(L.k.data() + static_cast<std::size_t>(t) * d, kv),
+                 TensorView<const float>(L.v.data() + static_cast<std::size_t>(t) * d, kv));
+    Layout ql = kv;
+    ql.shape[0] = L.q_heads;
+    cache.attend(0, TensorView<const float>(L.q.data() + static_cast<std::size_t>(t) * d, ql),
+                 TensorView<float>(out.data(), {L.q_heads, 1, d}));
+    if (t < first_scored) continue;
+    for (int h = 0; h < L.q_heads; ++h) {
+      ref_attention(L.q_head(h) + static_cast<std::size_t>(t) * d, L.k_head(h / g), L.v_head(h / g), t + 1, d, d,
+                    1.0 / std::sqrt(d), ref.data());
+      sum += rel_l2(out.data() + static_cast<std::size_t>(h) * d, ref.data(), d);
+      ++n;
+    }
+  }
+  return {n ? sum / static_cast<double>(n) : 0.0, cache.stats().total_bytes};
 }
 
 }  // namespace kvslim::test

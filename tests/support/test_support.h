@@ -4,8 +4,13 @@
 
 #include <gtest/gtest.h>
 
+#include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
+
+#include "kvslim/error.h"
+#include "kvslim/testing/synthetic.h"
 
 namespace kvslim::test {
 
@@ -43,6 +48,19 @@ namespace kvslim::test {
 /// row stride `stride`; probs (optional) receives the ntok probabilities.
 void ref_attention(const float* q, const float* k, const float* v, long ntok, int d, long stride, double scale,
                    float* out, double* probs = nullptr, const float* log_w = nullptr);
+
+/// f() must throw kvslim::Error with `code` and a message containing every one of `parts`.
+void expect_error(const std::function<void()>& f, ErrorCode code, const std::vector<std::string>& parts);
+
+/// One synthetic layer decoded token by token through a KVCache built from `recipe` (append
+/// one token, attend its queries): the mean over queries t >= first_scored and every query head
+/// of the relative L2 error against exact double-precision attention over every token, and
+/// the cache's total bytes at the end.
+struct DecodeRun {
+  double error = 0.0;
+  std::int64_t bytes = 0;
+};
+DecodeRun synthetic_decode(const kvslim::testing::SyntheticLayer& L, const std::string& recipe, int first_scored);
 
 /// "@" + path (a --recipe @FILE argument), built without GCC 12's -Wrestrict false positive
 /// on string literal + std::string.
