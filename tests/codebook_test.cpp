@@ -28,6 +28,7 @@
 #include "kvslim/policy/codebook.h"
 #include "kvslim/testing/recordings.h"
 #include "test_support.h"
+#include "util/splitmix.h"
 
 using namespace kvslim;
 
@@ -45,17 +46,11 @@ void expect_error(Fn&& fn, ErrorCode code, std::initializer_list<const char*> fr
   }
 }
 
-// Gaussian-ish test data from our own generator (sum of 4 uniforms), platform independent.
+// Gaussian-ish test data (sum of 4 uniforms) from splitmix64: the same on every platform.
 std::vector<float> noise(std::size_t n, std::uint64_t seed) {
   std::vector<float> out(n);
-  std::uint64_t s = seed;
-  auto next = [&] {
-    std::uint64_t z = (s += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return static_cast<double>((z ^ (z >> 31)) >> 11) * 0x1.0p-53;
-  };
-  for (auto& x : out) x = static_cast<float>(next() + next() + next() + next() - 2.0);
+  detail::SplitMix64 rng{seed};
+  for (auto& x : out) x = static_cast<float>(rng.uniform() + rng.uniform() + rng.uniform() + rng.uniform() - 2.0);
   return out;
 }
 

@@ -14,6 +14,7 @@
 #include <limits>
 
 #include "check.h"
+#include "util/splitmix.h"
 
 namespace kvslim {
 
@@ -45,17 +46,7 @@ std::uint64_t xx_merge(std::uint64_t h, std::uint64_t v) {
   return h * kP1 + kP4;
 }
 
-// ---- PRNG: splitmix64, identical on every platform ----
-struct SplitMix {
-  std::uint64_t s;
-  std::uint64_t next() {
-    std::uint64_t z = (s += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-  }
-  double uniform() { return static_cast<double>(next() >> 11) * 0x1.0p-53; }  // [0, 1)
-};
+using SplitMix = detail::SplitMix64;
 
 const char* kv_name(bool value) { return value ? "value" : "key"; }
 
