@@ -7,6 +7,7 @@
 #include "kvslim/cache/token_store.h"
 #include "kvslim/cpu/isa.h"
 #include "kvslim/error.h"
+#include "kvslim/policy/codebook.h"
 #include "kvslim/policy/policy.h"
 #include "kvslim/policy/retrieval.h"
 #include "kvslim/tensor/dtype.h"
