@@ -535,17 +535,25 @@ void TokenStore::for_rows(const kernels::KernelTable& kt, const std::vector<std:
   }
 }
 
+namespace {
+// Victims sorted and unique, all ordinary tokens (indices < ordinary); `what` names the caller.
+std::vector<std::int64_t> sorted_victims(std::span<const std::int64_t> victims, std::int64_t ordinary,
+                                         const char* what) {
+  std::vector<std::int64_t> idx(victims.begin(), victims.end());
+  std::sort(idx.begin(), idx.end());
+  idx.erase(std::unique(idx.begin(), idx.end()), idx.end());
+  KVSLIM_CHECK(idx.front() >= 0 && idx.back() < ordinary, ErrorCode::kOutOfRange,
+               "{}: token index {} is not an ordinary token (range [0, {}))", what,
+               idx.front() < 0 ? idx.front() : idx.back(), ordinary);
+  return idx;
+}
+}  // namespace
+
 void TokenStore::demote(const kernels::KernelTable& kt, std::span<const std::int64_t> victims) {
   KVSLIM_CHECK(lo_codec_ != nullptr, ErrorCode::kInvalidState,
                "demote: the pipeline '{}' has no demotion codec", pipeline_->text);
   if (victims.empty()) return;
-  std::vector<std::int64_t> idx(victims.begin(), victims.end());
-  std::sort(idx.begin(), idx.end());
-  idx.erase(std::unique(idx.begin(), idx.end()), idx.end());
-  const std::int64_t ord = ordinary();
-  KVSLIM_CHECK(idx.front() >= 0 && idx.back() < ord, ErrorCode::kOutOfRange,
-               "demote: token index {} is not an ordinary token (range [0, {}))",
-               idx.front() < 0 ? idx.front() : idx.back(), ord);
+  const std::vector<std::int64_t> idx = sorted_victims(victims, ordinary(), "demote");
   const std::size_t ud = static_cast<std::size_t>(d_), n = idx.size();
   // Rows as the head's codec holds them (a demoted token is re-encoded from what was
   // stored, not from the original), their scores and positions.
@@ -606,13 +614,7 @@ void TokenStore::seal_demoted(const kernels::KernelTable& kt) {
 
 void TokenStore::compensate(const kernels::KernelTable& kt, std::span<const std::int64_t> victims) {
   if (victims.empty()) return;
-  std::vector<std::int64_t> idx(victims.begin(), victims.end());
-  std::sort(idx.begin(), idx.end());
-  idx.erase(std::unique(idx.begin(), idx.end()), idx.end());
-  const std::int64_t ord = ordinary();
-  KVSLIM_CHECK(idx.front() >= 0 && idx.back() < ord, ErrorCode::kOutOfRange,
-               "compensate: token index {} is not an ordinary token (range [0, {}))",
-               idx.front() < 0 ? idx.front() : idx.back(), ord);
+  const std::vector<std::int64_t> idx = sorted_victims(victims, ordinary(), "compensate");
   const std::size_t ud = static_cast<std::size_t>(d_);
   std::vector<double> sk(ud, 0.0), sv(ud, 0.0);
   auto add = [&](const float* k, const float* v) {
