@@ -151,8 +151,14 @@ TEST(Errors, BudgetLargerThanCapacity) {
 TEST(Errors, RecipeErrorsReachTheConstructor) {
   expect_error([] { KVCache c(CacheConfig{1, 1, 1, 8, 10, "kivi:kbits=9"}); }, ErrorCode::kInvalidArgument,
                {"kbits=9 is not a supported bit width"});
-  expect_error([] { KVCache c(CacheConfig{1, 1, 1, 8, 10, "cq:bits=2 | f16"}); }, ErrorCode::kRecipe,
-               {"recipe stage 'cq' is reserved but not implemented yet"});
+  expect_error([] { KVCache c(CacheConfig{1, 1, 1, 8, 10, "nuq:bits=2 | f16"}); }, ErrorCode::kRecipe,
+               {"recipe stage 'nuq' is reserved but not implemented yet"});
+  expect_error([] { KVCache c(CacheConfig{1, 1, 1, 8, 10, "cq:bits=2"}); }, ErrorCode::kInvalidArgument,
+               {"recipe stage 'cq' needs codebooks", "CacheConfig::codebooks"});
+  expect_error([] { KVCache c(CacheConfig{1, 1, 1, 8, 10, "cq:channels=4,bits=4"}); }, ErrorCode::kInvalidArgument,
+               {"recipe stage 'cq'", "4"});
+  expect_error([] { KVCache c(CacheConfig{1, 1, 1, 12, 10, "cq:channels=8,bits=1"}); }, ErrorCode::kInvalidArgument,
+               {"kchannels=8", "head_dim 12"});
   expect_error([] { KVCache c(CacheConfig{1, 1, 1, 8, 10, "kivi:vgroup=3"}); }, ErrorCode::kInvalidArgument,
                {"vgroup=3 does not divide head_dim 8"});
   expect_error([] { KVCache c(CacheConfig{1, 1, 1, 8, 10, "f32:bits=3"}); }, ErrorCode::kRecipe,

@@ -61,6 +61,13 @@ const Case kCases[] = {
     {"streaming:sinks=3,window=30 | f16:sinks={s}", 16, 2e-5, false},
     {"l2norm:budget=60,recent=16 | bf16:group=16,sinks={s}", 16, 2e-5, false},
     {"snapkv:budget=64,window=8,kernel=5 | kivi:kbits=8,vbits=8,residual=0,sinks={s}", 16, 1e-3, false},
+    // CQ: codebooks trained on other rows of the same distribution (codebooks_for); the table
+    // and weight sums are float sums over groups and pages.
+    {"cq:channels=2,bits=2,group=16,residual=0,sinks={s}", 16, 1e-4, false},
+    {"cq:kchannels=8,kbits=1,vchannels=4,vbits=1,group=8,residual=16,sinks={s}", 16, 1e-4, false},
+    {"cq:channels=4,bits=1,group=16,residual=0,sinks={s}", 64, 1e-4, false},
+    {"h2o:budget=40,recent=8 | cq:channels=4,bits=2,group=8,residual=0,sinks={s}", 16, 1e-4, false},
+    {"mikv:budget=48,recent=8,lo=(cq:channels=2,bits=1,group=8) | f16:sinks={s}", 16, 1e-4, false},
 };
 const int kSinks[] = {0, 1, 4};
 
@@ -153,6 +160,26 @@ std::vector<double> reference(const float* q, const DenseKV& kv, std::int64_t sp
   return out;
 }
 
+// Codebooks for a recipe's cq stages (also the one nested in mikv's lo=(...)), trained on
+// 512 rows per head drawn like the sequence's but from another seed; null for other recipes.
+std::shared_ptr<const Codebooks> codebooks_for(const std::string& recipe, int d) {
+  const auto at = recipe.find("cq:");
+  if (at == std::string::npos) return nullptr;
+  const auto end = recipe.find_first_of(")|", at);
+  const auto [ks, vs] = cq_recipe_shapes(recipe.substr(at, end == std::string::npos ? end : end - at));
+  constexpr int kRows = 512;
+  static std::vector<float> rows;  // kept alive while training reads it
+  rows.assign(static_cast<std::size_t>(2 * kKvHeads) * kRows * d, 0.0f);
+  std::mt19937 rng(99);
+  std::normal_distribution<float> n(0.0f, 1.0f);
+  for (auto& x : rows) x = n(rng);
+  CalibrationKV cal(1, kKvHeads, d);
+  for (int h = 0; h < kKvHeads; ++h)
+    cal.set(0, h, {rows.data() + static_cast<std::size_t>(2 * h) * kRows * d,
+                   rows.data() + static_cast<std::size_t>(2 * h + 1) * kRows * d, kRows, nullptr, nullptr});
+  return std::make_shared<const Codebooks>(train_codebooks(cal, ks, vs));
+}
+
 class PrefillReference : public ::testing::TestWithParam<Param> {};
 
 TEST_P(PrefillReference, EveryChunkingMatchesExactCausalAttention) {
@@ -166,9 +193,12 @@ TEST_P(PrefillReference, EveryChunkingMatchesExactCausalAttention) {
     chunkings.push_back(c);
   }
   const std::string recipe = recipe_of(p);
+  const auto codebooks = codebooks_for(recipe, d);
   for (const auto& chunks : chunkings) {
     SCOPED_TRACE(recipe + ", chunk " + std::to_string(chunks[0]));
-    KVCache cache(CacheConfig{1, kQHeads, kKvHeads, d, kTokens, recipe});
+    CacheConfig cfg{1, kQHeads, kKvHeads, d, kTokens, recipe};
+    cfg.codebooks = codebooks;
+    KVCache cache(cfg);
     double worst = 0.0, worst_mass = 0.0;
     int t0 = 0;
     for (int n : chunks) {

@@ -207,16 +207,25 @@ KVCache::KVCache(const CacheConfig& config) : impl_(std::make_unique<Impl>()) {
       KVSLIM_CHECK(b < c.kv_heads, ErrorCode::kRecipe, "recipe '{}': kv head {} is out of range [0, {})",
                    detail::clip_recipe(c.recipe), b, c.kv_heads);
   }
-  std::vector<const ChainSpec*> built_from;
+  std::vector<const ChainSpec*> built_from;  // [pipeline], null for a per-head pipeline
   m.stores.reserve(static_cast<std::size_t>(c.layers) * c.kv_heads);
   TrackedAllocator<TokenStore> alloc(&m.shared);
+  std::vector<std::pair<std::string, std::shared_ptr<const Codebooks>>> loaded;
+  StageContext ctx;
+  ctx.head_dim = c.head_dim;
+  ctx.layers = c.layers;
+  ctx.kv_heads = c.kv_heads;
+  ctx.codebooks = c.codebooks;
+  ctx.loaded = &loaded;
   for (int l = 0; l < c.layers; ++l)
     for (int h = 0; h < c.kv_heads; ++h) {
       const ChainSpec& chain = spec.chain_for(l, h);
       std::size_t idx = 0;
       while (idx < built_from.size() && built_from[idx] != &chain) ++idx;
       if (idx == built_from.size()) {
-        auto p = std::make_unique<Pipeline>(build_pipeline(chain, c.head_dim));
+        ctx.layer = l;
+        ctx.kv_head = h;
+        auto p = std::make_unique<Pipeline>(build_pipeline(chain, ctx));
         // Budgets are checked against the capacity before anything else about the stage.
         if (p->eviction && p->eviction->fixed_budget() > 0)
           KVSLIM_CHECK(p->eviction->fixed_budget() <= c.max_tokens, ErrorCode::kCapacity,
@@ -230,8 +239,9 @@ KVCache::KVCache(const CacheConfig& config) : impl_(std::make_unique<Impl>()) {
                      "recipe '{}': merge stages parse and build, but the token store does not run them yet "
                      "(see docs/architecture.md)",
                      detail::clip_recipe(chain.text()));
+        const bool shared = !p->per_head;
         m.pipelines.push_back(std::move(p));
-        built_from.push_back(&chain);
+        built_from.push_back(shared ? &chain : nullptr);
       }
       TokenStore* s = alloc.allocate(1);
       new (s) TokenStore(c.head_dim, m.pipelines[idx].get());

@@ -316,13 +316,21 @@ RecipeSpec parse_recipe(std::string_view text) {
 }
 
 Pipeline build_pipeline(const ChainSpec& chain, int head_dim) {
+  StageContext ctx;
+  ctx.head_dim = head_dim;
+  return build_pipeline(chain, ctx);
+}
+
+Pipeline build_pipeline(const ChainSpec& chain, const StageContext& ctx) {
+  const int head_dim = ctx.head_dim;
   KVSLIM_CHECK(head_dim >= 1, ErrorCode::kInvalidArgument, "recipe '{}': head_dim {} must be at least 1",
                clip_recipe(chain.text()), head_dim);
   Pipeline p;
   int last_kind = -1;
   std::string last_name;
   for (const StageSpec& spec : chain.stages) {
-    BuiltStage b = detail::build_stage(spec, head_dim);
+    BuiltStage b = detail::build_stage(spec, ctx);
+    p.per_head = p.per_head || b.per_head;
     const int kind = static_cast<int>(b.kind);
     KVSLIM_CHECK(kind >= last_kind && !(kind == last_kind && b.kind != StageKind::kScorer), ErrorCode::kRecipe,
                  "recipe '{}': stage '{}' ({}) cannot follow '{}' (order is scorer | eviction | merge | codec, "
@@ -339,7 +347,7 @@ Pipeline build_pipeline(const ChainSpec& chain, int head_dim) {
   }
   if (!p.codec) {
     StageSpec f32{"f32", {}};
-    p.codec = detail::build_stage(f32, head_dim).codec;
+    p.codec = detail::build_stage(f32, ctx).codec;
   }
   if (p.eviction && p.eviction->demote_codec()) {
     // Demotion must save memory: compare bytes per token of full pages.

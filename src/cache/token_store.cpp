@@ -813,11 +813,14 @@ void TokenStore::attend_blocks(const kernels::KernelTable& kt, const float* q, i
     st.prefetch = nullptr;
     st.prefetch_bytes = 0;
   }
+  // Codecs that accumulate across pages (CQ) add their sums at the final running max.
+  if (prepared) codec.finish(kt, prepared, nq, d, st);
   if (range.tail) {
+    std::byte* lo_prepared = nullptr;
     dense(win_k_.data(), win_v_.data(), window_, nullptr, false);
     if (lo_ && !lo_->pages.empty()) {
       const Codec& lo = *lo_codec_;
-      std::byte* lo_prepared = prepare(lo, ws.prepared_lo);
+      lo_prepared = prepare(lo, ws.prepared_lo);
       for (const Page& pg : lo_->pages) {
         const std::uint64_t* dead = pg.dead.empty() ? nullptr : pg.dead.data();
         run_block(pg.ntok, pg.live, dead, nullptr, true, [&](const kernels::BlockMask& mask) {
@@ -826,6 +829,7 @@ void TokenStore::attend_blocks(const kernels::KernelTable& kt, const float* q, i
       }
     }
     if (lo_) dense(lo_->k.data(), lo_->v.data(), lo_stage_, nullptr, true);
+    if (lo_prepared) lo_codec_->finish(kt, lo_prepared, nq, d, st);
     dense(special_k_.data(), special_v_.data(), specials(), special_w_.data(), true);
   }
 }

@@ -13,7 +13,7 @@ void Codec::prepare(const kernels::KernelTable& /*kt*/, const float* /*q*/, int 
                     std::byte* /*prepared*/) const {}
 
 void Codec::attend_page(const kernels::KernelTable& kt, const std::byte* page, int ntok, int d, const float* q,
-                        const std::byte* /*prepared*/, int nq, const kernels::BlockMask& mask,
+                        std::byte* /*prepared*/, int nq, const kernels::BlockMask& mask,
                         kernels::OnlineState& st) const {
   const char* pf = static_cast<const char*>(st.prefetch);
   for (std::size_t o = 0; pf && o < st.prefetch_bytes; o += 64) __builtin_prefetch(pf + o, 0, 3);
@@ -26,5 +26,8 @@ void Codec::attend_page(const kernels::KernelTable& kt, const std::byte* page, i
                   static_cast<std::size_t>(ntok) * sizeof(float));
   accumulate(kt, page, ntok, d, st.s, nq, st.o);
 }
+
+void Codec::finish(const kernels::KernelTable& /*kt*/, std::byte* /*prepared*/, int /*nq*/, int /*d*/,
+                   kernels::OnlineState& /*st*/) const {}
 
 }  // namespace kvslim

@@ -17,6 +17,7 @@ PagingOptions read_paging(StageParams& p, PagingOptions defaults);
 
 BuiltStage make_float_codec(DType dtype, StageParams& p, int head_dim);
 BuiltStage make_kivi_codec(StageParams& p, int head_dim);
+BuiltStage make_cq_codec(StageParams& p, const StageContext& ctx);  // src/policy/cq_codec.cpp
 
 // Eviction stages (src/policy/eviction.cpp).
 BuiltStage make_h2o(StageParams& p, int head_dim);
@@ -25,7 +26,7 @@ BuiltStage make_l2norm(StageParams& p, int head_dim);
 BuiltStage make_snapkv(StageParams& p, int head_dim);
 BuiltStage make_random(StageParams& p, int head_dim);
 BuiltStage make_razor(StageParams& p, int head_dim);
-BuiltStage make_mikv(StageParams& p, int head_dim);
+BuiltStage make_mikv(StageParams& p, const StageContext& ctx);
 BuiltStage make_zipcache(StageParams& p, int head_dim);
 
 /// Throws Error(kInvalidArgument) if any |x| > 65504 (not representable in f16).

@@ -279,7 +279,7 @@ BuiltStage make_razor(StageParams& p, int) {
   return eviction_stage(std::make_shared<RazorEviction>(sinks, window, compensate != 0));
 }
 
-BuiltStage make_mikv(StageParams& p, int head_dim) {
+BuiltStage make_mikv(StageParams& p, const StageContext& ctx) {
   const TokenBudget b = TokenBudget::read(p, "mikv", 0.5);
   const std::string lo_text = p.get_string("lo", "kivi:kbits=2,vbits=2");
   const int total = p.get_int("total", 0, 0, 1 << 30);
@@ -294,13 +294,13 @@ BuiltStage make_mikv(StageParams& p, int head_dim) {
     const bool codec = std::any_of(stages.begin(), stages.end(), [&](const auto& st) {
       return st.first == name && st.second == stage_kind_name(StageKind::kCodec);
     });
-    if (!codec) (void)build_pipeline(spec.base, head_dim);  // an unknown name says so itself
+    if (!codec) (void)build_pipeline(spec.base, ctx);  // an unknown name says so itself
     KVSLIM_CHECK(codec, ErrorCode::kRecipe, "'{}' is not a codec", name);
     // Demoted tokens are old ones: no residual window unless the tier names one (an error below).
     auto& params = spec.base.stages[0].params;
     if (std::none_of(params.begin(), params.end(), [](const auto& kv) { return kv.first == "residual"; }))
       params.emplace_back("residual", "0");
-    lo = build_pipeline(spec.base, head_dim);
+    lo = build_pipeline(spec.base, ctx);
   } catch (const Error& e) {
     KVSLIM_FAIL(e.code(), "recipe stage 'mikv': lo=({}) is not a demotion codec: {}", lo_text, e.what());
   }
@@ -311,7 +311,9 @@ BuiltStage make_mikv(StageParams& p, int head_dim) {
   KVSLIM_CHECK(total == 0 || (b.budget > 0 && total > b.budget), ErrorCode::kInvalidArgument,
                "recipe stage 'mikv': total={} must be larger than budget={} (and needs an absolute budget)", total,
                b.budget);
-  return eviction_stage(std::make_shared<MiKVEviction>(b, lo.codec, total));
+  BuiltStage built = eviction_stage(std::make_shared<MiKVEviction>(b, lo.codec, total));
+  built.per_head = lo.per_head;  // a cq tier has per-head codebooks
+  return built;
 }
 
 BuiltStage make_zipcache(StageParams& p, int) {

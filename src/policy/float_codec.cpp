@@ -101,7 +101,7 @@ class FloatCodec final : public Codec {
     }
   }
   void attend_page(const kernels::KernelTable& kt, const std::byte* page, int ntok, int d, const float* q,
-                   const std::byte* /*prepared*/, int nq, const kernels::BlockMask& mask,
+                   std::byte* /*prepared*/, int nq, const kernels::BlockMask& mask,
                    kernels::OnlineState& st) const override {
     const std::size_t n = static_cast<std::size_t>(ntok) * d;  // V follows the page's K
     switch (dtype_) {

@@ -75,7 +75,7 @@ class KiviCodec final : public Codec {
     kt.kivi_accum(p, nq, u16(page + l.vscale), u16(page + l.vzero), u8(page + l.vcodes), ntok, d, vbits_, vgroup_, o);
   }
   void attend_page(const kernels::KernelTable& kt, const std::byte* page, int ntok, int d, const float* q,
-                   const std::byte* /*prepared*/, int nq, const kernels::BlockMask& mask,
+                   std::byte* /*prepared*/, int nq, const kernels::BlockMask& mask,
                    kernels::OnlineState& st) const override {
     const Layout l = layout(ntok, d);
     const kernels::KiviPage pg{u16(page), u16(page) + d,          u8(page + l.kcodes), u16(page + l.vscale),

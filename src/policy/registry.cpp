@@ -13,8 +13,13 @@ namespace {
 
 struct Entry {
   StageKind kind;
-  StageFactory factory;
+  ContextStageFactory factory;
 };
+
+// Most factories need only head_dim.
+ContextStageFactory with_context(StageFactory f) {
+  return [f = std::move(f)](StageParams& p, const StageContext& ctx) { return f(p, ctx.head_dim); };
+}
 
 struct Registry {
   std::mutex mu;
@@ -22,18 +27,19 @@ struct Registry {
 
   Registry() {
     using detail::make_float_codec;
-    entries["f32"] = {StageKind::kCodec, [](StageParams& p, int d) { return make_float_codec(DType::kF32, p, d); }};
-    entries["f16"] = {StageKind::kCodec, [](StageParams& p, int d) { return make_float_codec(DType::kF16, p, d); }};
-    entries["bf16"] = {StageKind::kCodec, [](StageParams& p, int d) { return make_float_codec(DType::kBF16, p, d); }};
-    entries["kivi"] = {StageKind::kCodec, [](StageParams& p, int d) { return detail::make_kivi_codec(p, d); }};
-    entries["h2o"] = {StageKind::kEviction, detail::make_h2o};
-    entries["streaming"] = {StageKind::kEviction, detail::make_streaming};
-    entries["l2norm"] = {StageKind::kEviction, detail::make_l2norm};
-    entries["snapkv"] = {StageKind::kEviction, detail::make_snapkv};
-    entries["random"] = {StageKind::kEviction, detail::make_random};
-    entries["razor"] = {StageKind::kEviction, detail::make_razor};
+    entries["f32"] = {StageKind::kCodec, with_context([](StageParams& p, int d) { return make_float_codec(DType::kF32, p, d); })};
+    entries["f16"] = {StageKind::kCodec, with_context([](StageParams& p, int d) { return make_float_codec(DType::kF16, p, d); })};
+    entries["bf16"] = {StageKind::kCodec, with_context([](StageParams& p, int d) { return make_float_codec(DType::kBF16, p, d); })};
+    entries["kivi"] = {StageKind::kCodec, with_context(detail::make_kivi_codec)};
+    entries["cq"] = {StageKind::kCodec, detail::make_cq_codec};
+    entries["h2o"] = {StageKind::kEviction, with_context(detail::make_h2o)};
+    entries["streaming"] = {StageKind::kEviction, with_context(detail::make_streaming)};
+    entries["l2norm"] = {StageKind::kEviction, with_context(detail::make_l2norm)};
+    entries["snapkv"] = {StageKind::kEviction, with_context(detail::make_snapkv)};
+    entries["random"] = {StageKind::kEviction, with_context(detail::make_random)};
+    entries["razor"] = {StageKind::kEviction, with_context(detail::make_razor)};
     entries["mikv"] = {StageKind::kEviction, detail::make_mikv};
-    entries["zipcache"] = {StageKind::kScorer, detail::make_zipcache};
+    entries["zipcache"] = {StageKind::kScorer, with_context(detail::make_zipcache)};
   }
 };
 
@@ -74,6 +80,11 @@ Registry& registry() {
 }  // namespace
 
 void register_stage(const std::string& name, StageKind kind, StageFactory factory) {
+  KVSLIM_CHECK(static_cast<bool>(factory), ErrorCode::kInvalidArgument, "register_stage: '{}' has no factory", name);
+  register_stage(name, kind, with_context(std::move(factory)));
+}
+
+void register_stage(const std::string& name, StageKind kind, ContextStageFactory factory) {
   KVSLIM_CHECK(!name.empty() && name.find_first_of(":|;[]=, ") == std::string::npos, ErrorCode::kInvalidArgument,
                "register_stage: '{}' is not a valid stage name", name);
   KVSLIM_CHECK(static_cast<bool>(factory), ErrorCode::kInvalidArgument, "register_stage: '{}' has no factory", name);
@@ -92,9 +103,9 @@ std::vector<std::pair<std::string, std::string>> registered_stages() {
 
 namespace detail {
 
-BuiltStage build_stage(const StageSpec& spec, int head_dim) {
+BuiltStage build_stage(const StageSpec& spec, const StageContext& ctx) {
   Registry& r = registry();
-  StageFactory factory;
+  ContextStageFactory factory;
   StageKind kind;
   {
     std::lock_guard<std::mutex> lock(r.mu);
@@ -114,7 +125,7 @@ BuiltStage build_stage(const StageSpec& spec, int head_dim) {
     kind = it->second.kind;
   }
   StageParams params(spec.name, spec.params);
-  BuiltStage b = factory(params, head_dim);
+  BuiltStage b = factory(params, ctx);
   KVSLIM_CHECK(b.kind == kind, ErrorCode::kInvalidArgument, "stage '{}' registered as {} but built a {}",
                spec.name, stage_kind_name(kind), stage_kind_name(b.kind));
   const bool ok = (kind == StageKind::kCodec && b.codec) || (kind == StageKind::kScorer && b.scorer) ||

@@ -4,5 +4,5 @@
 
 namespace kvslim::detail {
 /// Look up and run the factory of one stage; throws Error(kRecipe) for unknown names/keys.
-BuiltStage build_stage(const StageSpec& spec, int head_dim);
+BuiltStage build_stage(const StageSpec& spec, const StageContext& ctx);
 }  // namespace kvslim::detail

@@ -2,9 +2,12 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 
 namespace kvslim {
+
+class Codebooks;
 
 /// What append() does with NaN or Inf in keys/values.
 enum class NonFinitePolicy {
@@ -34,6 +37,9 @@ struct CacheConfig {
   /// its heads alone. attend() still allocates nothing in steady state: each worker warms up
   /// its own scratch on its first call.
   int threads = 1;
+  /// Codebooks of the recipe's `cq` stages that name no codebooks=FILE (kvslim/policy/
+  /// codebook.h). Shared, read-only; must match the cache's shape and the stages' shapes.
+  std::shared_ptr<const Codebooks> codebooks = nullptr;
 };
 
 }  // namespace kvslim

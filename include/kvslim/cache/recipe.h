@@ -32,6 +32,7 @@ class Codec;
 class Scorer;
 class EvictionPolicy;
 class MergePolicy;
+struct StageContext;
 
 /// One stage as written: name and key=value pairs in order.
 struct StageSpec {
@@ -83,11 +84,15 @@ struct Pipeline {
   std::shared_ptr<const MergePolicy> merge;        // may be null
   std::shared_ptr<const Codec> codec;              // never null
   std::string text;                                // canonical chain text
+  bool per_head = false;  // some stage was built for one (layer, kv head): do not share
 };
 
 /// Build the policies of a chain for heads of `head_dim` channels. Throws Error(kRecipe)
 /// for unknown stages or keys, Error(kInvalidArgument) for values out of range.
 Pipeline build_pipeline(const ChainSpec& chain, int head_dim);
+/// The same, for the head ctx names (stages with per-head data, such as CQ's codebooks, need
+/// one; see StageContext).
+Pipeline build_pipeline(const ChainSpec& chain, const StageContext& ctx);
 
 /// Names of every registered stage, by kind ("codec", "scorer", "eviction", "merge").
 std::vector<std::pair<std::string, std::string>> registered_stages();

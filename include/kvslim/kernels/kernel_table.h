@@ -118,6 +118,29 @@ struct KiviPage {
   int kbits, vbits, vgroup;
 };
 
+/// One CQ page (coupled quantization, docs/formats.md "cq page"): per token one packed row of
+/// key codes and one of value codes. A row holds `groups` codes of `cbits` = C·B bits each,
+/// LSB-first like a KIVI code row; code g of a row is the index of the centroid of channel
+/// group g ([g·C, (g+1)·C)).
+struct CqPage {
+  const std::uint8_t* kcodes;  // [ntok][row_bytes(kgroups, kcbits)]
+  const std::uint8_t* vcodes;  // [ntok][row_bytes(vgroups, vcbits)]
+  int kgroups, kcbits, vgroups, vcbits;
+};
+
+/// The query-side state of CQ attention over one attend call and kv head, nq rows. Both
+/// tables are [group][code][row], so the nq rows of one (group, code) are adjacent.
+///   score   [kgroups][2^kcbits][nq]  q_r . centroid(group, code), built by cq_tables
+///   weight  [vgroups][2^vcbits][nq]  sum over the tokens with that value code of their
+///                                    probability exp(logit - wmax_r); cq_finish turns it
+///                                    into output with one product by the centroids
+///   wmax    [nq]                     the running max `weight` is relative to (-inf: empty)
+struct CqTables {
+  const float* score;
+  float* weight;
+  float* wmax;
+};
+
 struct KernelTable {
   const char* name;
 
@@ -180,6 +203,26 @@ struct KernelTable {
   // integer dot products"): any kbits, vbits, vgroup, d and ntok.
   void (*attend_kivi_q8)(const float* q, int nq, const KiviPage& page, int ntok, int d, const BlockMask& mask,
                          OnlineState& st) noexcept;
+
+  // --- CQ (CqPage, CqTables above) ---
+  // score[g][k][r] = sum_c q[r][g·C + c] * centroids[g][k][c] for the groups·C = d channels;
+  // centroids [groups][count][C].
+  void (*cq_tables)(const float* q, int nq, const float* centroids, int groups, int count, int C,
+                    float* score) noexcept;
+  // s[r][j] = sum_g score[g][code_jg][r] (keys of the page).
+  void (*cq_scores)(int nq, const CqPage& page, const CqTables& t, int ntok, float* s) noexcept;
+  // Rescales row r of t.weight from t.wmax[r] to m[r] (and sets t.wmax[r] = m[r]) unless m[r]
+  // is -inf, then adds p[r][j] to weight[g][code_jg][r] for every value group g.
+  void (*cq_accum)(const float* p, int nq, const CqPage& page, const CqTables& t, const float* m,
+                   int ntok) noexcept;
+  // Fused: cq_scores, mask, online softmax, probs copy, cq_accum at the updated max. st.o is
+  // not touched by the value side (it is rescaled by the softmax step as in every kernel).
+  void (*attend_cq)(int nq, const CqPage& page, const CqTables& t, int ntok, int d, const BlockMask& mask,
+                    OnlineState& st) noexcept;
+  // o[r][g·C + c] += exp(wmax[r] - m[r]) * sum_k weight[g][k][r] * centroids[g][k][c], for
+  // rows whose wmax is finite; then clears weight and sets wmax to -inf.
+  void (*cq_finish)(float* weight, float* wmax, const float* m, int nq, const float* centroids, int groups,
+                    int count, int C, float* o, int d) noexcept;
 };
 
 /// The table for an ISA, or nullptr if its kernels were not built into this library.

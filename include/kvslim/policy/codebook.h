@@ -21,6 +21,8 @@
 #include <cstdint>
 #include <iosfwd>
 #include <string>
+#include <string_view>
+#include <utility>
 #include <vector>
 
 namespace kvslim {
@@ -170,6 +172,13 @@ Codebooks load_codebooks(std::istream& in);
 /// "codebook file for head_dim 64, cache has head_dim 128".
 void check_codebooks_match(const Codebooks& cb, int layers, int kv_heads, int head_dim, CodebookShape k,
                            CodebookShape v);
+
+/// The key and value codebook shapes of the `cq` stages of a recipe (base chain and overrides;
+/// channels=/bits= and the k/v keys as the codec reads them), so that tools train the
+/// codebooks a recipe needs. Throws Error(kRecipe) for a malformed recipe,
+/// Error(kInvalidArgument) if no stage is `cq`, a shape is invalid, or two cq stages disagree
+/// (one codebook file holds one shape). A cq tier nested in mikv's lo=(...) is not looked at.
+std::pair<CodebookShape, CodebookShape> cq_recipe_shapes(std::string_view recipe);
 
 /// xxHash64 (Yann Collet's algorithm) of n bytes; the checksum of the codebook file.
 std::uint64_t xxhash64(const void* data, std::size_t n, std::uint64_t seed = 0) noexcept;

@@ -29,6 +29,7 @@ struct BlockMask;
 struct OnlineState;
 }
 class TokenStore;
+class Codebooks;
 
 /// Key=value parameters of one recipe stage. Every key a factory reads is marked used;
 /// keys left unused after the factory returns are reported as unknown.
@@ -101,10 +102,17 @@ class Codec {
   virtual void prepare(const kernels::KernelTable& kt, const float* q, int nq, int d, std::byte* prepared) const;
   /// Fused attention over one page (kernel_table.h, "fused block attention"): updates st
   /// (running max, sum, output; st.s is scratch of nq * ntok floats; st.probs if set gets the
-  /// page's probabilities). q is the same pre-scaled rows prepare() saw, `prepared` its state.
+  /// page's probabilities). q is the same pre-scaled rows prepare() saw, `prepared` its state,
+  /// which a codec may also use as an accumulator across pages (CQ sums the softmax weights
+  /// per (value group, code) there and multiplies by the centroids once, in finish()).
   virtual void attend_page(const kernels::KernelTable& kt, const std::byte* page, int ntok, int d, const float* q,
-                           const std::byte* prepared, int nq, const kernels::BlockMask& mask,
+                           std::byte* prepared, int nq, const kernels::BlockMask& mask,
                            kernels::OnlineState& st) const;
+  /// Called once after the last page of an attend call (or of a split-KV range), before the
+  /// output is divided by the softmax sum: folds whatever attend_page() accumulated in
+  /// `prepared` into st.o, at the final running max st.m. Default: nothing.
+  virtual void finish(const kernels::KernelTable& kt, std::byte* prepared, int nq, int d,
+                      kernels::OnlineState& st) const;
 };
 
 /// Per-token importance. Scores live in TokenStore::importance(), one float per kept token,
@@ -191,13 +199,39 @@ struct BuiltStage {
   std::shared_ptr<const EvictionPolicy> eviction;
   std::shared_ptr<const MergePolicy> merge;
   std::shared_ptr<const Codec> codec;
+  /// True if the stage was built for the one (layer, kv head) of its StageContext (CQ's
+  /// codebooks are per head): the cache then builds the chain again for every head instead
+  /// of sharing one pipeline among the heads that use it.
+  bool per_head = false;
+};
+
+/// Where a stage is built. Most stages need only head_dim; stages with per-head or
+/// model-level data (codebooks, level tables, RoPE) read the rest.
+struct StageContext {
+  int head_dim = 0;
+  /// The (layer, kv head) the chain is built for, or -1 when it is built without one
+  /// (build_pipeline(chain, head_dim): checking a recipe, probing bytes per token). A stage
+  /// that needs a head must then still validate its parameters, and may return a stage that
+  /// throws when used.
+  int layer = -1;
+  int kv_head = -1;
+  int layers = 0;    // the cache's shape (0 when unknown)
+  int kv_heads = 0;
+  /// CacheConfig::codebooks (null if none were given).
+  std::shared_ptr<const Codebooks> codebooks;
+  /// Codebook files already loaded while building this cache, by path, so that a file named
+  /// by every head's chain is read once. May be null.
+  std::vector<std::pair<std::string, std::shared_ptr<const Codebooks>>>* loaded = nullptr;
 };
 
 /// A factory reads its parameters (head_dim is given so it can validate groups).
 using StageFactory = std::function<BuiltStage(StageParams& params, int head_dim)>;
+/// A factory that also sees which head it is built for.
+using ContextStageFactory = std::function<BuiltStage(StageParams& params, const StageContext& ctx)>;
 
 /// Register a stage under `name` (replaces an existing registration). Engines use this to
 /// plug in their own policies; recipes can then name them.
 void register_stage(const std::string& name, StageKind kind, StageFactory factory);
+void register_stage(const std::string& name, StageKind kind, ContextStageFactory factory);
 
 }  // namespace kvslim
