@@ -32,7 +32,8 @@ const Format kFormats[] = {{"f16", "f16"},
                            {"kivi8", "kivi:kbits=8,vbits=8,residual=0"},
                            {"kivi4", "kivi:kbits=4,vbits=4,residual=0"},
                            {"kivi3", "kivi:kbits=3,vbits=3,residual=0"},
-                           {"kivi2", "kivi:kbits=2,vbits=2,residual=0"}};
+                           {"kivi2", "kivi:kbits=2,vbits=2,residual=0"},
+                           {"kivi1", "kivi:kbits=1,vbits=1,residual=0"}};
 
 std::shared_ptr<const Codec> codec_of(const Format& f) { return build_pipeline(parse_recipe(f.recipe).base, kD).codec; }
 

@@ -43,6 +43,7 @@ const AttendFormat kAttendFormats[] = {
     {"kivi8", "kivi:kbits=8,vbits=8,residual=0"},
     {"kivi4", "kivi:kbits=4,vbits=4,residual=0"},
     {"kivi2", "kivi:kbits=2,vbits=2,residual=0"},
+    {"kivi1", "kivi:kbits=1,vbits=1,residual=0"},  // the uniform 1-bit baseline
     // attend() with 8-bit integer dot products (kernel_table.h, attend_kivi_q8)
     {"kivi4q8", "kivi:kbits=4,vbits=4,residual=0,qbits=8"},
     {"kivi2q8", "kivi:kbits=2,vbits=2,residual=0,qbits=8"},

@@ -151,6 +151,16 @@ TEST(Errors, BudgetLargerThanCapacity) {
 TEST(Errors, RecipeErrorsReachTheConstructor) {
   expect_error([] { KVCache c(CacheConfig{1, 1, 1, 8, 10, "kivi:kbits=9"}); }, ErrorCode::kInvalidArgument,
                {"kbits=9 is not a supported bit width"});
+  // Bit widths 0, 5 and 16 are rejected for keys and values alike, 1 (the 1-bit baseline) is not.
+  for (const char* key : {"kbits", "vbits"}) {
+    for (const char* b : {"0", "5", "16"}) {
+      const std::string kv = std::string(key) + "=" + b;
+      expect_error([&] { KVCache c(CacheConfig{1, 1, 1, 8, 10, "kivi:" + kv}); }, ErrorCode::kInvalidArgument,
+                   {kv + " is not a supported bit width (1, 2, 3, 4 or 8)"});
+    }
+  }
+  EXPECT_NO_THROW({ KVCache c(CacheConfig{1, 1, 1, 8, 10, "kivi:kbits=1,vbits=1"}); });
+  EXPECT_NO_THROW({ KVCache c(CacheConfig{1, 1, 1, 8, 10, "kivi:kbits=1,vbits=4"}); });
   expect_error([] { KVCache c(CacheConfig{1, 1, 1, 8, 10, "nuq:bits=2 | f16"}); }, ErrorCode::kRecipe,
                {"recipe stage 'nuq' is reserved but not implemented yet"});
   expect_error([] { KVCache c(CacheConfig{1, 1, 1, 8, 10, "cq:bits=2"}); }, ErrorCode::kInvalidArgument,

@@ -127,6 +127,8 @@ TEST(AttentionAcrossIsas, MatchesScalar) {
       {"f16:group=32,sinks=2", 1e-5},
       {"bf16:group=16,residual=8", 1e-5},
       {"kivi:kbits=2,vbits=2,group=32,residual=0", 1e-3},
+      {"kivi:kbits=1,vbits=1,group=32,residual=0", 1e-3},
+      {"kivi:kbits=1,vbits=4,group=16,residual=8", 1e-3},
       {"kivi:kbits=4,vbits=4,group=32,residual=16,sinks=2", 1e-3},
       {"kivi:kbits=8,vbits=8,group=16,residual=0", 1e-3},
       {"kivi:kbits=3,vbits=2,group=32,residual=0", 1e-3},

@@ -29,7 +29,7 @@
 // at its last live slot or at its end), causal + dead, bias (ln 2, ln 3, ln 7.5, 0 and small
 // random values), bias + dead, bias + causal, and "fully masked rows" (limit0 at the first
 // live index and a fully dead first block: query 0 sees nothing, query 1 one token).
-// Dense formats: every (d, rows, mask). KIVI: every (kbits, vbits) in {2,3,4,8}^2 for every
+// Dense formats: every (d, rows, mask). KIVI: every (kbits, vbits) in {1,2,3,4,8}^2 for every
 // (d, vgroup), vgroup in {16, 32, 64, d} for d in {64, 128, 256} and {d, 1} otherwise, twice
 // with rotating masks, rows and block sequences.
 // mask_block alone is compared bit for bit with the definition. Tolerances and the errors
@@ -68,7 +68,7 @@ constexpr double kInf = std::numeric_limits<double>::infinity();
 constexpr float kNegInfF = -std::numeric_limits<float>::infinity();
 
 const int kDims[] = {1, 3, 8, 17, 31, 64, 127, 128, 256};
-const int kBits[] = {2, 3, 4, 8};
+const int kBits[] = {1, 2, 3, 4, 8};
 struct Rows {
   int nq, nquery;
 };
@@ -113,7 +113,7 @@ const char* mask_name(int m) {
 // kernels_test.cpp at the same slots), which moves outputs by ~2e-4 relative. Those
 // tolerances leave ~3-4x and apply only to the shapes that reach the integer paths
 // (vnni_shape(): d in {64, 128, 256}; keys at 4 or 8 bits, or 2 with d != 64; values at 2, 4
-// or 8 bits with vgroup a multiple of 16); all other shapes on AVX-512 are held to the float
+// or 8 bits with vgroup a multiple of 16; 1- and 3-bit codes never); all other shapes on AVX-512 are held to the float
 // tolerances.
 constexpr double kTolRefDense = 1e-5;     // vs double reference
 constexpr double kTolRefKivi = 2e-5;
@@ -489,7 +489,7 @@ bool vnni_shape(const Case& c, Isa isa) {
   if (isa != Isa::kAvx512 || c.kind != Kind::kKivi) return false;
   const bool d_ok = c.d == 64 || c.d == 128 || c.d == 256;
   const bool scores = c.kbits == 4 || c.kbits == 8 || (c.kbits == 2 && c.d != 64);
-  const bool accum = c.vbits != 3 && c.vgroup % 16 == 0;
+  const bool accum = (c.vbits == 2 || c.vbits == 4 || c.vbits == 8) && c.vgroup % 16 == 0;
   return d_ok && (scores || accum);
 }
 

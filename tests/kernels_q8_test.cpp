@@ -18,7 +18,7 @@
 //    (the SIMD softmax exp differs by a few ulp and may round them the other way: each such
 //    weight may add W_g * code_jc). Logits and probabilities copied for scorers are compared
 //    too. head_dims {1, 3, 8, 17, 31, 64, 127, 128, 256}, tokens {1, 7, 32, 33}, bits
-//    {2, 3, 4, 8} (keys and values, also mixed), rows {1, 2, 4, 8}, masks (dead slots,
+//    {1, 2, 3, 4, 8} (keys and values, also mixed), rows {1, 2, 4, 8}, masks (dead slots,
 //    causal limit, bias, a fully masked page).
 // 3. Non-finite rows propagate like the full-precision kernel.
 // 4. The recipe key: parsing, describe(), errors.
@@ -208,7 +208,8 @@ std::vector<Isa> isas() {
 const int kDims[] = {1, 3, 8, 17, 31, 64, 127, 128, 256};
 const int kTokens[] = {1, 7, 32, 33};
 const int kRows[] = {1, 2, 4, 8};
-const std::pair<int, int> kBitPairs[] = {{2, 2}, {3, 3}, {4, 4}, {8, 8}, {2, 4}, {4, 2}, {4, 8}, {8, 2}};
+const std::pair<int, int> kBitPairs[] = {{1, 1}, {2, 2}, {3, 3}, {4, 4}, {8, 8}, {2, 4},
+                                         {4, 2}, {4, 8}, {8, 2}, {1, 4}, {4, 1}};
 const MaskKind kMasks[] = {MaskKind::kNone, MaskKind::kDead, MaskKind::kCausal, MaskKind::kBias, MaskKind::kAllDead};
 // Value groups: 32 where it divides d (the default), else d itself; and vgroup = d / 2 when
 // that is a multiple of 32 (another SIMD grouping) or 4 (groups smaller than a vector).
@@ -430,7 +431,7 @@ TEST_P(Q8, LargePagesMatchTheReference) {
 // finiteness as the full-precision kernel.
 TEST_P(Q8, NonFiniteRowsPropagate) {
   for (int d : {8, 64, 128})
-    for (int bits : {2, 4, 8}) {
+    for (int bits : {1, 2, 4, 8}) {
       Case cs(d, 32, 4, bits, bits, d % 32 == 0 ? 32 : d, MaskKind::kNone, 2, static_cast<unsigned>(d + bits));
       cs.q[1 * d + 3] = std::numeric_limits<float>::quiet_NaN();     // row 1: NaN logits
       cs.q[2 * d + 1] = std::numeric_limits<float>::infinity();      // row 2: infinite logits

@@ -7,8 +7,8 @@
 // What must be exact, and the tolerances for the rest (why each is what it is):
 // - Conversions are bit-exact, NaN payloads included: f16 -> f32 and bf16 -> f32 for all
 //   65536 patterns, f32 -> f16/bf16 over a sweep of 2^32 patterns plus rounding ties.
-// - KIVI codes, scales and zero points are bit-exact (kernel_table.h specifies the rounding
-//   so that they can be); dequantization differs from scalar only by FMA's single rounding
+// - KIVI codes, scales and zero points are bit-exact at every bit width {1, 2, 3, 4, 8}
+//   (kernel_table.h specifies the rounding so that they can be); dequantization differs from scalar only by FMA's single rounding
 //   (1e-6 relative) and is within half a step (plus the f16 rounding of the zero point) of
 //   the input.
 // - Dense scores and accumulation: each SIMD lane accumulates d/kL products in order and a
@@ -56,7 +56,7 @@ namespace {
 const int kDims[] = {1, 3, 7, 8, 9, 15, 16, 17, 31, 32, 33, 64, 80, 96, 100, 127, 128, 256};
 const int kTokens[] = {1, 2, 5, 15, 16, 17, 31, 32, 33, 65};
 const int kRows[] = {1, 3, 4, 5, 8};
-const int kBits[] = {2, 3, 4, 8};
+const int kBits[] = {1, 2, 3, 4, 8};  // every width the codec accepts
 
 std::vector<float> randn(std::size_t n, unsigned seed, float scale = 1.0f, float shift = 0.0f) {
   std::mt19937 rng(seed);

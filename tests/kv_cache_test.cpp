@@ -6,13 +6,17 @@
 // - GQA: every query head reads its own kv head; engine layouts [tokens][heads][dim] work
 //   through strides; attention mass equals the reference probabilities; weighted special
 //   tokens count as w copies; sinks stay exact; materialize/positions/reset.
+// - The 1-bit KIVI codec: page layout, bytes equal across ISAs, decode = group min or max.
 // Tolerances: f32 paths differ from the double reference only by float rounding over at
 // most a few hundred terms, so 2e-6 relative is ample; KIVI bounds are loose on purpose
 // (they check the segment logic, not quantization quality, which quality_test judges).
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <random>
+#include <string>
+#include <vector>
 
 #include "kvslim/kvslim.h"
 #include "kvslim/kernels/kernel_table.h"
@@ -336,4 +340,88 @@ TEST(KVCache, StatsBitsPerValueFollowTheFormat) {
   EXPECT_NEAR(bits("kivi:kbits=4,vbits=4,residual=0"), 5.0, 0.15);
   EXPECT_NEAR(bits("kivi:kbits=2,vbits=2,residual=0"), 3.0, 0.15);
   EXPECT_NEAR(bits("kivi:kbits=3,vbits=3,residual=0"), 4.0, 0.15);
+  EXPECT_NEAR(bits("kivi:kbits=1,vbits=1,residual=0"), 2.0, 0.15);
+}
+
+// The uniform 1-bit KIVI baseline (kivi:kbits=1,vbits=1) through the codec on every ISA: the
+// page is exactly the layout of docs/formats.md (one bit per code, rows of ceil(d / 8) bytes),
+// the encoded bytes match the scalar table's, and decoding gives, per key channel and per value
+// (token, group), only the two values f16(min) and f16(min) + f16(max - f16(min)): the group's
+// minimum or maximum up to the f16 rounding of zero point and scale (1e-3 of their size), the
+// nearer one of the two for every element (a midpoint goes to the minimum).
+TEST(KiviCodec, OneBitRoundTripGivesGroupMinOrMax) {
+  struct Shape {
+    int d, ntok;
+    std::size_t bytes;  // written out by hand from docs/formats.md
+  };
+  // d 64 (vgroup 32), 32 tokens: 4*64 | 32*8 | 2*32*2 scale + 2*32*2 zero | 32*8 = 256 + 256 + 256 + 256.
+  // d 20 (vgroup 20), 5 tokens: 80 | 5*3 = 15, padded to 96 | 4*5*1 = 20 | 5*3 = 15 -> 131.
+  // d 128 (vgroup 32), 17 tokens: 512 | 17*16 | 4*17*4 | 17*16 = 512 + 272 + 272 + 272.
+  const Shape shapes[] = {{64, 32, 1024}, {20, 5, 131}, {128, 17, 1328}};
+  std::mt19937 rng(7);
+  std::normal_distribution<float> nd(0.3f, 1.7f);
+  for (const Shape& sh : shapes) {
+    const int d = sh.d, ntok = sh.ntok;
+    const auto codec = build_pipeline(parse_recipe("kivi:kbits=1,vbits=1,residual=0").base, d).codec;
+    ASSERT_NE(codec, nullptr);
+    const int vg = d % 32 == 0 ? 32 : d;  // the default vgroup at these head_dims
+    EXPECT_EQ(codec->describe(), "kivi:kbits=1,vbits=1,group=32,vgroup=" + std::to_string(vg) + ",residual=0,sinks=0");
+    const std::size_t rb = static_cast<std::size_t>((d + 7) / 8);
+    std::size_t predicted = 4u * d + ntok * rb;
+    predicted += predicted & 1u;
+    predicted += 4u * ntok * static_cast<std::size_t>(d / vg) + ntok * rb;
+    ASSERT_EQ(codec->page_bytes(ntok, d), predicted) << "d " << d;
+    ASSERT_EQ(codec->page_bytes(ntok, d), sh.bytes) << "d " << d;
+
+    std::vector<float> k(static_cast<std::size_t>(ntok) * d), v(k.size());
+    for (float& x : k) x = nd(rng);
+    for (float& x : v) x = nd(rng);
+    // Both buffers start with the same filler: encode does not write the alignment pad byte
+    // between the key codes and the value scales (offset 95 at d 20), so it keeps the filler.
+    std::vector<std::byte> want(predicted, std::byte{0x5A});
+    codec->encode(kernels::scalar::kTable, k.data(), v.data(), ntok, d, want.data());
+
+    // Expected decoded value of x in a group with extremes mn, mx (the rule of kernel_table.h).
+    auto expect_group = [&](const float* x, std::ptrdiff_t stride, int n, const float* got, const std::string& where) {
+      float mn = x[0], mx = x[0];
+      for (int i = 1; i < n; ++i) mn = std::min(mn, x[i * stride]), mx = std::max(mx, x[i * stride]);
+      const float z = f16_to_f32(f32_to_f16(mn)), s = f16_to_f32(f32_to_f16(mx - z));
+      const float inv = s > 0.0f ? 1.0f / s : 0.0f;
+      const float tol = 1e-3f * (std::fabs(mn) + (mx - mn)) + 1e-7f;
+      bool saw_min = false, saw_max = false;
+      for (int i = 0; i < n; ++i) {
+        const float xi = x[i * stride], gi = got[i * stride];
+        ASSERT_EQ(gi, (xi - z) * inv > 0.5f ? z + s : z) << where << " element " << i;
+        ASSERT_TRUE(gi == z || gi == z + s) << where << " element " << i << ": " << gi;
+        const bool at_min = std::fabs(gi - mn) <= tol, at_max = std::fabs(gi - mx) <= tol;
+        ASSERT_TRUE(at_min || at_max) << where << " element " << i << ": " << gi << " not min " << mn << " or max " << mx;
+        // The nearer extreme (with the midpoint band of the f16 roundings left to the rule).
+        if (std::fabs(xi - mn) < std::fabs(xi - mx) - 2 * tol) {
+          ASSERT_TRUE(at_min) << where << " element " << i;
+        }
+        if (std::fabs(xi - mx) < std::fabs(xi - mn) - 2 * tol) {
+          ASSERT_TRUE(at_max) << where << " element " << i;
+        }
+        saw_min = saw_min || (xi == mn && gi == z);
+        saw_max = saw_max || (xi == mx && gi == z + s);
+      }
+      EXPECT_TRUE(saw_min && saw_max) << where << ": the minimum and the maximum decode to themselves";
+    };
+    for (Isa isa : available_isas()) {
+      const kernels::KernelTable& kt = *kernels::table_for(static_cast<int>(isa));
+      std::vector<std::byte> page(predicted, std::byte{0x5A});
+      codec->encode(kt, k.data(), v.data(), ntok, d, page.data());
+      ASSERT_EQ(page, want) << isa_name(isa) << " d " << d << ": encoded bytes differ from the scalar table's";
+      std::vector<float> dk(k.size()), dv(v.size());
+      codec->decode(kt, page.data(), ntok, d, dk.data(), dv.data());
+      const std::string at = std::string(isa_name(isa)) + " d " + std::to_string(d);
+      for (int c = 0; c < d; ++c) expect_group(k.data() + c, d, ntok, dk.data() + c, at + " key channel " + std::to_string(c));
+      for (int j = 0; j < ntok; ++j)
+        for (int g = 0; g < d / vg; ++g) {
+          const std::size_t o = static_cast<std::size_t>(j) * d + static_cast<std::size_t>(g) * vg;
+          expect_group(v.data() + o, 1, vg, dv.data() + o,
+                       at + " value token " + std::to_string(j) + " group " + std::to_string(g));
+        }
+    }
+  }
 }

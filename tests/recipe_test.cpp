@@ -1,9 +1,11 @@
 // Recipe grammar: chains, parameters, per-layer/per-head overrides (last match wins), the
 // stage order rule, custom stages through register_stage, and the errors for unknown stages
-// and keys, malformed text and out-of-range values. Also: '#' comments and line breaks (the
+// and keys, malformed text and out-of-range values (KIVI bit widths: 1, 2, 3, 4, 8 only). Also: '#' comments and line breaks (the
 // docs' examples parse as written), positions in parse errors, duplicate and negative
 // selectors, reserved-but-unimplemented stage names, and recipe text clipped in messages.
 #include <gtest/gtest.h>
+
+#include <fmt/format.h>
 
 #include <fstream>
 
@@ -75,10 +77,21 @@ TEST(Recipe, Errors) {
   m = error_of(build("kivi:kbitz=2"), ErrorCode::kRecipe);
   EXPECT_NE(m.find("unknown key 'kbitz'"), std::string::npos) << m;
   EXPECT_NE(m.find("kbits, vbits, group"), std::string::npos) << m;
-  m = error_of(build("kivi:kbits=5"), ErrorCode::kInvalidArgument);
-  EXPECT_NE(m.find("kbits=5 is not a supported bit width (2, 3, 4 or 8)"), std::string::npos) << m;
-  m = error_of(build("kivi:vbits=1"), ErrorCode::kInvalidArgument);
-  EXPECT_NE(m.find("vbits=1"), std::string::npos) << m;
+  // Bit widths: 1, 2, 3, 4 and 8 build; anything else names the key, the value and the set.
+  for (const char* key : {"kbits", "vbits"}) {
+    for (int b : {0, 5, 16, -1}) {
+      const std::string text = fmt::format("kivi:{}={}", key, b);
+      m = error_of(build(text.c_str()), ErrorCode::kInvalidArgument);
+      EXPECT_NE(m.find(fmt::format("{}={} is not a supported bit width (1, 2, 3, 4 or 8)", key, b)), std::string::npos)
+          << m;
+    }
+    for (int b : {1, 2, 3, 4, 8}) {
+      const std::string text = fmt::format("kivi:{}={}", key, b);
+      EXPECT_NO_THROW(build(text.c_str())()) << text;
+    }
+  }
+  EXPECT_EQ(build_pipeline(parse_recipe("kivi:kbits=1,vbits=1").base, 64).text,
+            "kivi:kbits=1,vbits=1,group=32,vgroup=32,residual=128,sinks=0");
   m = error_of(build("kivi:kbits=two"), ErrorCode::kRecipe);
   EXPECT_NE(m.find("kbits='two' is not an integer"), std::string::npos) << m;
   m = error_of(build("kivi:vgroup=12"), ErrorCode::kInvalidArgument);

@@ -828,6 +828,8 @@ void kivi_accum_g(const float* p, int nq, const std::uint16_t* scale, const std:
 }
 
 // --- entry points: dispatch head_dim 64/128/256 and the bit width to specializations ---
+// Every bit width the codec accepts (1, 2, 3, 4, 8) has a specialization; the scalar
+// fallbacks in the default cases serve only widths no recipe can produce.
 #define KVSLIM_DISPATCH_D(fn, d, ...)                  \
   switch (d) {                                         \
     case 64: return fn<64>(__VA_ARGS__);               \
@@ -910,6 +912,7 @@ void quant_values_b(const float* v, int ntok, int d, int vg, std::uint16_t* scal
 void kivi_quant_keys_k(const float* k, int ntok, int d, int bits, std::uint16_t* scale, std::uint16_t* zero,
                        std::uint8_t* codes) noexcept {
   switch (bits) {
+    case 1: return quant_keys_b<1>(k, ntok, d, scale, zero, codes);
     case 2: return quant_keys_b<2>(k, ntok, d, scale, zero, codes);
     case 3: return quant_keys_b<3>(k, ntok, d, scale, zero, codes);
     case 4: return quant_keys_b<4>(k, ntok, d, scale, zero, codes);
@@ -920,6 +923,7 @@ void kivi_quant_keys_k(const float* k, int ntok, int d, int bits, std::uint16_t*
 void kivi_quant_values_k(const float* v, int ntok, int d, int bits, int vg, std::uint16_t* scale,
                          std::uint16_t* zero, std::uint8_t* codes) noexcept {
   switch (bits) {
+    case 1: return quant_values_b<1>(v, ntok, d, vg, scale, zero, codes);
     case 2: return quant_values_b<2>(v, ntok, d, vg, scale, zero, codes);
     case 3: return quant_values_b<3>(v, ntok, d, vg, scale, zero, codes);
     case 4: return quant_values_b<4>(v, ntok, d, vg, scale, zero, codes);
@@ -930,6 +934,7 @@ void kivi_quant_values_k(const float* v, int ntok, int d, int bits, int vg, std:
 void kivi_dequant_keys_k(const std::uint16_t* scale, const std::uint16_t* zero, const std::uint8_t* codes, int ntok,
                          int d, int bits, float* k) noexcept {
   switch (bits) {
+    case 1: return dequant_keys<1>(scale, zero, codes, ntok, d, k);
     case 2: return dequant_keys<2>(scale, zero, codes, ntok, d, k);
     case 3: return dequant_keys<3>(scale, zero, codes, ntok, d, k);
     case 4: return dequant_keys<4>(scale, zero, codes, ntok, d, k);
@@ -940,6 +945,7 @@ void kivi_dequant_keys_k(const std::uint16_t* scale, const std::uint16_t* zero, 
 void kivi_dequant_values_k(const std::uint16_t* scale, const std::uint16_t* zero, const std::uint8_t* codes,
                            int ntok, int d, int bits, int vg, float* v) noexcept {
   switch (bits) {
+    case 1: return dequant_values<1>(scale, zero, codes, ntok, d, vg, v);
     case 2: return dequant_values<2>(scale, zero, codes, ntok, d, vg, v);
     case 3: return dequant_values<3>(scale, zero, codes, ntok, d, vg, v);
     case 4: return dequant_values<4>(scale, zero, codes, ntok, d, vg, v);
@@ -971,6 +977,7 @@ void kivi_accum_b(const float* p, int nq, const std::uint16_t* scale, const std:
 void kivi_scores_generic(const float* q, int nq, const std::uint16_t* scale, const std::uint16_t* zero,
                          const std::uint8_t* codes, int ntok, int d, int bits, float* s) noexcept {
   switch (bits) {
+    case 1: return kivi_scores_b<1>(q, nq, scale, zero, codes, ntok, d, s);
     case 2: return kivi_scores_b<2>(q, nq, scale, zero, codes, ntok, d, s);
     case 3: return kivi_scores_b<3>(q, nq, scale, zero, codes, ntok, d, s);
     case 4: return kivi_scores_b<4>(q, nq, scale, zero, codes, ntok, d, s);
@@ -981,6 +988,7 @@ void kivi_scores_generic(const float* q, int nq, const std::uint16_t* scale, con
 void kivi_accum_generic(const float* p, int nq, const std::uint16_t* scale, const std::uint16_t* zero,
                         const std::uint8_t* codes, int ntok, int d, int bits, int vg, float* o) noexcept {
   switch (bits) {
+    case 1: return kivi_accum_b<1>(p, nq, scale, zero, codes, ntok, d, vg, o);
     case 2: return kivi_accum_b<2>(p, nq, scale, zero, codes, ntok, d, vg, o);
     case 3: return kivi_accum_b<3>(p, nq, scale, zero, codes, ntok, d, vg, o);
     case 4: return kivi_accum_b<4>(p, nq, scale, zero, codes, ntok, d, vg, o);

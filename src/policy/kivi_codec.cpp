@@ -1,7 +1,8 @@
 // KIVI (Liu et al., 2024, "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache"):
 // keys quantized per channel over a page of `group` tokens, values per token over groups of
 // `vgroup` channels, asymmetric (f16 scale + zero point), newest `residual` tokens kept in
-// full precision. Page layout (docs/formats.md):
+// full precision. kbits and vbits are each 1, 2, 3, 4 or 8 (1 bit: the uniform 1-bit baseline,
+// codes 0/1 = group min/max). Page layout (docs/formats.md):
 //   kscale[d] kzero[d] | kcodes[group][row_bytes(d,kbits)] | pad to 2 |
 //   vscale[group][d/vgroup] vzero[group][d/vgroup] | vcodes[group][row_bytes(d,vbits)]
 // qbits=8 (default 0: full precision) makes attend() compute q.k and p.v with 8-bit integer
@@ -98,8 +99,8 @@ class KiviCodec final : public Codec {
 
 int read_bits(StageParams& p, const char* key) {
   const int b = p.get_int(key, 2, -1000000, 1000000);
-  KVSLIM_CHECK(b == 2 || b == 3 || b == 4 || b == 8, ErrorCode::kInvalidArgument,
-               "recipe stage 'kivi': {}={} is not a supported bit width (2, 3, 4 or 8)", key, b);
+  KVSLIM_CHECK(b == 1 || b == 2 || b == 3 || b == 4 || b == 8, ErrorCode::kInvalidArgument,
+               "recipe stage 'kivi': {}={} is not a supported bit width (1, 2, 3, 4 or 8)", key, b);
   return b;
 }
 

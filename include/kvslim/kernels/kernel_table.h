@@ -23,6 +23,10 @@
 //   inv   = scale > 0 ? 1 / scale : 0     (f32 division)
 //   code  = clamp(nearbyint((x - zero) * inv), 0, qmax)   (ties to even)
 //   x'    = code * scale + zero
+// bits is 1, 2, 3, 4 or 8. At bits = 1 (qmax = 1) the codes are 0/1 = the group's min/max:
+// code = 1 exactly where (x - zero) * inv > 1/2 (a tie rounds to even, 0), and
+// x' is zero or zero + scale, i.e. f16(mn) or f16(mn) + f16(mx - f16(mn)) (the group's
+// min and max up to those two f16 roundings). A row of d 1-bit codes is ceil(d / 8) bytes.
 //
 // KIVI attention with 8-bit integer dot products (attend_kivi_q8; recipe kivi:qbits=8), on
 // the page layout above. Per page and query row r (q already multiplied by 1/sqrt(d)), every
@@ -61,7 +65,7 @@
 //   The SIMD tables run integer kernels (VPMADDUBSW, int16 sums, VPMADDWD; no overflow for any
 //   shape they take, see src/kernels/avx2/kivi_q8-inl.h) for kbits and vbits in {2, 4},
 //   head_dim 64, 128 or 256, vgroup a multiple of 32 and pages of at most 128 tokens; other
-//   pages (3- and 8-bit codes, other head_dims) run the scalar reference, same semantics.
+//   pages (1-, 3- and 8-bit codes, other head_dims) run the scalar reference, same semantics.
 #pragma once
 
 #include <cstddef>

@@ -211,7 +211,8 @@ inline VI vcodes_i(const std::uint8_t* p, int n) noexcept {
     }
     return _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(w)));
   } else {
-    // 8 codes are B bytes (<= 32 bits): lane l takes bits [B*l, B*l + B).
+    // 8 codes are B bytes (<= 32 bits): lane l takes bits [B*l, B*l + B) (B = 1: one byte,
+    // lane l its bit l).
     std::uint32_t w = 0;
     if (kFull) {
       __builtin_memcpy(&w, p, B);
@@ -228,12 +229,18 @@ inline VF vcodes(const std::uint8_t* p, int n) noexcept {
   return _mm256_cvtepi32_ps(vcodes_i<B, kFull>(p, n));
 }
 
-// Two full vectors of codes (channels [c, c + 16), p = row + c*B/8): one 32-bit broadcast
-// load per 16 (B = 2) or 8 (B = 4) codes, so the unpacking is a shift, a mask and a convert
-// per vector and no scalar load or register broadcast.
+// Two full vectors of codes (channels [c, c + 16), p = row + c*B/8): one broadcast load per
+// 16 codes (B = 1, 2) or 8 (B = 4), so the unpacking is a shift, a mask and a convert per
+// vector and no scalar load or register broadcast.
 template <int B>
 inline void vcodes2(const std::uint8_t* p, VF* x) noexcept {
-  if constexpr (B == 2) {
+  if constexpr (B == 1) {
+    std::uint16_t w;
+    __builtin_memcpy(&w, p, 2);
+    const __m256i b = _mm256_set1_epi32(w), m = _mm256_set1_epi32(1);
+    x[0] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(b, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), m));
+    x[1] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(b, _mm256_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15)), m));
+  } else if constexpr (B == 2) {
     std::uint32_t w;
     __builtin_memcpy(&w, p, 4);
     const __m256i b = _mm256_set1_epi32(static_cast<int>(w)), m = _mm256_set1_epi32(3);
@@ -271,6 +278,11 @@ inline void vstore_codes4(std::uint8_t* p, const VI* c) noexcept {
   if constexpr (B != 8) b = _mm256_min_epu8(b, _mm256_set1_epi8(static_cast<char>((1 << B) - 1)));
   if constexpr (B == 8) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), b);
+  } else if constexpr (B == 1) {
+    // Bytes are 0 or 1: a 16-bit shift by 7 moves each byte's bit 0 to its bit 7 (no set bit
+    // crosses into the next byte), and VPMOVMSKB gathers the 32 of them LSB-first.
+    const std::uint32_t m = static_cast<std::uint32_t>(_mm256_movemask_epi8(_mm256_slli_epi16(b, 7)));
+    __builtin_memcpy(p, &m, 4);
   } else if constexpr (B == 4) {
     const __m256i w = _mm256_maddubs_epi16(b, _mm256_set1_epi16(16 << 8 | 1));  // c0 + 16 c1
     const __m256i x = _mm256_permute4x64_epi64(_mm256_packus_epi16(w, w), 0x08);
@@ -288,7 +300,7 @@ inline void vstore_codes4(std::uint8_t* p, const VI* c) noexcept {
     const std::uint32_t hi = static_cast<std::uint32_t>(_mm_extract_epi32(x, 2));
     __builtin_memcpy(p + 8, &hi, 4);
   } else {
-    static_assert(B == 2, "vstore_codes4 packs 2, 3, 4 or 8 bits");
+    static_assert(B == 2, "vstore_codes4 packs 1, 2, 3, 4 or 8 bits");
     const __m256i w = _mm256_maddubs_epi16(b, _mm256_set1_epi16(4 << 8 | 1));  // c0 + 4 c1
     const __m256i d = _mm256_madd_epi16(w, _mm256_set1_epi32(16 << 16 | 1));  // + 16 (c2 + 4 c3)
     const __m256i x = _mm256_packus_epi16(_mm256_packus_epi32(d, d), _mm256_setzero_si256());

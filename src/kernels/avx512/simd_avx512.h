@@ -194,6 +194,9 @@ inline VI vcodes_i(const std::uint8_t* p, int n) noexcept {
                                     : _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << nbytes) - 1u), p);
   if constexpr (B == 8) {
     return _mm512_cvtepu8_epi32(x);
+  } else if constexpr (B == 1) {
+    // 16 codes are one 16-bit word: bit l is lane l's code, so the word is a lane mask.
+    return _mm512_maskz_set1_epi32(static_cast<__mmask16>(_mm_cvtsi128_si32(x)), 1);
   } else if constexpr (B == 2) {
     // 16 codes are one 32-bit word: lane l takes bits [2l, 2l+2).
     const __m512i sh = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
@@ -206,7 +209,7 @@ inline VI vcodes_i(const std::uint8_t* p, int n) noexcept {
                             _mm512_set1_epi32(15));
   } else {
     // 48 bits: lanes 0-7 from bits [0, 24), lanes 8-15 from bits [24, 48).
-    static_assert(B == 3, "bits must be 2, 3, 4 or 8");
+    static_assert(B == 3, "bits must be 1, 2, 3, 4 or 8");
     const __m128i x24 = _mm_unpacklo_epi32(x, _mm_srli_epi64(x, 24));  // words: bits 0.., bits 24..
     const __m512i idx = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
     const __m512i sh = _mm512_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21, 0, 3, 6, 9, 12, 15, 18, 21);
@@ -253,6 +256,10 @@ inline void vstore_codes4(std::uint8_t* p, const VI* c) noexcept {
   if constexpr (B != 8) b = _mm512_min_epu8(b, _mm512_set1_epi8(static_cast<char>((1 << B) - 1)));
   if constexpr (B == 8) {
     _mm512_storeu_si512(p, b);
+  } else if constexpr (B == 1) {
+    // Bytes are 0 or 1: VPTESTMB gives bit i = code i, the 64 codes LSB-first.
+    const std::uint64_t m = _mm512_test_epi8_mask(b, b);
+    __builtin_memcpy(p, &m, 8);
   } else if constexpr (B == 4) {
     const __m512i w = _mm512_maddubs_epi16(b, _mm512_set1_epi16(16 << 8 | 1));  // c0 + 16 c1
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi16_epi8(w));
@@ -268,7 +275,7 @@ inline void vstore_codes4(std::uint8_t* p, const VI* c) noexcept {
     _mm256_mask_storeu_epi8(p, 0x00FFFFFFu,
                             _mm256_permutevar8x32_epi32(g, _mm256_setr_epi32(0, 1, 2, 4, 5, 6, 7, 7)));
   } else {
-    static_assert(B == 2, "vstore_codes4 packs 2, 3, 4 or 8 bits");
+    static_assert(B == 2, "vstore_codes4 packs 1, 2, 3, 4 or 8 bits");
     const __m512i w = _mm512_maddubs_epi16(b, _mm512_set1_epi16(4 << 8 | 1));     // c0 + 4 c1
     const __m512i d = _mm512_madd_epi16(w, _mm512_set1_epi32(16 << 16 | 1));     // + 16 (c2 + 4 c3)
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtepi32_epi8(d));
