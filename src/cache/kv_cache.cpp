@@ -15,6 +15,7 @@
 #include "kvslim/cache/token_store.h"
 #include "kvslim/cpu/isa.h"
 #include "kvslim/kernels/kernel_table.h"
+#include "kvslim/policy/codebook.h"
 #include "kvslim/policy/policy.h"
 
 namespace kvslim {
@@ -136,6 +137,9 @@ struct KVCache::Impl {
   const kernels::KernelTable* kt = nullptr;
   // Pipelines are built once per distinct chain and shared by the heads that use it.
   std::vector<std::unique_ptr<Pipeline>> pipelines;
+  // Codebooks the cq stages read (from files and from cfg.codebooks): kept alive here, and
+  // reported apart in stats() as a per-model cost.
+  std::vector<std::pair<std::string, std::shared_ptr<const Codebooks>>> codebooks;
   ByteCounter shared;
   std::vector<TokenStore*, TrackedAllocator<TokenStore*>> stores{TrackedAllocator<TokenStore*>(&shared)};
   std::unique_ptr<WorkerPool> pool;  // only when cfg.threads > 1
@@ -210,13 +214,12 @@ KVCache::KVCache(const CacheConfig& config) : impl_(std::make_unique<Impl>()) {
   std::vector<const ChainSpec*> built_from;  // [pipeline], null for a per-head pipeline
   m.stores.reserve(static_cast<std::size_t>(c.layers) * c.kv_heads);
   TrackedAllocator<TokenStore> alloc(&m.shared);
-  std::vector<std::pair<std::string, std::shared_ptr<const Codebooks>>> loaded;
   StageContext ctx;
   ctx.head_dim = c.head_dim;
   ctx.layers = c.layers;
   ctx.kv_heads = c.kv_heads;
   ctx.codebooks = c.codebooks;
-  ctx.loaded = &loaded;
+  ctx.loaded = &m.codebooks;
   for (int l = 0; l < c.layers; ++l)
     for (int h = 0; h < c.kv_heads; ++h) {
       const ChainSpec& chain = spec.chain_for(l, h);
@@ -543,6 +546,7 @@ CacheStats KVCache::stats() const {
   }
   st.shared_bytes = m.shared.bytes;
   st.total_bytes += st.shared_bytes;
+  for (const auto& [path, cb] : m.codebooks) st.codebook_bytes += static_cast<std::int64_t>(cb->data().size() * sizeof(float));
   if (st.total_tokens > 0) {
     st.bits_per_value = static_cast<double>(st.total_bytes) * 8.0 /
                         (static_cast<double>(st.total_tokens) * m.cfg.head_dim * 2.0);

@@ -208,8 +208,13 @@ class CqCodec final : public Codec {
 std::shared_ptr<const Codebooks> codebooks_from_file(const std::string& path, const StageContext& ctx) {
   if (ctx.loaded)
     for (const auto& [p, cb] : *ctx.loaded)
-      if (p == path) return cb;
-  auto cb = std::make_shared<const Codebooks>(load_codebooks(path));
+      if (!p.empty() && p == path) return cb;
+  std::shared_ptr<const Codebooks> cb;
+  try {
+    cb = std::make_shared<const Codebooks>(load_codebooks(path));
+  } catch (const Error& e) {
+    KVSLIM_FAIL(e.code(), "recipe stage 'cq': codebooks={}: {}", path, e.what());
+  }
   if (ctx.loaded) ctx.loaded->emplace_back(path, cb);
   return cb;
 }
@@ -226,6 +231,9 @@ BuiltStage make_cq_codec(StageParams& p, const StageContext& ctx) {
   const std::string file = p.get_string("codebooks", "");
   p.check_all_used(kKeys);
   std::shared_ptr<const Codebooks> cb = file.empty() ? ctx.codebooks : codebooks_from_file(file, ctx);
+  if (cb && file.empty() && ctx.loaded &&
+      std::none_of(ctx.loaded->begin(), ctx.loaded->end(), [&](const auto& e) { return e.second == cb; }))
+    ctx.loaded->emplace_back("", cb);  // recorded so the cache can report its bytes
   const bool for_head = ctx.layer >= 0;
   KVSLIM_CHECK(cb || !for_head, ErrorCode::kInvalidArgument,
                "recipe stage 'cq' needs codebooks: name a file (cq:...,codebooks=FILE) or pass "

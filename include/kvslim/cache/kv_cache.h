@@ -79,6 +79,9 @@ struct CacheStats {
   double ratio_seen = 0.0;
   /// total_tokens / total_seen: the fraction of seen tokens still held. 0 if nothing seen.
   double kept = 0.0;
+  /// Bytes of the codebooks the cache's cq stages read (each distinct Codebooks once). Not in
+  /// total_bytes: they are a fixed per-model cost shared by every sequence, like weights.
+  std::int64_t codebook_bytes = 0;
 
   /// Throws Error(kOutOfRange) for a layer or head outside the cache.
   const HeadStats& head(int layer, int kv_head) const;

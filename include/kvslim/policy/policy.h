@@ -219,8 +219,8 @@ struct StageContext {
   int kv_heads = 0;
   /// CacheConfig::codebooks (null if none were given).
   std::shared_ptr<const Codebooks> codebooks;
-  /// Codebook files already loaded while building this cache, by path, so that a file named
-  /// by every head's chain is read once. May be null.
+  /// Codebooks used while building this cache: files by path (so that a file named by every
+  /// head's chain is read once) and CacheConfig::codebooks under "". May be null.
   std::vector<std::pair<std::string, std::shared_ptr<const Codebooks>>>* loaded = nullptr;
 };
 
