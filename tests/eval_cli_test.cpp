@@ -3,7 +3,13 @@
 // 0 / -1 silently meant "all"); every recipe is checked against the recordings' shapes before
 // the first replay, so a typo in the last recipe prints no rows at all; a good run prints one
 // row per recipe, whose JSON has the documented keys (ratio_seen and kept added by issue 8;
-// without eviction kept is 1 and ratio_seen equals ratio).
+// without eviction kept is 1 and ratio_seen equals ratio; codebook_bytes added with CQ).
+//
+// --train-codebooks (CQ codebooks from the recordings): the file it writes loads and has the
+// recipe's shapes, the same seed gives the same bytes, a cq recipe naming it evaluates with
+// codebook_bytes = the f32 centroids (not counted in bits_per_value), --windows selects
+// recordings, and every mistake (recordings of two models, no cq stage, an unwritable OUT, a
+// window that is not there, training options without training) exits with a message naming it.
 #include <gtest/gtest.h>
 
 #include <nlohmann/json.hpp>
@@ -17,6 +23,7 @@
 #include <string>
 #include <vector>
 
+#include "kvslim/policy/codebook.h"
 #include "test_support.h"
 
 namespace kvslim {
@@ -104,11 +111,12 @@ TEST(EvalCli, GoodRunPrintsOneRowPerRecipe) {
     if (line.empty()) continue;
     ++rows;
     const nlohmann::json row = nlohmann::json::parse(line);
-    EXPECT_EQ(row.size(), 9u) << line;
+    EXPECT_EQ(row.size(), 10u) << line;
     for (const char* key : {"bits_per_value", "bytes", "ratio", "rel_err_mean", "rel_err_p99",
-                            "cosine_mean", "ratio_seen", "kept"})
+                            "cosine_mean", "ratio_seen", "kept", "codebook_bytes"})
       EXPECT_TRUE(row.at(key).is_number()) << key << ": " << line;
     EXPECT_EQ(row.at("kept").get<double>(), 1.0) << line;
+    EXPECT_EQ(row.at("codebook_bytes").get<std::int64_t>(), 0) << line;
     // Both printed with 4 decimals from the same summed bytes.
     EXPECT_NEAR(row.at("ratio_seen").get<double>(), row.at("ratio").get<double>(), 1.5e-4) << line;
   }
@@ -123,6 +131,130 @@ TEST(EvalCli, TableShowsBothRatiosAndKept) {
   ASSERT_EQ(r.status, 0) << r.out;
   for (const char* col : {"ratio", "ratio_seen", "kept"}) EXPECT_TRUE(has(r.out, col)) << r.out;
   EXPECT_TRUE(has(r.out, " 100.0% ")) << r.out;
+}
+
+std::string temp_file(const std::string& name) {
+  return (std::filesystem::temp_directory_path() / ("kvslim_eval_cli_" + std::to_string(::getpid()) + "_" + name))
+      .string();
+}
+
+std::string read_bytes(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
+// stories260K: 5 layers, 4 kv heads, head_dim 8. Window 0 alone gives 512 rows per head,
+// enough for 256 centroids; few iterations keep the test short.
+TEST(EvalCliTrain, WritesALoadableFileWithTheRecipesShapes) {
+  KVSLIM_REQUIRE_SHARED(kDumps);
+  const std::string out = temp_file("s260k_42.kvcb");
+  const RunResult r = run({"--dumps", test::shared_path(kDumps), "--recipe", "cq:kchannels=4,kbits=2,vchannels=2,vbits=2",
+                           "--train-codebooks", out, "--windows", "0", "--iterations", "4", "--seed", "7"});
+  ASSERT_EQ(r.status, 0) << r.out;
+  EXPECT_TRUE(has(r.out, "512 rows per (layer, kv head)")) << r.out;
+  EXPECT_TRUE(has(r.out, "seed 7")) << r.out;
+  const Codebooks cb = load_codebooks(out);
+  EXPECT_NO_THROW(check_codebooks_match(cb, 5, 4, 8, {4, 2}, {2, 2}));
+  EXPECT_EQ(cb.options().seed, 7u);
+  EXPECT_EQ(cb.options().iterations, 4);
+  // A cq recipe naming the file evaluates (held-out window 1); the centroids are reported as
+  // codebook_bytes and are not in bytes: 5 layers x 4 heads x 8 x (2^8 + 2^4) f32.
+  const RunResult e = run({"--dumps", test::shared_path(kDumps), "--windows", "1", "--tokens", "64", "--json",
+                           "--recipe", "cq:kchannels=4,kbits=2,vchannels=2,vbits=2,codebooks=" + out},
+                          " 2>/dev/null");
+  ASSERT_EQ(e.status, 0) << e.out;
+  const nlohmann::json row = nlohmann::json::parse(e.out.substr(0, e.out.find('\n')));
+  EXPECT_EQ(row.at("codebook_bytes").get<std::int64_t>(), 5 * 4 * 8 * (256 + 16) * 4);
+  EXPECT_EQ(row.at("codebook_bytes").get<std::int64_t>(), static_cast<std::int64_t>(cb.data().size() * 4));
+  EXPECT_GT(row.at("bits_per_value").get<double>(), 0.0);
+  EXPECT_LT(row.at("rel_err_mean").get<double>(), 1.0);
+  std::filesystem::remove(out);
+}
+
+TEST(EvalCliTrain, SameSeedSameBytes) {
+  KVSLIM_REQUIRE_SHARED(kDumps);
+  const std::string a = temp_file("seed_a.kvcb"), b = temp_file("seed_b.kvcb"), c = temp_file("seed_c.kvcb");
+  const auto train = [&](const std::string& out, const char* seed) {
+    return run({"--dumps", test::shared_path(kDumps), "--recipe", "cq:channels=4,bits=2", "--train-codebooks", out,
+                "--windows", "0-1", "--iterations", "6", "--seed", seed});
+  };
+  ASSERT_EQ(train(a, "3").status, 0);
+  ASSERT_EQ(train(b, "3").status, 0);
+  ASSERT_EQ(train(c, "4").status, 0);
+  const std::string ba = read_bytes(a);
+  EXPECT_GT(ba.size(), 80u);
+  EXPECT_TRUE(ba == read_bytes(b)) << "two runs with seed 3 wrote different files";
+  EXPECT_FALSE(ba == read_bytes(c)) << "seeds 3 and 4 wrote the same file";
+  for (const auto& f : {a, b, c}) std::filesystem::remove(f);
+}
+
+TEST(EvalCliTrain, MistakesAreNamed) {
+  KVSLIM_REQUIRE_SHARED(kDumps);
+  const std::string out = temp_file("mistake.kvcb");
+  // Recordings of both models under data/dumps.
+  const RunResult two = run({"--dumps", test::shared_path("data/dumps"), "--recipe", "cq:channels=4,bits=2",
+                             "--train-codebooks", out, "--windows", "0"});
+  EXPECT_EQ(two.status, 1) << two.out;
+  EXPECT_TRUE(has(two.out, "one model")) << two.out;
+  EXPECT_TRUE(has(two.out, "stories260K/tsval_w0") && has(two.out, "tinystories656K/tsval_w0")) << two.out;
+  EXPECT_TRUE(has(two.out, "head_dim 8") && has(two.out, "head_dim 16")) << two.out;
+  // No cq stage.
+  const RunResult nocq = run({"--dumps", test::shared_path(kDumps), "--recipe", "kivi:kbits=2,vbits=2",
+                              "--train-codebooks", out});
+  EXPECT_EQ(nocq.status, 1) << nocq.out;
+  EXPECT_TRUE(has(nocq.out, "has no cq stage")) << nocq.out;
+  // Unwritable OUT, found before training.
+  const RunResult nodir = run({"--dumps", test::shared_path(kDumps), "--recipe", "cq:channels=4,bits=2",
+                               "--train-codebooks", "/nonexistent_kvslim_dir/x.kvcb"});
+  EXPECT_EQ(nodir.status, 1) << nodir.out;
+  EXPECT_TRUE(has(nodir.out, "'/nonexistent_kvslim_dir/x.kvcb' cannot be written: directory "
+                             "'/nonexistent_kvslim_dir' does not exist"))
+      << nodir.out;
+  const RunResult isdir = run({"--dumps", test::shared_path(kDumps), "--recipe", "cq:channels=4,bits=2",
+                               "--train-codebooks", std::filesystem::temp_directory_path().string()});
+  EXPECT_EQ(isdir.status, 1) << isdir.out;
+  EXPECT_TRUE(has(isdir.out, "is a directory")) << isdir.out;
+  EXPECT_FALSE(test::exists(out));
+  // A window that is not there; a cq recipe without codebooks.
+  const RunResult w9 = run({"--dumps", test::shared_path(kDumps), "--recipe", "f32", "--windows", "1,9"});
+  EXPECT_EQ(w9.status, 1) << w9.out;
+  EXPECT_TRUE(has(w9.out, "window 9")) << w9.out;
+  const RunResult nocb = run({"--dumps", test::shared_path(kDumps), "--recipe", "cq:channels=4,bits=2"});
+  EXPECT_EQ(nocb.status, 1) << nocb.out;
+  EXPECT_TRUE(has(nocb.out, "--train-codebooks")) << nocb.out;
+}
+
+TEST(EvalCliTrain, UsageMistakes) {
+  const struct {
+    std::vector<std::string> args;
+    const char* message;
+  } cases[] = {
+      {{"--seed", "3"}, "need --train-codebooks"},
+      {{"--train-codebooks", "x", "--recipe", "cq:bits=1"}, "got 2 --recipe"},
+      {{"--train-codebooks", "x", "--weight", "fisher"}, "--weight expects mass or none, got 'fisher'"},
+      {{"--train-codebooks", "x", "--seed", "-1"}, "--seed expects an integer >= 0, got '-1'"},
+      {{"--windows", "2-1"}, "--windows expects window numbers"},
+      {{"--windows", "1,,2"}, "--windows expects window numbers"},
+      {{"--train-codebooks", "x", "--json"}, "do not apply"},
+  };
+  for (const auto& c : cases) {
+    std::vector<std::string> args = {"--dumps", "/nonexistent", "--recipe", "cq:channels=4,bits=2"};
+    args.insert(args.end(), c.args.begin(), c.args.end());
+    const RunResult r = run(args);
+    EXPECT_EQ(r.status, 2) << r.out;
+    EXPECT_TRUE(has(r.out, c.message)) << r.out;
+  }
+}
+
+TEST(EvalCli, WindowsSelectsRecordings) {
+  KVSLIM_REQUIRE_SHARED(kDumps);
+  const RunResult r = run({"--dumps", test::shared_path(kDumps), "--recipe", "f32", "--windows", "2-3", "--tokens",
+                           "8"},
+                          " 2>/dev/null");
+  ASSERT_EQ(r.status, 0) << r.out;
+  EXPECT_TRUE(has(r.out, "2 recordings under")) << r.out;
 }
 
 }  // namespace

@@ -2,9 +2,20 @@
 // and report memory and attention quality per recipe.
 //
 //   kvslim-eval --dumps ../shared/data/dumps --recipe f32 --recipe "kivi:kbits=2,vbits=2" [--json]
+//   kvslim-eval --dumps ../shared/data/dumps/stories260K --recipe "cq:channels=4,bits=2" \
+//               --train-codebooks s260k.kvcb --windows 0,1
+//   kvslim-eval --dumps ../shared/data/dumps/stories260K --windows 2,3 \
+//               --recipe "cq:channels=4,bits=2,codebooks=s260k.kvcb"
+#include <unistd.h>
+
+#include <cerrno>
 #include <charconv>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <set>
 #include <string>
 #include <string_view>
@@ -12,11 +23,11 @@
 #include <vector>
 
 #include <fmt/format.h>
-#include <unistd.h>
 
 #include "kvslim/cache/kv_cache.h"
 #include "kvslim/cache/recipe.h"
 #include "kvslim/error.h"
+#include "kvslim/policy/codebook.h"
 #include "kvslim/testing/recordings.h"
 #include "kvslim/testing/replay.h"
 #include "util/json.h"
@@ -25,7 +36,9 @@ namespace {
 
 void usage(std::FILE* f) {
   std::fputs(
-      "usage: kvslim-eval --dumps DIR --recipe R [--recipe R2 ...] [--chunk N] [--tokens N] [--json]\n"
+      "usage: kvslim-eval --dumps DIR --recipe R [--recipe R2 ...] [--windows LIST] [--chunk N] [--tokens N] [--json]\n"
+      "       kvslim-eval --dumps DIR --recipe \"cq:...\" --train-codebooks OUT [--windows LIST] [--tokens N]\n"
+      "                   [--seed S] [--iterations N] [--weight mass|none]\n"
       "  Replays every recording directory under DIR (each holds meta.json, k.f32, v.f32, q.f32,\n"
       "  attn_out.f32) token by token through a KVCache per recipe: append k, v then attend q.\n"
       "  Reports bits per value (all metadata included), bytes at the end of each recording (summed),\n"
@@ -38,8 +51,21 @@ void usage(std::FILE* f) {
       "  comments and line breaks allowed, e.g. what kvslim-llama calibrate writes).\n"
       "  --chunk N   tokens per append/attend, N >= 1 (default 1 = decode; >1 = chunked prefill)\n"
       "  --tokens N  use only the first N >= 1 tokens of each recording (default: all)\n"
+      "  --windows LIST  use only the recordings whose directory name ends in one of these window\n"
+      "              numbers (tsval_w3 is window 3); LIST is comma-separated numbers and ranges A-B\n"
+      "              (default: every recording). Train on some windows, evaluate on the others.\n"
       "  --json      one JSON object per recipe: recipe, bits_per_value, bytes, ratio, rel_err_mean,\n"
-      "              rel_err_p99, cosine_mean, ratio_seen, kept\n"
+      "              rel_err_p99, cosine_mean, ratio_seen, kept, codebook_bytes\n"
+      "  codebook_bytes (column cb_bytes) is the f32 centroid bytes of the cq codebook files the recipe\n"
+      "  names: a fixed per-model cost, not part of bytes or bits_per_value (0 without cq).\n"
+      "Training (--train-codebooks OUT): trains the codebooks of the recipe's cq stages (their\n"
+      "  channels/bits; one --recipe) on the keys (post-RoPE, as cached) and values of every selected\n"
+      "  recording, all of which must come from one model, and writes the codebook file OUT.\n"
+      "  --seed S        k-means++ seed, integer >= 0 (default 1)\n"
+      "  --iterations N  maximum Lloyd iterations, N >= 0 (default 25)\n"
+      "  --weight W      mass (default): each row weighted by the attention mass its token received\n"
+      "                  from the recorded queries, summed over the GQA group; none: every row weighs 1\n"
+      "  Then evaluate with --recipe \"cq:...,codebooks=OUT\" (and --windows for held-out windows).\n"
       "  Exit status: 0 success, 1 error (I/O, bad recipe, bad recording), 2 bad command line.\n",
       f);
 }
@@ -57,6 +83,181 @@ int parse_int(std::string_view opt, std::string_view v, int lo) {
   return x;
 }
 
+std::uint64_t parse_u64(std::string_view opt, std::string_view v) {
+  std::uint64_t x = 0;
+  const auto [p, ec] = std::from_chars(v.data(), v.data() + v.size(), x);
+  if (v.empty() || ec != std::errc() || p != v.data() + v.size())
+    throw UsageError{fmt::format("{} expects an integer >= 0, got '{}'", opt, v)};
+  return x;
+}
+
+/// "0,1" or "0-2,5": the window numbers, sorted and unique.
+std::set<int> parse_windows(std::string_view v) {
+  std::set<int> w;
+  const auto bad = [&] { return UsageError{fmt::format("--windows expects window numbers like 0,1 or 2-3, got '{}'", v)}; };
+  std::size_t pos = 0;
+  while (pos <= v.size()) {
+    const std::size_t comma = std::min(v.find(',', pos), v.size());
+    const std::string_view item = v.substr(pos, comma - pos);
+    const std::size_t dash = item.find('-');
+    int a = 0, b = 0;
+    const auto num = [&](std::string_view t, int& x) {
+      const auto [p, ec] = std::from_chars(t.data(), t.data() + t.size(), x);
+      if (t.empty() || ec != std::errc() || p != t.data() + t.size() || x < 0) throw bad();
+    };
+    if (dash == std::string_view::npos) {
+      num(item, a);
+      b = a;
+    } else {
+      num(item.substr(0, dash), a);
+      num(item.substr(dash + 1), b);
+      if (b < a) throw bad();
+    }
+    for (int x = a; x <= b; ++x) w.insert(x);
+    pos = comma + 1;
+  }
+  return w;
+}
+
+/// The window number of a recording directory: the integer its name ends in (tsval_w3 -> 3),
+/// -1 if none.
+int window_number(const std::string& dir) {
+  const std::string name = std::filesystem::path(dir).filename().string();
+  std::size_t i = name.size();
+  while (i > 0 && name[i - 1] >= '0' && name[i - 1] <= '9') --i;
+  if (i == name.size() || name.size() - i > 9) return -1;
+  return std::stoi(name.substr(i));
+}
+
+/// Bytes of f32 centroids of every distinct codebooks=FILE a cq stage of the recipe names
+/// (base chain and overrides): the per-model cost that is not in the cache's bytes.
+std::int64_t codebook_bytes(const std::string& recipe) {
+  const kvslim::RecipeSpec spec = kvslim::parse_recipe(recipe);
+  std::vector<const kvslim::ChainSpec*> chains{&spec.base};
+  for (const auto& o : spec.overrides) chains.push_back(&o.chain);
+  std::set<std::string> files;
+  for (const auto* c : chains)
+    for (const auto& st : c->stages)
+      if (st.name == "cq")
+        for (const auto& [k, v] : st.params)
+          if (k == "codebooks") files.insert(v);
+  std::int64_t bytes = 0;
+  for (const auto& f : files)
+    bytes += static_cast<std::int64_t>(kvslim::load_codebooks(f).data().size() * sizeof(float));
+  return bytes;
+}
+
+/// An error that names a value and exits with 1 (not a kvslim::Error: no code to print).
+struct RunError {
+  std::string message;
+};
+
+struct TrainArgs {
+  std::string out;
+  kvslim::TrainOptions opt;
+  bool mass = true;
+};
+
+/// Attention mass each key token received: for every query head and query t, the causal
+/// softmax(q_t·k_j / sqrt(d)) over j <= t (exact, double), added to the query head's kv head
+/// (GQA group). mass: [layers][kv_heads][tokens].
+std::vector<float> attention_mass(const kvslim::testing::Recording& r, int T) {
+  const int d = r.head_dim, group = r.q_heads / r.kv_heads;
+  const double scale = 1.0 / std::sqrt(static_cast<double>(d));
+  std::vector<double> m(static_cast<std::size_t>(r.layers) * r.kv_heads * T, 0.0);
+  std::vector<double> p(static_cast<std::size_t>(T));
+  for (int l = 0; l < r.layers; ++l)
+    for (int h = 0; h < r.q_heads; ++h) {
+      const int kvh = h / group;
+      const float* q = r.q_head(l, h);
+      const float* k = r.k_head(l, kvh);
+      double* acc = m.data() + (static_cast<std::size_t>(l) * r.kv_heads + kvh) * T;
+      for (int t = 0; t < T; ++t) {
+        double mx = -1e300;
+        for (int j = 0; j <= t; ++j) {
+          double s = 0.0;
+          for (int c = 0; c < d; ++c) s += static_cast<double>(q[t * d + c]) * k[j * d + c];
+          p[j] = s * scale;
+          mx = std::max(mx, p[j]);
+        }
+        double sum = 0.0;
+        for (int j = 0; j <= t; ++j) sum += (p[j] = std::exp(p[j] - mx));
+        for (int j = 0; j <= t; ++j) acc[j] += p[j] / sum;
+      }
+    }
+  return {m.begin(), m.end()};
+}
+
+/// Fails early (before loading and training) when OUT cannot be written.
+void check_writable(const std::string& out) {
+  namespace fs = std::filesystem;
+  const fs::path p(out);
+  std::error_code ec;
+  if (fs::is_directory(p, ec)) throw RunError{fmt::format("--train-codebooks '{}' is a directory", out)};
+  const fs::path dir = p.has_parent_path() ? p.parent_path() : fs::path(".");
+  if (!fs::is_directory(dir, ec))
+    throw RunError{fmt::format("--train-codebooks '{}' cannot be written: directory '{}' does not exist", out,
+                               dir.string())};
+  if (access(dir.c_str(), W_OK) != 0 || (fs::exists(p, ec) && access(p.c_str(), W_OK) != 0))
+    throw RunError{fmt::format("--train-codebooks '{}' cannot be written: {}", out, std::strerror(errno))};
+}
+
+int train(const std::vector<kvslim::testing::Recording>& recs, const std::string& recipe_arg,
+          const std::string& recipe, const TrainArgs& a, int max_tokens) {
+  const auto [kshape, vshape] = kvslim::cq_recipe_shapes(recipe);
+  const auto& r0 = recs.front();
+  for (const auto& r : recs)
+    if (r.layers != r0.layers || r.kv_heads != r0.kv_heads || r.head_dim != r0.head_dim || r.q_heads != r0.q_heads)
+      throw RunError{fmt::format(
+          "--train-codebooks needs recordings of one model: '{}' has {} layers, {}/{} heads, head_dim {} but '{}' has "
+          "{} layers, {}/{} heads, head_dim {} (point --dumps at one model's directory or pick --windows)",
+          r0.dir, r0.layers, r0.q_heads, r0.kv_heads, r0.head_dim, r.dir, r.layers, r.q_heads, r.kv_heads,
+          r.head_dim)};
+  const int L = r0.layers, H = r0.kv_heads, d = r0.head_dim;
+  const auto t0 = std::chrono::steady_clock::now();
+  // Rows of every selected recording, concatenated per (layer, kv head).
+  std::int64_t rows = 0;
+  std::vector<int> used(recs.size());
+  for (std::size_t i = 0; i < recs.size(); ++i) {
+    used[i] = max_tokens > 0 ? std::min(max_tokens, recs[i].tokens) : recs[i].tokens;
+    rows += used[i];
+  }
+  const std::size_t heads = static_cast<std::size_t>(L) * H;
+  std::vector<std::vector<float>> k(heads), v(heads), w(heads);
+  for (std::size_t i = 0; i < recs.size(); ++i) {
+    const auto& r = recs[i];
+    const int T = used[i];
+    const std::vector<float> mass = a.mass ? attention_mass(r, T) : std::vector<float>{};
+    for (int l = 0; l < L; ++l)
+      for (int h = 0; h < H; ++h) {
+        const std::size_t hi = static_cast<std::size_t>(l) * H + h;
+        k[hi].insert(k[hi].end(), r.k_head(l, h), r.k_head(l, h) + static_cast<std::size_t>(T) * d);
+        v[hi].insert(v[hi].end(), r.v_head(l, h), r.v_head(l, h) + static_cast<std::size_t>(T) * d);
+        if (a.mass) w[hi].insert(w[hi].end(), mass.begin() + hi * T, mass.begin() + (hi + 1) * T);
+      }
+  }
+  kvslim::CalibrationKV cal(L, H, d);
+  for (int l = 0; l < L; ++l)
+    for (int h = 0; h < H; ++h) {
+      const std::size_t hi = static_cast<std::size_t>(l) * H + h;
+      const float* wp = a.mass ? w[hi].data() : nullptr;
+      cal.set(l, h, {k[hi].data(), v[hi].data(), rows, wp, wp});
+    }
+  const kvslim::Codebooks cb = kvslim::train_codebooks(cal, kshape, vshape, a.opt);
+  kvslim::save_codebooks(cb, a.out);
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  fmt::print("trained codebooks for '{}' -> {}\n", recipe_arg, a.out);
+  fmt::print("  model: {} layers, {} kv heads, head_dim {}; {} recordings, {} rows per (layer, kv head)\n", L, H, d,
+             recs.size(), rows);
+  fmt::print("  key C={} B={} ({} centroids x {} groups), value C={} B={} ({} centroids x {} groups)\n",
+             kshape.channels, kshape.bits, kshape.centroids(), d / kshape.channels, vshape.channels, vshape.bits,
+             vshape.centroids(), d / vshape.channels);
+  fmt::print("  weight {}, seed {}, iterations {}, {:.2f} s; {} codebook bytes (f32 centroids), fingerprint {:016x}\n",
+             a.mass ? "mass (attention-weighted)" : "none", a.opt.seed, a.opt.iterations, secs,
+             cb.data().size() * sizeof(float), cb.fingerprint());
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -64,6 +265,10 @@ int main(int argc, char** argv) {
   std::vector<std::string> recipes;
   bool json = false;
   kvslim::testing::ReplayOptions opt;
+  std::set<int> windows;
+  bool training = false;
+  bool train_opts = false;
+  TrainArgs targs;
   try {
     for (int i = 1; i < argc; ++i) {
       const std::string a = argv[i];
@@ -76,7 +281,23 @@ int main(int argc, char** argv) {
       else if (a == "--json") json = true;
       else if (a == "--chunk") opt.chunk = parse_int(a, value(), 1);
       else if (a == "--tokens") opt.max_tokens = parse_int(a, value(), 1);
-      else if (a == "--help" || a == "-h") {
+      else if (a == "--windows") windows = parse_windows(value());
+      else if (a == "--train-codebooks") {
+        targs.out = value();
+        if (targs.out.empty()) throw UsageError{"--train-codebooks needs a non-empty path"};
+        training = true;
+      } else if (a == "--seed") {
+        targs.opt.seed = parse_u64(a, value());
+        train_opts = true;
+      } else if (a == "--iterations") {
+        targs.opt.iterations = parse_int(a, value(), 0);
+        train_opts = true;
+      } else if (a == "--weight") {
+        const std::string w = value();
+        if (w != "mass" && w != "none") throw UsageError{fmt::format("--weight expects mass or none, got '{}'", w)};
+        targs.mass = w == "mass";
+        train_opts = true;
+      } else if (a == "--help" || a == "-h") {
         usage(stdout);
         return 0;
       } else throw UsageError{fmt::format("unknown argument '{}'", a)};
@@ -85,6 +306,10 @@ int main(int argc, char** argv) {
     if (recipes.empty()) throw UsageError{"at least one --recipe is required"};
     for (const auto& r : recipes)
       if (r.empty()) throw UsageError{"--recipe needs a non-empty recipe"};
+    if (train_opts && !training) throw UsageError{"--seed, --iterations and --weight need --train-codebooks OUT"};
+    if (training && recipes.size() != 1)
+      throw UsageError{fmt::format("--train-codebooks trains one recipe's codebooks, got {} --recipe", recipes.size())};
+    if (training && (json || opt.chunk != 1)) throw UsageError{"--json and --chunk do not apply to --train-codebooks"};
   } catch (const UsageError& e) {
     std::fprintf(stderr, "kvslim-eval: %s\n\n", e.message.c_str());
     usage(stderr);
@@ -95,13 +320,34 @@ int main(int argc, char** argv) {
     // "--recipe @FILE" reads the recipe from FILE; the label printed stays what was given.
     std::vector<std::string> texts;
     for (const auto& r : recipes) texts.push_back(kvslim::resolve_recipe(r));
-    const auto dirs = kvslim::testing::find_recordings(dumps);
+    if (training) {
+      kvslim::cq_recipe_shapes(texts[0]);  // no cq stage or a bad shape: fail before loading anything
+      check_writable(targs.out);
+    }
+    auto dirs = kvslim::testing::find_recordings(dumps);
     if (dirs.empty()) {
       std::fprintf(stderr, "kvslim-eval: no recordings (directories with meta.json) under '%s'\n", dumps.c_str());
       return 1;
     }
+    if (!windows.empty()) {
+      std::vector<std::string> keep;
+      std::set<int> found;
+      for (const auto& d : dirs) {
+        const int w = window_number(d);
+        if (w >= 0 && windows.count(w)) {
+          keep.push_back(d);
+          found.insert(w);
+        }
+      }
+      for (int w : windows)
+        if (!found.count(w))
+          throw RunError{fmt::format("--windows: no recording under '{}' is window {} (a directory name ending in {})",
+                                     dumps, w, w)};
+      dirs = std::move(keep);
+    }
     std::vector<kvslim::testing::Recording> recs;
     for (const auto& d : dirs) recs.push_back(kvslim::testing::load_recording(d));
+    if (training) return train(recs, recipes[0], texts[0], targs, opt.max_tokens);
     // Build a cache of every recipe for every distinct recording shape before replaying
     // anything, so that a typo in the last recipe fails now and not after the first rows.
     std::set<std::tuple<int, int, int, int, int>> shapes;
@@ -126,10 +372,12 @@ int main(int argc, char** argv) {
         }
       }
     }
+    std::vector<std::int64_t> cb_bytes;
+    for (const auto& t : texts) cb_bytes.push_back(codebook_bytes(t));
     if (!json) {
       fmt::print("{} recordings under {}\n", recs.size(), dumps);
-      fmt::print("{:<48} {:>8} {:>11} {:>7} {:>10} {:>7} {:>11} {:>11} {:>9}\n", "recipe", "bits/val", "bytes",
-                 "ratio", "ratio_seen", "kept", "rel_err", "rel_err_p99", "cosine");
+      fmt::print("{:<48} {:>8} {:>11} {:>7} {:>10} {:>7} {:>11} {:>11} {:>9} {:>9}\n", "recipe", "bits/val", "bytes",
+                 "ratio", "ratio_seen", "kept", "rel_err", "rel_err_p99", "cosine", "cb_bytes");
     }
     for (std::size_t ri = 0; ri < recipes.size(); ++ri) {
       const std::string& r = recipes[ri];
@@ -142,18 +390,21 @@ int main(int argc, char** argv) {
       if (json) {
         fmt::print("{{\"recipe\": {}, \"bits_per_value\": {:.4f}, \"bytes\": {}, \"ratio\": {:.4f}, "
                    "\"rel_err_mean\": {:.6g}, \"rel_err_p99\": {:.6g}, \"cosine_mean\": {:.8f}, "
-                   "\"ratio_seen\": {:.4f}, \"kept\": {:.6f}}}\n",
+                   "\"ratio_seen\": {:.4f}, \"kept\": {:.6f}, \"codebook_bytes\": {}}}\n",
                    kvslim::json::quote(r), res.bits_per_value, res.bytes, res.ratio, res.rel_err_mean,
-                   res.rel_err_p99, res.cosine_mean, res.ratio_seen, res.kept);
+                   res.rel_err_p99, res.cosine_mean, res.ratio_seen, res.kept, cb_bytes[ri]);
       } else {
-        fmt::print("{:<48} {:>8.3f} {:>11} {:>7.2f} {:>10.2f} {:>6.1f}% {:>11.3e} {:>11.3e} {:>9.6f}\n", r,
+        fmt::print("{:<48} {:>8.3f} {:>11} {:>7.2f} {:>10.2f} {:>6.1f}% {:>11.3e} {:>11.3e} {:>9.6f} {:>9}\n", r,
                    res.bits_per_value, res.bytes, res.ratio, res.ratio_seen, 100.0 * res.kept, res.rel_err_mean,
-                   res.rel_err_p99, res.cosine_mean);
+                   res.rel_err_p99, res.cosine_mean, cb_bytes[ri]);
       }
       std::fflush(stdout);
     }
   } catch (const kvslim::Error& e) {
     std::fprintf(stderr, "kvslim-eval: error (%s): %s\n", kvslim::error_code_name(e.code()), e.what());
+    return 1;
+  } catch (const RunError& e) {
+    std::fprintf(stderr, "kvslim-eval: error: %s\n", e.message.c_str());
     return 1;
   }
   return 0;

@@ -1,7 +1,8 @@
 // kvslim-llama: a small llama-family inference engine whose KV cache is a kvslim::KVCache.
 // Subcommands: generate (greedy text), ppl (perplexity, KLD, top-1 agreement and memory per
 // recipe against the f32 cache), dump (a recording in the data/dumps format), calibrate
-// (RazorAttention retrieval heads: a per-head recipe file and a JSON report), sweep (the
+// (RazorAttention retrieval heads: a per-head recipe file and a JSON report),
+// calibrate-codebooks (CQ codebooks from the model's post-RoPE keys and values), sweep (the
 // equal-memory frontier: candidate recipes probed for memory, the ones near the targets
 // evaluated, the best per target and the Pareto frontier).
 #include <algorithm>
@@ -20,6 +21,7 @@
 #include <unistd.h>
 
 #include "calibrate.h"
+#include "calibrate_codebooks.h"
 #include "eval.h"
 #include "file_io.h"
 #include "kvslim/cache/recipe.h"
@@ -88,6 +90,18 @@ commands:
       --recipe @FILE) and a JSON report to FILE.json (arguments, both scores per kv head and
       per query head, the chosen heads, the recipe). Prints the score table.
 
+  calibrate-codebooks --model PATH --text FILE --out OUT --recipe "cq:..." [--tokens N]
+      [--skip-bytes B] [--seed S] [--iterations N] [--weight mass|none]
+      Trains the CQ codebooks of the recipe's cq stages (their channels/bits) on the model's
+      own post-RoPE keys and values (docs/cq.md) and writes the codebook file OUT; use it as
+      --recipe "cq:...,codebooks=OUT". The token stream of FILE from byte B on (default: the
+      first <|endoftext|> at or after the middle of FILE, so that ppl, which reads FILE from
+      byte 0, is disjoint from it while its windows stay in the first half) is cut into
+      windows of the context length, each run from position 0 through an f32 cache, so every
+      position is seen; N tokens in all (default 16 windows). Rows are weighted by the
+      attention mass the token received (mass, default; summed over the GQA group) or not
+      (none). k-means++ seed S (default 1), at most N Lloyd iterations (default 25).
+
   sweep --model PATH --text FILE --target T[,T2...] [--family F ...] [--windows N]
       [--prefill N] [--json] [--plot FILE.svg] [--no-progress]
       The equal-memory frontier (docs/sweep.md). A target is a memory goal: 8 or 8x = 8 times
@@ -138,6 +152,7 @@ struct Args {
   std::int64_t tokens = 256, windows = 0, offset = -1, prefill = 0;
   bool json = false, progress = true;
   kvslim::llama::CalibrateOptions calibrate;
+  kvslim::llama::CodebookCalibrationOptions codebooks;
 };
 
 std::int64_t parse_int(std::string_view opt, std::string_view v, std::int64_t lo,
@@ -193,7 +208,7 @@ Args parse_args(int argc, char** argv) {
     return a;
   }
   if (a.command != "generate" && a.command != "ppl" && a.command != "dump" &&
-      a.command != "calibrate" && a.command != "sweep")
+      a.command != "calibrate" && a.command != "sweep" && a.command != "calibrate-codebooks")
     throw UsageError{fmt::format("unknown command '{}'", a.command)};
   const bool evaluates = a.command == "ppl" || a.command == "sweep";
   for (int i = 2; i < argc; ++i) {
@@ -209,9 +224,22 @@ Args parse_args(int argc, char** argv) {
       a.model = value();
     } else if (opt == "--prompt" && a.command == "generate") {
       a.prompt = value();
+    } else if (opt == "--tokens" && a.command == "calibrate-codebooks") {
+      a.codebooks.tokens = parse_int(opt, value(), 2);
+    } else if (opt == "--skip-bytes" && a.command == "calibrate-codebooks") {
+      a.codebooks.skip_bytes = parse_int(opt, value(), 0);
+    } else if (opt == "--seed" && a.command == "calibrate-codebooks") {
+      a.codebooks.train.seed = static_cast<std::uint64_t>(parse_int(opt, value(), 0));
+    } else if (opt == "--iterations" && a.command == "calibrate-codebooks") {
+      a.codebooks.train.iterations = static_cast<int>(parse_int(opt, value(), 0, 1 << 20));
+    } else if (opt == "--weight" && a.command == "calibrate-codebooks") {
+      const std::string w = value();
+      if (w != "mass" && w != "none") throw UsageError{fmt::format("--weight expects mass or none, got '{}'", w)};
+      a.codebooks.mass = w == "mass";
     } else if (opt == "--tokens" && a.command == "generate") {
       a.tokens = parse_int(opt, value(), 0);
-    } else if (opt == "--recipe" && (a.command == "generate" || a.command == "ppl")) {
+    } else if (opt == "--recipe" && (a.command == "generate" || a.command == "ppl" ||
+                                     a.command == "calibrate-codebooks")) {
       a.recipes.push_back(value());
     } else if (opt == "--text" && a.command != "generate") {
       a.text = value();
@@ -234,7 +262,8 @@ Args parse_args(int argc, char** argv) {
       a.plot = value();
     } else if (opt == "--offset" && a.command == "dump") {
       a.offset = parse_int(opt, value(), 0);
-    } else if (opt == "--out" && (a.command == "dump" || a.command == "calibrate")) {
+    } else if (opt == "--out" && (a.command == "dump" || a.command == "calibrate" ||
+                                  a.command == "calibrate-codebooks")) {
       a.out = value();
     } else if (opt == "--length" && a.command == "calibrate") {
       a.calibrate.length = static_cast<int>(parse_int(opt, value(), 1, 1 << 20));
@@ -273,6 +302,10 @@ Args parse_args(int argc, char** argv) {
       throw UsageError{"dump needs --text FILE, --offset BYTES and --out DIR"};
   }
   if (a.command == "calibrate" && a.out.empty()) throw UsageError{"calibrate needs --out FILE"};
+  if (a.command == "calibrate-codebooks") {
+    if (a.text.empty() || a.out.empty() || a.recipes.size() != 1)
+      throw UsageError{"calibrate-codebooks needs --text FILE, --out OUT and one --recipe \"cq:...\""};
+  }
   if (a.command == "generate" && a.recipes.size() > 1)
     throw UsageError{"generate takes one --recipe"};
   return a;
@@ -577,6 +610,35 @@ int run_calibrate(const Args& a) {
   return 0;
 }
 
+int run_calibrate_codebooks(const Args& a) {
+  const std::string recipe = kvslim::resolve_recipe(a.recipes[0]);
+  kvslim::cq_recipe_shapes(recipe);  // no cq stage: fail before loading the model
+  const Model model = load_model(a.model);
+  const std::string text = read_text(a.text);
+  CodebookCalibrationOptions o = a.codebooks;
+  o.recipe = recipe;
+  const Tokenizer::UnknownCount before = model.tokenizer->unknown();
+  const CodebookCalibrationResult r = calibrate_codebooks(model, text, o);
+  warn_unknown(model, before, fmt::format("'{}'", a.text));
+  kvslim::save_codebooks(r.codebooks, a.out);
+  const ModelConfig& c = model.config;
+  const kvslim::CodebookShape k = r.codebooks.key_shape(), v = r.codebooks.value_shape();
+  fmt::print("model {} ({} layers, {} kv heads, head_dim {}); text {} from byte {}: {} windows ({} of the full {} "
+             "tokens), {} rows per (layer, kv head)\n",
+             model.name, c.n_layers, c.n_kv_heads, c.head_dim, a.text, r.skip_bytes, r.windows, r.full_windows,
+             c.seq_len, r.rows);
+  fmt::print("key C={} B={}, value C={} B={}; weight {}, seed {}, iterations {}; forward {:.2f} s, k-means {:.2f} s\n",
+             k.channels, k.bits, v.channels, v.bits, o.mass ? "mass (attention-weighted)" : "none", o.train.seed,
+             o.train.iterations, r.seconds_forward, r.seconds_train);
+  if (r.full_windows == 0)
+    fmt::print(stderr, "kvslim-llama: warning: no window of the full context length: positions {} .. {} were not "
+                       "seen, and post-RoPE key codebooks do not carry over to unseen positions\n",
+               r.rows, c.seq_len - 1);
+  fmt::print("wrote {} ({} bytes of f32 centroids; use: --recipe \"{},codebooks={}\")\n", a.out,
+             r.codebooks.data().size() * sizeof(float), a.recipes[0], a.out);
+  return 0;
+}
+
 /// --model / --text paths that do not exist (what a missing ../shared looks like).
 std::vector<std::string> missing_paths(const Args& a) {
   std::vector<std::string> out;
@@ -600,6 +662,7 @@ int main(int argc, char** argv) {
     if (a.command == "generate") return run_generate(a);
     if (a.command == "ppl") return run_ppl(a);
     if (a.command == "calibrate") return run_calibrate(a);
+    if (a.command == "calibrate-codebooks") return run_calibrate_codebooks(a);
     if (a.command == "sweep") return run_sweep(a);
     return run_dump(a);
   } catch (const UsageError& e) {
