@@ -7,6 +7,7 @@
 
 #include <fmt/format.h>
 
+#include <filesystem>
 #include <fstream>
 
 #include "kvslim/kvslim.h"
@@ -250,6 +251,16 @@ TEST(Recipe, DocsExamplesParse) {
       continue;
     }
     if (!in_block || line.empty()) continue;
+    // cq lines name a codebook file: write one of the line's shapes (all-zero centroids) to
+    // a temporary directory and point the line at it.
+    if (const auto at = line.find("codebooks="); at != std::string::npos) {
+      const auto end = line.find_first_of(" ,#|;)", at);
+      const std::string file = line.substr(at + 10, end == std::string::npos ? end : end - at - 10);
+      const auto [ks, vs] = cq_recipe_shapes(line);
+      const std::string tmp = (std::filesystem::temp_directory_path() / ("kvslim_docs_" + file)).string();
+      save_codebooks(Codebooks(8, 4, 64, ks, vs), tmp);
+      line.replace(at + 10, file.size(), tmp);
+    }
     // A whole cache, so overrides and budgets are checked too, not only the base chain.
     EXPECT_NO_THROW(KVCache(CacheConfig{8, 8, 4, 64, 4096, line})) << line;
     ++parsed;

@@ -2,9 +2,9 @@
 // and report memory and attention quality per recipe.
 //
 //   kvslim-eval --dumps ../shared/data/dumps --recipe f32 --recipe "kivi:kbits=2,vbits=2" [--json]
-//   kvslim-eval --dumps ../shared/data/dumps/stories260K --recipe "cq:channels=4,bits=2" \
+//   kvslim-eval --dumps ../shared/data/dumps/stories260K --recipe "cq:channels=4,bits=2"
 //               --train-codebooks s260k.kvcb --windows 0,1
-//   kvslim-eval --dumps ../shared/data/dumps/stories260K --windows 2,3 \
+//   kvslim-eval --dumps ../shared/data/dumps/stories260K --windows 2,3
 //               --recipe "cq:channels=4,bits=2,codebooks=s260k.kvcb"
 #include <unistd.h>
 
