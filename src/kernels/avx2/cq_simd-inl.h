@@ -111,6 +111,11 @@ void cq_scores_chunk(int nq, int r0, const CqPage& pg, const float* score, int n
   for (; j + T <= ntok; j += T) {
     const std::uint8_t* rows[T];
     for (int t = 0; t < T; ++t) rows[t] = pg.kcodes + static_cast<std::ptrdiff_t>(j + t) * rb;
+    if (j + 2 * T <= ntok) {  // the next block's entries: L2 misses overlap this block's adds
+      const std::uint8_t* next[T];
+      for (int t = 0; t < T; ++t) next[t] = rows[t] + T * rb;
+      cq_walk<CB, T>(next, rb, pg.kgroups, base, nq, [](int, const float* e) { __builtin_prefetch(e, 0, 3); });
+    }
     V acc[T];
     for (int t = 0; t < T; ++t) acc[t] = W::zero();
     cq_walk<CB, T>(rows, rb, pg.kgroups, base, nq, [&](int t, const float* e) { acc[t] = W::add(acc[t], W::load(e)); });
@@ -169,7 +174,8 @@ template <int CB, class W>
 void cq_accum_chunk(const float* p, int nq, int r0, const CqPage& pg, float* weight, const bool* use,
                     int ntok) noexcept {
   using V = typename W::V;
-  constexpr int kJ = 64;  // tokens transposed at once
+  constexpr int kJ = 64;     // tokens transposed at once
+  constexpr int kAhead = 2;  // prefetch distance in tokens
   const int rb = row_bytes(pg.vgroups, CB);
   float* base = weight + r0;
   alignas(32) float pt[kJ][8];
@@ -186,6 +192,10 @@ void cq_accum_chunk(const float* p, int nq, int r0, const CqPage& pg, float* wei
       const V pv = W::load(pt[j]);
       if (W::none(pv)) continue;  // masked slots add nothing
       const std::uint8_t* rows[1] = {pg.vcodes + static_cast<std::ptrdiff_t>(j0 + j) * rb};
+      if (j + kAhead < nj) {  // a later token's entries, for writing: the misses overlap
+        const std::uint8_t* later[1] = {rows[0] + kAhead * rb};
+        cq_walk<CB, 1>(later, rb, pg.vgroups, base, nq, [](int, float* e) { __builtin_prefetch(e, 1, 3); });
+      }
       cq_walk<CB, 1>(rows, rb, pg.vgroups, base, nq, [&](int, float* e) { W::store(e, W::add(W::load(e), pv)); });
     }
   }
