@@ -8,7 +8,10 @@
 //       1 and 2. Counters: kv_bytes (CacheStats::total_bytes: everything the layer holds,
 //       metadata included), bytes_per_second (kv_bytes read per second), bits_per_value.
 //       Google Benchmark appends "/real_time" to every name (wall time is measured, so that
-//       threads:2 is timed correctly).
+//       threads:2 is timed correctly). Formats f32 ... kivi2q8, and cq1 / cq2: coupled
+//       quantization with random codebooks.
+//   BM_train_codebooks/C:4/B:2/tokens:4096/d:128
+//       train_codebooks for one kv head's keys and values (4096 calibration rows, head_dim 128)
 //   BM_attend/<isa>/<format>/ctx:<tokens>/threads:<n>/kv:1
 //       the same with one kv head (MQA): two threads split that head's pages (split-KV)
 //   BM_evict/<isa>/<format>/h2o:4096/ctx:65536
@@ -21,6 +24,7 @@
 
 #include <algorithm>
 #include <functional>
+#include <memory>
 #include <random>
 #include <string>
 #include <utility>
@@ -47,7 +51,31 @@ const AttendFormat kAttendFormats[] = {
     // attend() with 8-bit integer dot products (kernel_table.h, attend_kivi_q8)
     {"kivi4q8", "kivi:kbits=4,vbits=4,residual=0,qbits=8"},
     {"kivi2q8", "kivi:kbits=2,vbits=2,residual=0,qbits=8"},
+    // Coupled quantization (codebook.h) at the CQ paper's 1 and 2 bits per channel: 8 and 4
+    // channels per 8-bit code. Attention runs on the codes through per-query tables
+    // (kernel_table.h, "CQ"); the codebooks are random (seeded normal) since its speed does
+    // not depend on their values.
+    {"cq1", "cq:kchannels=8,kbits=1,vchannels=8,vbits=1,residual=0"},
+    {"cq2", "cq:channels=4,bits=2,residual=0"},
 };
+
+// Random but valid codebooks for the cq formats of a recipe (nullptr for other recipes).
+std::shared_ptr<const Codebooks> bench_codebooks(const std::string& recipe, int layers, int kvh, int d) {
+  if (recipe.rfind("cq:", 0) != 0) return nullptr;
+  const auto shapes = cq_recipe_shapes(recipe);
+  auto cb = std::make_shared<Codebooks>(layers, kvh, d, shapes.first, shapes.second);
+  std::mt19937 rng(11);
+  std::normal_distribution<float> nd;
+  for (int l = 0; l < layers; ++l)
+    for (int h = 0; h < kvh; ++h)
+      for (int v = 0; v < 2; ++v)
+        for (int g = 0; g < cb->groups(v != 0); ++g) {
+          float* c = cb->mutable_centroids(l, h, v != 0, g);
+          const int n = cb->centroid_count(v != 0) * cb->shape(v != 0).channels;
+          for (int i = 0; i < n; ++i) c[i] = nd(rng);
+        }
+  return cb;
+}
 const int kContexts[] = {4096, 16384, 65536};
 
 // With --benchmark_repetitions=N: the least disturbed run (this machine shares its host).
@@ -74,6 +102,7 @@ void BM_attend(benchmark::State& state, Isa isa, AttendFormat f, int ctx, int th
   set_active_isa(isa);  // the cache binds its kernel table at construction
   CacheConfig cfg{1, kQH, kKVH, kD, ctx + 1, f.recipe};
   cfg.threads = threads;
+  cfg.codebooks = bench_codebooks(f.recipe, 1, kKVH, kD);
   KVCache cache(cfg);
   std::vector<float> k(static_cast<std::size_t>(kKVH) * kChunk * kD), v(k.size()), q(static_cast<std::size_t>(kQH) * kD),
       out(q.size());
@@ -135,6 +164,21 @@ void BM_evict(benchmark::State& state, Isa isa, AttendFormat f, int ctx) {
   state.counters["ratio_seen"] = st.ratio_seen;
 }
 
+// Codebook training (train_codebooks): one (layer, kv head), 4096 calibration tokens, head_dim
+// 128, C=4 B=2 (256 centroids per group, 32 groups) for keys and values, default options.
+void BM_train_codebooks(benchmark::State& state) {
+  constexpr int kRows = 4096, kD = 128;
+  std::vector<float> k(static_cast<std::size_t>(kRows) * kD), v(k.size());
+  fill_random(k.data(), k.size(), 1);
+  fill_random(v.data(), v.size(), 2);
+  CalibrationKV cal(1, 1, kD);
+  cal.set(0, 0, {k.data(), v.data(), kRows, nullptr, nullptr});
+  for (auto _ : state) {
+    Codebooks cb = train_codebooks(cal, {4, 2}, {4, 2});
+    benchmark::DoNotOptimize(cb.data().data());
+  }
+}
+
 }  // namespace
 
 // Every attention row: wall time (threads), the least disturbed repetition, milliseconds.
@@ -159,6 +203,10 @@ void register_attend() {
           register_ms(name, BM_attend, isa, f, ctx, th, 8);
         }
   // MQA (32 query heads, 1 kv head): with 2 threads the head's pages are split between them.
+  benchmark::RegisterBenchmark("BM_train_codebooks/C:4/B:2/tokens:4096/d:128", BM_train_codebooks)
+      ->Unit(benchmark::kMillisecond)
+      ->Iterations(1)
+      ->Repetitions(1);
   for (Isa isa : available_isas()) {
     if (isa == Isa::kScalar) continue;
     for (const AttendFormat& f : kAttendFormats)

@@ -75,7 +75,7 @@ void cq_accum_g(const float* p, int nq, const CqPage& pg, const CqTables& t, con
   }
 }
 
-void attend_cq_g(int nq, const CqPage& pg, const CqTables& t, int ntok, int d, const BlockMask& mask,
+[[maybe_unused]] void attend_cq_g(int nq, const CqPage& pg, const CqTables& t, int ntok, int d, const BlockMask& mask,
                  OnlineState& st) noexcept {
   fused_block(
       nq, ntok, mask, st, [&](float* s) { cq_scores_g(nq, pg, t, ntok, s); },

@@ -209,6 +209,15 @@ struct KernelTable {
                          OnlineState& st) noexcept;
 
   // --- CQ (CqPage, CqTables above) ---
+  // Across ISAs (tests/kernels_cq_test.cpp): cq_scores and cq_accum of every table are
+  // bit-identical to the scalar table's given the same tables, p and m (each logit sums its
+  // groups in order 0..G-1, each weight its tokens in order; the rescale multiplies by the same
+  // expf); cq_tables and cq_finish are within 1e-6 of the sum of |terms| (FMA contraction);
+  // attend_cq gives identical logits and m, and p, l, weights and outputs within 2e-6
+  // relative (the vector exp of softmax_block; p within 2e-6 * p * (1 + |ln p|)). Against
+  // double-precision attention over the decoded rows the normalized output is within 1e-5
+  // relative L2. The AVX2 and AVX-512 tables run src/kernels/avx2/cq_simd-inl.h (any nq, code
+  // width, ntok); cq_tables and cq_finish are the plain C++ of src/kernels/cq-inl.h.
   // score[g][k][r] = sum_c q[r][g·C + c] * centroids[g][k][c] for the groups·C = d channels;
   // centroids [groups][count][C].
   void (*cq_tables)(const float* q, int nq, const float* centroids, int groups, int count, int C,

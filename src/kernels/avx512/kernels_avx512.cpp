@@ -546,6 +546,7 @@ void kivi_accum_k(const float* p, int nq, const std::uint16_t* scale, const std:
 #define KVSLIM_CQ_SOFTMAX softmax_block_k
 #include "kernels/cq-inl.h"
 #undef KVSLIM_CQ_SOFTMAX
+#include "kernels/avx2/cq_simd-inl.h"
 
 }  // namespace
 
@@ -559,7 +560,7 @@ extern const KernelTable kTable = {
     kivi_scores_k, kivi_accum_k,
     mask_block_k, attend_f32_k, attend_f16_k, attend_bf16_k, attend_kivi_t<kivi_scores_k, kivi_accum_k>,
     attend_kivi_q8_k,
-    cq_tables_g, cq_scores_g, cq_accum_g, attend_cq_g, cq_finish_g,
+    cq_tables_g, cq_scores_k, cq_accum_k, attend_cq_k, cq_finish_g,
 };
 
 }  // namespace kvslim::kernels::avx512

@@ -1,0 +1,270 @@
+// CQ kernels (kernel_table.h, "CQ") with SSE/AVX vectors: the AVX2 table's, and the AVX-512
+// table's (compiled there with AVX-512 flags: EVEX encodings and 32 vector registers; the
+// widest row chunk is 8 floats either way, since decode runs nq = 4 or 8 rows per kv head).
+// Included inside the ISA's namespace after kernels/cq-inl.h (cq_code, cq_rebase, the `_g`
+// fallbacks) and the ISA's softmax_block_k.
+//
+// The nq rows of a table entry are adjacent, so one (token, group) is one vector load + add
+// on the key side and one load-add-store on the value side, for the rows of a chunk of
+// 8, 4, 2 or 1 (nq = 3 runs a 2-row and a 1-row chunk). Per row the additions happen in the
+// scalar kernels' order (groups 0..G-1 for a logit, tokens in order for a weight), so
+// cq_scores and cq_accum are bit-identical to the scalar table; only attend_cq differs,
+// through the vector exp of softmax_block_k.
+//
+// Codes are read as 64-bit words of a row (64 / cbits codes each; a row's last bytes
+// bytewise, so nothing is read past a row), shifted and masked in general registers: at
+// 256 centroids a table row of 4 floats is a 16-byte load at code * 16, and 4 tokens' chains
+// are interleaved to cover the add latency. (A gather of 8 tokens' entries per group was
+// slower on Zen 3 than the row loads it replaces.)
+
+// Rows [r0, r0 + W) of a table entry as one vector.
+struct CqW1 {
+  static constexpr int kW = 1;
+  using V = __m128;
+  static V zero() noexcept { return _mm_setzero_ps(); }
+  static V load(const float* p) noexcept { return _mm_load_ss(p); }
+  static void store(float* p, V v) noexcept { _mm_store_ss(p, v); }
+  static V add(V a, V b) noexcept { return _mm_add_ss(a, b); }
+  static V mul(V a, V b) noexcept { return _mm_mul_ss(a, b); }
+  static bool none(V v) noexcept { return _mm_movemask_ps(_mm_cmpneq_ps(v, _mm_setzero_ps())) == 0; }
+};
+struct CqW2 {
+  static constexpr int kW = 2;
+  using V = __m128;
+  static V zero() noexcept { return _mm_setzero_ps(); }
+  static V load(const float* p) noexcept { return _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(p))); }
+  static void store(float* p, V v) noexcept { _mm_store_sd(reinterpret_cast<double*>(p), _mm_castps_pd(v)); }
+  static V add(V a, V b) noexcept { return _mm_add_ps(a, b); }
+  static V mul(V a, V b) noexcept { return _mm_mul_ps(a, b); }
+  static bool none(V v) noexcept { return (_mm_movemask_ps(_mm_cmpneq_ps(v, _mm_setzero_ps())) & 3) == 0; }
+};
+struct CqW4 {
+  static constexpr int kW = 4;
+  using V = __m128;
+  static V zero() noexcept { return _mm_setzero_ps(); }
+  static V load(const float* p) noexcept { return _mm_loadu_ps(p); }
+  static void store(float* p, V v) noexcept { _mm_storeu_ps(p, v); }
+  static V add(V a, V b) noexcept { return _mm_add_ps(a, b); }
+  static V mul(V a, V b) noexcept { return _mm_mul_ps(a, b); }
+  static bool none(V v) noexcept { return _mm_movemask_ps(_mm_cmpneq_ps(v, _mm_setzero_ps())) == 0; }
+};
+struct CqW8 {
+  static constexpr int kW = 8;
+  using V = __m256;
+  static V zero() noexcept { return _mm256_setzero_ps(); }
+  static V load(const float* p) noexcept { return _mm256_loadu_ps(p); }
+  static void store(float* p, V v) noexcept { _mm256_storeu_ps(p, v); }
+  static V add(V a, V b) noexcept { return _mm256_add_ps(a, b); }
+  static V mul(V a, V b) noexcept { return _mm256_mul_ps(a, b); }
+  static bool none(V v) noexcept {
+    return _mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_NEQ_UQ)) == 0;
+  }
+};
+
+// Bytes [b, b + 8) of a code row as a little-endian word; bytes at or past rb read as 0.
+inline std::uint64_t cq_word(const std::uint8_t* row, int b, int rb) noexcept {
+  std::uint64_t w = 0;
+  if (b + 8 <= rb) {
+    __builtin_memcpy(&w, row + b, 8);
+  } else {
+    for (int i = 0; b + i < rb; ++i) w |= static_cast<std::uint64_t>(row[b + i]) << (8 * i);
+  }
+  return w;
+}
+
+// Calls f(t, e) for the groups of T code rows (rows[t]) in group order; e = base + code of
+// row t at that group * nq, base advancing by count * nq per group.
+template <int CB, int T, class P, class F>
+inline void cq_walk(const std::uint8_t* const* rows, int rb, int groups, P* base, int nq, F&& f) noexcept {
+  constexpr int kPer = 64 / CB;
+  constexpr std::uint64_t kMask = (std::uint64_t{1} << CB) - 1u;
+  const std::ptrdiff_t step = static_cast<std::ptrdiff_t>(nq) << CB;
+  int g = 0;
+  for (int b = 0; g < groups; b += 8) {
+    std::uint64_t w[T];
+    for (int t = 0; t < T; ++t) w[t] = cq_word(rows[t], b, rb);
+    if (g + kPer <= groups) {
+#pragma GCC unroll 64
+      for (int i = 0; i < kPer; ++i) {
+        for (int t = 0; t < T; ++t) f(t, base + static_cast<std::ptrdiff_t>((w[t] >> (i * CB)) & kMask) * nq);
+        base += step;
+      }
+      g += kPer;
+    } else {
+      for (int i = 0; g < groups; ++i, ++g) {
+        for (int t = 0; t < T; ++t) f(t, base + static_cast<std::ptrdiff_t>((w[t] >> (i * CB)) & kMask) * nq);
+        base += step;
+      }
+    }
+  }
+}
+
+// s[r][j] for rows [r0, r0 + W::kW), tokens 4 at a time (independent add chains).
+template <int CB, class W>
+void cq_scores_chunk(int nq, int r0, const CqPage& pg, const float* score, int ntok, float* s) noexcept {
+  using V = typename W::V;
+  constexpr int T = 4;
+  const int rb = row_bytes(pg.kgroups, CB);
+  const float* base = score + r0;
+  alignas(32) float out[T][8];
+  int j = 0;
+  for (; j + T <= ntok; j += T) {
+    const std::uint8_t* rows[T];
+    for (int t = 0; t < T; ++t) rows[t] = pg.kcodes + static_cast<std::ptrdiff_t>(j + t) * rb;
+    if (j + 2 * T <= ntok) {  // the next block's entries: L2 misses overlap this block's adds
+      const std::uint8_t* next[T];
+      for (int t = 0; t < T; ++t) next[t] = rows[t] + T * rb;
+      cq_walk<CB, T>(next, rb, pg.kgroups, base, nq, [](int, const float* e) { __builtin_prefetch(e, 0, 3); });
+    }
+    V acc[T];
+    for (int t = 0; t < T; ++t) acc[t] = W::zero();
+    cq_walk<CB, T>(rows, rb, pg.kgroups, base, nq, [&](int t, const float* e) { acc[t] = W::add(acc[t], W::load(e)); });
+    for (int t = 0; t < T; ++t) W::store(out[t], acc[t]);
+    for (int r = 0; r < W::kW; ++r)
+      for (int t = 0; t < T; ++t) s[static_cast<std::ptrdiff_t>(r0 + r) * ntok + j + t] = out[t][r];
+  }
+  for (; j < ntok; ++j) {
+    const std::uint8_t* rows[1] = {pg.kcodes + static_cast<std::ptrdiff_t>(j) * rb};
+    V acc = W::zero();
+    cq_walk<CB, 1>(rows, rb, pg.kgroups, base, nq, [&](int, const float* e) { acc = W::add(acc, W::load(e)); });
+    W::store(out[0], acc);
+    for (int r = 0; r < W::kW; ++r) s[static_cast<std::ptrdiff_t>(r0 + r) * ntok + j] = out[0][r];
+  }
+}
+
+// Runs Chunk<W>::run(r0, args...) over the row chunks of nq: 8s, then a 4, a 2, a 1.
+template <template <class> class Chunk, class... A>
+inline void cq_row_chunks(int nq, A&&... a) noexcept {
+  int r0 = 0;
+  for (; r0 + 8 <= nq; r0 += 8) Chunk<CqW8>::run(r0, a...);
+  if (r0 + 4 <= nq) Chunk<CqW4>::run(r0, a...), r0 += 4;
+  if (r0 + 2 <= nq) Chunk<CqW2>::run(r0, a...), r0 += 2;
+  if (r0 < nq) Chunk<CqW1>::run(r0, a...);
+}
+
+template <int CB>
+struct CqScoresRun {
+  template <class W>
+  struct Chunk {
+    static void run(int r0, int nq, const CqPage& pg, const float* score, int ntok, float* s) noexcept {
+      cq_scores_chunk<CB, W>(nq, r0, pg, score, ntok, s);
+    }
+  };
+};
+
+template <int CB>
+void cq_scores_cb(int nq, const CqPage& pg, const CqTables& t, int ntok, float* s) noexcept {
+  cq_row_chunks<CqScoresRun<CB>::template Chunk>(nq, nq, pg, t.score, ntok, s);
+}
+
+void cq_scores_k(int nq, const CqPage& pg, const CqTables& t, int ntok, float* s) noexcept {
+  switch (pg.kcbits) {
+    case 1: return cq_scores_cb<1>(nq, pg, t, ntok, s);
+    case 2: return cq_scores_cb<2>(nq, pg, t, ntok, s);
+    case 4: return cq_scores_cb<4>(nq, pg, t, ntok, s);
+    case 8: return cq_scores_cb<8>(nq, pg, t, ntok, s);
+    default: return cq_scores_g(nq, pg, t, ntok, s);
+  }
+}
+
+// weight[g][code_jg][r] += p[r][j] for rows [r0, r0 + W::kW): the rows' probabilities of a
+// token transposed into one vector (rows with use[r] = 0 as 0, i.e. skipped), then one
+// load-add-store per value group. Tokens whose vector is all 0 (masked) are skipped.
+template <int CB, class W>
+void cq_accum_chunk(const float* p, int nq, int r0, const CqPage& pg, float* weight, const bool* use,
+                    int ntok) noexcept {
+  using V = typename W::V;
+  constexpr int kJ = 64;     // tokens transposed at once
+  constexpr int kAhead = 2;  // prefetch distance in tokens
+  const int rb = row_bytes(pg.vgroups, CB);
+  float* base = weight + r0;
+  alignas(32) float pt[kJ][8];
+  for (int j0 = 0; j0 < ntok; j0 += kJ) {
+    const int nj = ntok - j0 < kJ ? ntok - j0 : kJ;
+    for (int r = 0; r < W::kW; ++r) {
+      const float* pr = p + static_cast<std::ptrdiff_t>(r0 + r) * ntok + j0;
+      if (use[r0 + r])
+        for (int j = 0; j < nj; ++j) pt[j][r] = pr[j];
+      else
+        for (int j = 0; j < nj; ++j) pt[j][r] = 0.0f;
+    }
+    for (int j = 0; j < nj; ++j) {
+      const V pv = W::load(pt[j]);
+      if (W::none(pv)) continue;  // masked slots add nothing
+      const std::uint8_t* rows[1] = {pg.vcodes + static_cast<std::ptrdiff_t>(j0 + j) * rb};
+      if (j + kAhead < nj) {  // a later token's entries, for writing: the misses overlap
+        const std::uint8_t* later[1] = {rows[0] + kAhead * rb};
+        cq_walk<CB, 1>(later, rb, pg.vgroups, base, nq, [](int, float* e) { __builtin_prefetch(e, 1, 3); });
+      }
+      cq_walk<CB, 1>(rows, rb, pg.vgroups, base, nq, [&](int, float* e) { W::store(e, W::add(W::load(e), pv)); });
+    }
+  }
+}
+
+template <int CB>
+struct CqAccumRun {
+  template <class W>
+  struct Chunk {
+    static void run(int r0, const float* p, int nq, const CqPage& pg, float* weight, const bool* use,
+                    int ntok) noexcept {
+      cq_accum_chunk<CB, W>(p, nq, r0, pg, weight, use, ntok);
+    }
+  };
+};
+
+// cq_rebase for every row at once: one pass over the table multiplying each row by its
+// factor (1 for rows that keep their max: x * 1 = x, so the result is the scalar one).
+inline void cq_rebase_all(const CqTables& t, int nq, const float* m, std::ptrdiff_t entries, bool* use) noexcept {
+  constexpr int kMaxRows = 256;
+  float f[kMaxRows];
+  bool any = false;
+  for (int r = 0; r < nq; ++r) {
+    use[r] = m[r] != -__builtin_inff();
+    f[r] = 1.0f;
+    if (use[r] && t.wmax[r] != m[r]) {
+      if (t.wmax[r] != -__builtin_inff()) {
+        f[r] = __builtin_expf(t.wmax[r] - m[r]);
+        any = any || f[r] != 1.0f;
+      }
+      t.wmax[r] = m[r];
+    }
+  }
+  if (!any) return;
+  if (nq == 4) {
+    const __m128 fv = _mm_loadu_ps(f);
+    for (std::ptrdiff_t e = 0; e < entries; ++e) _mm_storeu_ps(t.weight + 4 * e, _mm_mul_ps(_mm_loadu_ps(t.weight + 4 * e), fv));
+  } else if (nq == 8) {
+    const __m256 fv = _mm256_loadu_ps(f);
+    for (std::ptrdiff_t e = 0; e < entries; ++e)
+      _mm256_storeu_ps(t.weight + 8 * e, _mm256_mul_ps(_mm256_loadu_ps(t.weight + 8 * e), fv));
+  } else {
+    for (std::ptrdiff_t e = 0; e < entries; ++e)
+      for (int r = 0; r < nq; ++r) t.weight[e * nq + r] *= f[r];
+  }
+}
+
+template <int CB>
+void cq_accum_cb(const float* p, int nq, const CqPage& pg, const CqTables& t, const float* m, int ntok) noexcept {
+  bool use[256];
+  cq_rebase_all(t, nq, m, static_cast<std::ptrdiff_t>(pg.vgroups) << CB, use);
+  cq_row_chunks<CqAccumRun<CB>::template Chunk>(nq, p, nq, pg, t.weight, use, ntok);
+}
+
+void cq_accum_k(const float* p, int nq, const CqPage& pg, const CqTables& t, const float* m, int ntok) noexcept {
+  if (nq > 256) return cq_accum_g(p, nq, pg, t, m, ntok);
+  switch (pg.vcbits) {
+    case 1: return cq_accum_cb<1>(p, nq, pg, t, m, ntok);
+    case 2: return cq_accum_cb<2>(p, nq, pg, t, m, ntok);
+    case 4: return cq_accum_cb<4>(p, nq, pg, t, m, ntok);
+    case 8: return cq_accum_cb<8>(p, nq, pg, t, m, ntok);
+    default: return cq_accum_g(p, nq, pg, t, m, ntok);
+  }
+}
+
+void attend_cq_k(int nq, const CqPage& pg, const CqTables& t, int ntok, int d, const BlockMask& mask,
+                 OnlineState& st) noexcept {
+  fused_block(
+      nq, ntok, mask, st, [&](float* s) { cq_scores_k(nq, pg, t, ntok, s); },
+      [&](float* s, float* m, float* l, float* o) { softmax_block_k(s, nq, ntok, m, l, o, d); },
+      [&](const float* p, float*) { cq_accum_k(p, nq, pg, t, st.m, ntok); });
+}
