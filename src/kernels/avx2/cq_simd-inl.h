@@ -14,8 +14,8 @@
 // Codes are read as 64-bit words of a row (64 / cbits codes each; a row's last bytes
 // bytewise, so nothing is read past a row), shifted and masked in general registers: at
 // 256 centroids a table row of 4 floats is a 16-byte load at code * 16, and 4 tokens' chains
-// are interleaved to cover the add latency. (A gather of 8 tokens' entries per group was
-// slower on Zen 3 than the row loads it replaces.)
+// are interleaved to cover the add latency. (Gathers across tokens and pshufb tables for
+// 16-entry codebooks were not tried; see issue 12's closing note.)
 
 // Rows [r0, r0 + W) of a table entry as one vector.
 struct CqW1 {
