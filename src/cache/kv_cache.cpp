@@ -135,7 +135,8 @@ class WorkerPool {
 struct KVCache::Impl {
   CacheConfig cfg;
   const kernels::KernelTable* kt = nullptr;
-  // Pipelines are built once per distinct chain and shared by the heads that use it.
+  // Pipelines are built once per distinct chain and shared by the heads that use it (once
+  // per head for chains with per-head stages, BuiltStage::per_head).
   std::vector<std::unique_ptr<Pipeline>> pipelines;
   // Codebooks the cq stages read (from files and from cfg.codebooks): kept alive here, and
   // reported apart in stats() as a per-model cost.
