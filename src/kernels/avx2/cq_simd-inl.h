@@ -32,8 +32,9 @@ struct CqW2 {
   static constexpr int kW = 2;
   using V = __m128;
   static V zero() noexcept { return _mm_setzero_ps(); }
-  static V load(const float* p) noexcept { return _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(p))); }
-  static void store(float* p, V v) noexcept { _mm_store_sd(reinterpret_cast<double*>(p), _mm_castps_pd(v)); }
+  // 8 bytes at a float-aligned address: the unaligned-typed integer forms (no double* alignment).
+  static V load(const float* p) noexcept { return _mm_castsi128_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i_u*>(p))); }
+  static void store(float* p, V v) noexcept { _mm_storel_epi64(reinterpret_cast<__m128i_u*>(p), _mm_castps_si128(v)); }
   static V add(V a, V b) noexcept { return _mm_add_ps(a, b); }
   static V mul(V a, V b) noexcept { return _mm_mul_ps(a, b); }
   static bool none(V v) noexcept { return (_mm_movemask_ps(_mm_cmpneq_ps(v, _mm_setzero_ps())) & 3) == 0; }
