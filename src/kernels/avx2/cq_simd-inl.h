@@ -11,6 +11,11 @@
 // cq_scores and cq_accum are bit-identical to the scalar table; only attend_cq differs,
 // through the vector exp of softmax_block_k.
 //
+// Only 4- and 8-bit codes (C·B = 4 or 8: every recipe in docs/cq.md) have vector kernels;
+// 1- and 2-bit codes run the scalar `_g` ones. Each vector instance is a fully unrolled walk
+// over 64 / (C·B) codes per word for 4 row widths, and the 1- and 2-bit instances were most
+// of the compile time of the two kernel translation units (CI's sanitizer build above all).
+//
 // Codes are read as 64-bit words of a row (64 / cbits codes each; a row's last bytes
 // bytewise, so nothing is read past a row), shifted and masked in general registers: at
 // 256 centroids a table row of 4 floats is a 16-byte load at code * 16, and 4 tokens' chains
@@ -85,7 +90,7 @@ inline void cq_walk(const std::uint8_t* const* rows, int rb, int groups, P* base
     std::uint64_t w[T];
     for (int t = 0; t < T; ++t) w[t] = cq_word(rows[t], b, rb);
     if (g + kPer <= groups) {
-#pragma GCC unroll 64
+#pragma GCC unroll 16
       for (int i = 0; i < kPer; ++i) {
         for (int t = 0; t < T; ++t) f(t, base + static_cast<std::ptrdiff_t>((w[t] >> (i * CB)) & kMask) * nq);
         base += step;
@@ -160,8 +165,6 @@ void cq_scores_cb(int nq, const CqPage& pg, const CqTables& t, int ntok, float* 
 
 void cq_scores_k(int nq, const CqPage& pg, const CqTables& t, int ntok, float* s) noexcept {
   switch (pg.kcbits) {
-    case 1: return cq_scores_cb<1>(nq, pg, t, ntok, s);
-    case 2: return cq_scores_cb<2>(nq, pg, t, ntok, s);
     case 4: return cq_scores_cb<4>(nq, pg, t, ntok, s);
     case 8: return cq_scores_cb<8>(nq, pg, t, ntok, s);
     default: return cq_scores_g(nq, pg, t, ntok, s);
@@ -254,8 +257,6 @@ void cq_accum_cb(const float* p, int nq, const CqPage& pg, const CqTables& t, co
 void cq_accum_k(const float* p, int nq, const CqPage& pg, const CqTables& t, const float* m, int ntok) noexcept {
   if (nq > 256) return cq_accum_g(p, nq, pg, t, m, ntok);
   switch (pg.vcbits) {
-    case 1: return cq_accum_cb<1>(p, nq, pg, t, m, ntok);
-    case 2: return cq_accum_cb<2>(p, nq, pg, t, m, ntok);
     case 4: return cq_accum_cb<4>(p, nq, pg, t, m, ntok);
     case 8: return cq_accum_cb<8>(p, nq, pg, t, m, ntok);
     default: return cq_accum_g(p, nq, pg, t, m, ntok);
