@@ -351,6 +351,19 @@ TEST_P(Cq, MatchesScalarAndDoubleReference) {
           if (HasFailure()) FAIL() << "stopping at the first failing case";
         }
     }
+  // Long pages: 8-bit codes switch to the group-major walk at 128 tokens and tile it by 256
+  // (cq_simd-inl.h); d = 40 gives 10 and 5 groups, i.e. a pass of fewer than 4 groups.
+  for (const Shape& s : kShapes)
+    for (int d : {8, 40, 128}) {
+      if (d % s.C) continue;
+      for (int nq : kRows)
+        for (int ntok : {127, 128, 131, 256, 257, 600}) {
+          const Case c(s, d, nq, ntok, seed++);
+          check_case(kt(), c);
+          ++cases;
+          if (HasFailure()) FAIL() << "stopping at the first failing case";
+        }
+    }
   std::printf("%s: %d cases\n", isa_name(GetParam()), cases);
 }
 

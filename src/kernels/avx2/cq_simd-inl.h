@@ -52,6 +52,8 @@ struct CqW4 {
   static void store(float* p, V v) noexcept { _mm_storeu_ps(p, v); }
   static V add(V a, V b) noexcept { return _mm_add_ps(a, b); }
   static V mul(V a, V b) noexcept { return _mm_mul_ps(a, b); }
+  static V set1(float x) noexcept { return _mm_set1_ps(x); }
+  static V fmadd(V a, V b, V c) noexcept { return _mm_fmadd_ps(a, b, c); }
   static bool none(V v) noexcept { return _mm_movemask_ps(_mm_cmpneq_ps(v, _mm_setzero_ps())) == 0; }
 };
 struct CqW8 {
@@ -62,6 +64,8 @@ struct CqW8 {
   static void store(float* p, V v) noexcept { _mm256_storeu_ps(p, v); }
   static V add(V a, V b) noexcept { return _mm256_add_ps(a, b); }
   static V mul(V a, V b) noexcept { return _mm256_mul_ps(a, b); }
+  static V set1(float x) noexcept { return _mm256_set1_ps(x); }
+  static V fmadd(V a, V b, V c) noexcept { return _mm256_fmadd_ps(a, b, c); }
   static bool none(V v) noexcept {
     return _mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_NEQ_UQ)) == 0;
   }
@@ -158,8 +162,88 @@ struct CqScoresRun {
   };
 };
 
+// ---- Group-major walk for 8-bit codes (256-entry tables) on long pages ----
+// At 256 centroids a table is [groups][256][nq] floats: 128 KB for head_dim 128, C = 4 and
+// nq = 4, above L1, so the token-major walk above pays an L2 access per (token, group) on
+// each side. Here a page is walked 4 groups at a time over a tile of kGmTile tokens: the 4
+// groups' table slices (16 KB at nq = 4) stay in L1 while every token of the tile reads
+// them, and the per-token partial sums (or probabilities) are an L1 buffer instead. Each
+// table line then comes from L2 once per tile and pass instead of once per token. Pages
+// shorter than kGmMin tokens keep the token-major walk, since a pass streams its slices
+// whether 1 token or 256 read them (recipes' group=, docs/cq.md "Speed").
+// Measured on Sapphire Rapids, attend_cq at head_dim 128, nq 4, codes spread over all 256
+// centroids: 32-token pages 62.8 (C 4, B 2) and 30.8 (C 8, B 1) ns per token, 256-token
+// pages 39.2 and 22.0.
+// Per row the additions keep the scalar order (groups in order for a logit, tokens in order
+// for a weight), so the results stay bit-identical to the scalar table.
+constexpr int kGmTile = 256;
+constexpr int kGmMin = 128;
+
+inline std::uint32_t cq_quad(const std::uint8_t* p) noexcept {
+  std::uint32_t c;
+  __builtin_memcpy(&c, p, 4);
+  return c;
+}
+
+// NQ > 0: nq known at compile time (decode's 4 and 8 rows), so an entry's offset is a shift.
+template <class W, int NQ = 0>
+void cq_scores_gm(int nq_, int r0, const CqPage& pg, const float* score, int ntok, float* s) noexcept {
+  using V = typename W::V;
+  const std::ptrdiff_t nq = NQ > 0 ? NQ : nq_;
+  const int groups = pg.kgroups;
+  const int rb = groups;  // one byte per code
+  const std::ptrdiff_t gs = static_cast<std::ptrdiff_t>(nq) << 8;
+  alignas(32) float acc[kGmTile][8];
+  for (int j0 = 0; j0 < ntok; j0 += kGmTile) {
+    const int nj = ntok - j0 < kGmTile ? ntok - j0 : kGmTile;
+    const std::uint8_t* codes = pg.kcodes + static_cast<std::ptrdiff_t>(j0) * rb;
+    for (int g = 0; g < groups; g += 4) {
+      const float* t0 = score + r0 + g * gs;
+      if (g + 4 <= groups) {
+        const float* t1 = t0 + gs;
+        const float* t2 = t1 + gs;
+        const float* t3 = t2 + gs;
+        for (int j = 0; j < nj; ++j) {
+          const std::uint32_t c = cq_quad(codes + static_cast<std::ptrdiff_t>(j) * rb + g);
+          V a = g == 0 ? W::zero() : W::load(acc[j]);
+          a = W::add(a, W::load(t0 + static_cast<std::ptrdiff_t>(c & 255u) * nq));
+          a = W::add(a, W::load(t1 + static_cast<std::ptrdiff_t>((c >> 8) & 255u) * nq));
+          a = W::add(a, W::load(t2 + static_cast<std::ptrdiff_t>((c >> 16) & 255u) * nq));
+          a = W::add(a, W::load(t3 + static_cast<std::ptrdiff_t>(c >> 24) * nq));
+          W::store(acc[j], a);
+        }
+      } else {
+        for (int j = 0; j < nj; ++j) {
+          const std::uint8_t* c = codes + static_cast<std::ptrdiff_t>(j) * rb;
+          V a = g == 0 ? W::zero() : W::load(acc[j]);
+          for (int h = g; h < groups; ++h) a = W::add(a, W::load(t0 + (h - g) * gs + static_cast<std::ptrdiff_t>(c[h]) * nq));
+          W::store(acc[j], a);
+        }
+      }
+    }
+    for (int r = 0; r < W::kW; ++r) {
+      float* sr = s + static_cast<std::ptrdiff_t>(r0 + r) * ntok + j0;
+      for (int j = 0; j < nj; ++j) sr[j] = acc[j][r];
+    }
+  }
+}
+
+struct CqScoresGm {
+  template <class W>
+  struct Chunk {
+    static void run(int r0, int nq, const CqPage& pg, const float* score, int ntok, float* s) noexcept {
+      cq_scores_gm<W>(nq, r0, pg, score, ntok, s);
+    }
+  };
+};
+
 template <int CB>
 void cq_scores_cb(int nq, const CqPage& pg, const CqTables& t, int ntok, float* s) noexcept {
+  if (CB == 8 && ntok >= kGmMin) {
+    if (nq == 4) return cq_scores_gm<CqW4, 4>(4, 0, pg, t.score, ntok, s);
+    if (nq == 8) return cq_scores_gm<CqW8, 8>(8, 0, pg, t.score, ntok, s);
+    return cq_row_chunks<CqScoresGm::Chunk>(nq, nq, pg, t.score, ntok, s);
+  }
   cq_row_chunks<CqScoresRun<CB>::template Chunk>(nq, nq, pg, t.score, ntok, s);
 }
 
@@ -204,6 +288,75 @@ void cq_accum_chunk(const float* p, int nq, int r0, const CqPage& pg, float* wei
     }
   }
 }
+
+// weight[g][code_jg][r] += p[r][j], group-major (cq_scores_gm): the tile's live tokens'
+// probability vectors are transposed once, then each pass of 4 groups adds them into the
+// 4 groups' L1-resident slices, tokens in order.
+template <class W, int NQ = 0>
+void cq_accum_gm(const float* p, int nq_, int r0, const CqPage& pg, float* weight, const bool* use, int ntok) noexcept {
+  using V = typename W::V;
+  const std::ptrdiff_t nq = NQ > 0 ? NQ : nq_;
+  const int groups = pg.vgroups;
+  const int rb = groups;
+  const std::ptrdiff_t gs = static_cast<std::ptrdiff_t>(nq) << 8;
+  alignas(32) float pt[kGmTile][8];
+  int live[kGmTile];
+  for (int j0 = 0; j0 < ntok; j0 += kGmTile) {
+    const int nj = ntok - j0 < kGmTile ? ntok - j0 : kGmTile;
+    for (int r = 0; r < W::kW; ++r) {
+      const float* pr = p + static_cast<std::ptrdiff_t>(r0 + r) * ntok + j0;
+      if (use[r0 + r])
+        for (int j = 0; j < nj; ++j) pt[j][r] = pr[j];
+      else
+        for (int j = 0; j < nj; ++j) pt[j][r] = 0.0f;
+    }
+    int nl = 0;
+    for (int j = 0; j < nj; ++j)
+      if (!W::none(W::load(pt[j]))) live[nl++] = j;  // masked slots add nothing
+    const std::uint8_t* codes = pg.vcodes + static_cast<std::ptrdiff_t>(j0) * rb;
+    for (int g = 0; g < groups; g += 4) {
+      float* t0 = weight + r0 + g * gs;
+      if (g + 4 <= groups) {
+        float* t1 = t0 + gs;
+        float* t2 = t1 + gs;
+        float* t3 = t2 + gs;
+        for (int i = 0; i < nl; ++i) {
+          const int j = live[i];
+          const std::uint32_t c = cq_quad(codes + static_cast<std::ptrdiff_t>(j) * rb + g);
+          const V pv = W::load(pt[j]);
+          float* e0 = t0 + static_cast<std::ptrdiff_t>(c & 255u) * nq;
+          float* e1 = t1 + static_cast<std::ptrdiff_t>((c >> 8) & 255u) * nq;
+          float* e2 = t2 + static_cast<std::ptrdiff_t>((c >> 16) & 255u) * nq;
+          float* e3 = t3 + static_cast<std::ptrdiff_t>(c >> 24) * nq;
+          W::store(e0, W::add(W::load(e0), pv));
+          W::store(e1, W::add(W::load(e1), pv));
+          W::store(e2, W::add(W::load(e2), pv));
+          W::store(e3, W::add(W::load(e3), pv));
+        }
+      } else {
+        for (int i = 0; i < nl; ++i) {
+          const int j = live[i];
+          const std::uint8_t* c = codes + static_cast<std::ptrdiff_t>(j) * rb;
+          const V pv = W::load(pt[j]);
+          for (int h = g; h < groups; ++h) {
+            float* e = t0 + (h - g) * gs + static_cast<std::ptrdiff_t>(c[h]) * nq;
+            W::store(e, W::add(W::load(e), pv));
+          }
+        }
+      }
+    }
+  }
+}
+
+struct CqAccumGm {
+  template <class W>
+  struct Chunk {
+    static void run(int r0, const float* p, int nq, const CqPage& pg, float* weight, const bool* use,
+                    int ntok) noexcept {
+      cq_accum_gm<W>(p, nq, r0, pg, weight, use, ntok);
+    }
+  };
+};
 
 template <int CB>
 struct CqAccumRun {
@@ -251,6 +404,11 @@ template <int CB>
 void cq_accum_cb(const float* p, int nq, const CqPage& pg, const CqTables& t, const float* m, int ntok) noexcept {
   bool use[256];
   cq_rebase_all(t, nq, m, static_cast<std::ptrdiff_t>(pg.vgroups) << CB, use);
+  if (CB == 8 && ntok >= kGmMin) {
+    if (nq == 4) return cq_accum_gm<CqW4, 4>(p, 4, 0, pg, t.weight, use, ntok);
+    if (nq == 8) return cq_accum_gm<CqW8, 8>(p, 8, 0, pg, t.weight, use, ntok);
+    return cq_row_chunks<CqAccumGm::Chunk>(nq, p, nq, pg, t.weight, use, ntok);
+  }
   cq_row_chunks<CqAccumRun<CB>::template Chunk>(nq, p, nq, pg, t.weight, use, ntok);
 }
 
@@ -269,4 +427,80 @@ void attend_cq_k(int nq, const CqPage& pg, const CqTables& t, int ntok, int d, c
       nq, ntok, mask, st, [&](float* s) { cq_scores_k(nq, pg, t, ntok, s); },
       [&](float* s, float* m, float* l, float* o) { softmax_block_k(s, nq, ntok, m, l, o, d); },
       [&](const float* p, float*) { cq_accum_k(p, nq, pg, t, st.m, ntok); });
+}
+
+// ---- Per-call tables and the final centroid product ----
+// Both run once per attend call and kv head, over every (group, code): at 256 centroids that
+// is 8192 entries per head, and the plain C++ loops (rows and channels innermost, the
+// zero-weight test per entry) cost as much as 10K tokens of cq_scores. Here the nq = 4 or
+// 8 rows of an entry are one vector: a table entry is C broadcast-FMAs against the query's
+// channels transposed per group, and the finish sums weight-vector x centroid-channel
+// products per group before scaling a row once. Other nq fall back to the plain loops.
+// FMA contraction is within kernel_table.h's 1e-6 of the sum of |terms|.
+template <class W>
+void cq_tables_w(const float* q, const float* centroids, int groups, int count, int C, float* score) noexcept {
+  using V = typename W::V;
+  constexpr int kNq = W::kW;
+  const int d = groups * C;
+  for (int g = 0; g < groups; ++g) {
+    V qc[8];
+    for (int c = 0; c < C; ++c) {
+      alignas(32) float col[8];
+      for (int r = 0; r < kNq; ++r) col[r] = q[static_cast<std::ptrdiff_t>(r) * d + g * C + c];
+      qc[c] = W::load(col);
+    }
+    const float* cen = centroids + static_cast<std::ptrdiff_t>(g) * count * C;
+    float* out = score + static_cast<std::ptrdiff_t>(g) * count * kNq;
+    for (int k = 0; k < count; ++k, cen += C, out += kNq) {
+      V acc = W::mul(W::set1(cen[0]), qc[0]);
+      for (int c = 1; c < C; ++c) acc = W::fmadd(W::set1(cen[c]), qc[c], acc);
+      W::store(out, acc);
+    }
+  }
+}
+
+void cq_tables_k(const float* q, int nq, const float* centroids, int groups, int count, int C,
+                 float* score) noexcept {
+  if (nq == 4) return cq_tables_w<CqW4>(q, centroids, groups, count, C, score);
+  if (nq == 8) return cq_tables_w<CqW8>(q, centroids, groups, count, C, score);
+  cq_tables_g(q, nq, centroids, groups, count, C, score);
+}
+
+template <class W>
+void cq_finish_w(float* weight, float* wmax, const float* m, const float* centroids, int groups, int count, int C,
+                 float* o, int d) noexcept {
+  using V = typename W::V;
+  constexpr int kNq = W::kW;
+  bool any = false;
+  alignas(32) float f[8];
+  for (int r = 0; r < kNq; ++r) {
+    f[r] = wmax[r] == -__builtin_inff() ? 0.0f : __builtin_expf(wmax[r] - m[r]);
+    any = any || wmax[r] != -__builtin_inff();
+  }
+  if (!any) return;
+  for (int g = 0; g < groups; ++g) {
+    V acc[8];
+    for (int c = 0; c < C; ++c) acc[c] = W::zero();
+    float* w = weight + static_cast<std::ptrdiff_t>(g) * count * kNq;
+    const float* cen = centroids + static_cast<std::ptrdiff_t>(g) * count * C;
+    for (int k = 0; k < count; ++k, w += kNq, cen += C) {
+      const V wk = W::load(w);
+      for (int c = 0; c < C; ++c) acc[c] = W::fmadd(wk, W::set1(cen[c]), acc[c]);
+      W::store(w, W::zero());
+    }
+    for (int c = 0; c < C; ++c) {
+      alignas(32) float a[8];
+      W::store(a, acc[c]);
+      for (int r = 0; r < kNq; ++r)
+        if (wmax[r] != -__builtin_inff()) o[static_cast<std::ptrdiff_t>(r) * d + g * C + c] += f[r] * a[r];
+    }
+  }
+  for (int r = 0; r < kNq; ++r) wmax[r] = -__builtin_inff();
+}
+
+void cq_finish_k(float* weight, float* wmax, const float* m, int nq, const float* centroids, int groups, int count,
+                 int C, float* o, int d) noexcept {
+  if (nq == 4) return cq_finish_w<CqW4>(weight, wmax, m, centroids, groups, count, C, o, d);
+  if (nq == 8) return cq_finish_w<CqW8>(weight, wmax, m, centroids, groups, count, C, o, d);
+  cq_finish_g(weight, wmax, m, nq, centroids, groups, count, C, o, d);
 }
