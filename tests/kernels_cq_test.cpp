@@ -32,6 +32,7 @@
 
 #include "kvslim/cpu/isa.h"
 #include "kvslim/kernels/kernel_table.h"
+#include "kvslim/policy/codebook.h"
 
 namespace kvslim {
 void PrintTo(Isa isa, std::ostream* os) { *os << isa_name(isa); }
@@ -332,6 +333,7 @@ TEST(CqTable, EveryTableHasTheEntries) {
     EXPECT_NE(t->cq_accum, nullptr) << isa_name(isa);
     EXPECT_NE(t->attend_cq, nullptr) << isa_name(isa);
     EXPECT_NE(t->cq_finish, nullptr) << isa_name(isa);
+    EXPECT_NE(t->cq_encode, nullptr) << isa_name(isa);
   }
 }
 
@@ -365,6 +367,46 @@ TEST_P(Cq, MatchesScalarAndDoubleReference) {
         }
     }
   std::printf("%s: %d cases\n", isa_name(GetParam()), cases);
+}
+
+// cq_encode: per group the code kvslim::nearest gives (the same float distance, lowest index
+// on ties), packed LSB-first, for every shape; with duplicated centroids (ties), rows equal to
+// a centroid, and a far outlier.
+TEST_P(Cq, EncodeWritesTheNearestCentroidCodes) {
+  const int shapes[][2] = {{1, 1}, {1, 2}, {1, 4}, {2, 1}, {2, 2}, {2, 4}, {4, 1}, {4, 2}, {8, 1}};
+  std::mt19937 rng(5);
+  int rows = 0;
+  for (const auto& sh : shapes) {
+    const int C = sh[0], cb = C * sh[1], count = 1 << cb;
+    for (int d : {8, 40, 128}) {
+      if (d % C) continue;
+      const int groups = d / C, rb = kernels::row_bytes(groups, cb);
+      auto cen = randn(static_cast<std::size_t>(groups) * count * C, rng, 1.0f);
+      for (int g = 0; g < groups; ++g)  // ties: centroid count-1 repeats centroid 1 (if distinct)
+        if (count > 2)
+          std::memcpy(&cen[(static_cast<std::size_t>(g) * count + count - 1) * C], &cen[(static_cast<std::size_t>(g) * count + 1) * C],
+                      sizeof(float) * C);
+      for (int j = 0; j < 40; ++j) {
+        auto x = randn(static_cast<std::size_t>(d), rng, 1.2f);
+        if (j % 5 == 1)  // on a centroid (a duplicated one for some groups)
+          for (int g = 0; g < groups; ++g)
+            std::memcpy(&x[static_cast<std::size_t>(g) * C], &cen[(static_cast<std::size_t>(g) * count + (g + j) % count) * C], sizeof(float) * C);
+        if (j == 7) x[0] = 1e6f;
+        std::vector<std::uint8_t> row(static_cast<std::size_t>(rb) + 1, 0);
+        row[rb] = 0xA5;  // past the row: untouched
+        kt().cq_encode(x.data(), cen.data(), groups, count, C, row.data());
+        ASSERT_EQ(row[rb], 0xA5) << "cq_encode wrote past the row";
+        for (int g = 0; g < groups; ++g) {
+          const std::uint32_t want = nearest(&x[static_cast<std::size_t>(g) * C], &cen[static_cast<std::size_t>(g) * count * C], count, C);
+          const int bit = g * cb;
+          const unsigned got = (static_cast<unsigned>(row[bit >> 3]) >> (bit & 7)) & ((1u << cb) - 1u);
+          ASSERT_EQ(got, want) << "C " << C << " B " << sh[1] << " d " << d << " row " << j << " group " << g;
+        }
+        ++rows;
+      }
+    }
+  }
+  EXPECT_GT(rows, 500);
 }
 
 // cq_finish on its own: a row whose wmax is -inf adds nothing; the others add

@@ -101,3 +101,35 @@ void cq_finish_g(float* weight, float* wmax, const float* m, int nq, const float
     wmax[r] = -__builtin_inff();
   }
 }
+
+// One squared-distance term added without FMA contraction: the empty asm makes t * t a
+// finished value, so acc + t * t rounds twice on every ISA as in kvslim::nearest (built
+// without FMA), and every table writes the same codes.
+inline float cq_sq_add(float acc, float t) noexcept {
+  float sq = t * t;
+  asm("" : "+x"(sq));
+  return acc + sq;
+}
+
+inline void cq_put_code(std::uint8_t* row, int g, int cbits, unsigned code) noexcept {
+  const int bit = g * cbits;
+  row[bit >> 3] = static_cast<std::uint8_t>(row[bit >> 3] | (code << (bit & 7)));
+}
+
+inline unsigned cq_nearest_g(const float* x, const float* cen, int count, int C) noexcept {
+  unsigned best = 0;
+  float bd = __builtin_inff();
+  for (int k = 0; k < count; ++k) {
+    float dk = 0.0f;
+    for (int c = 0; c < C; ++c) dk = cq_sq_add(dk, x[c] - cen[k * C + c]);
+    if (dk < bd) bd = dk, best = static_cast<unsigned>(k);
+  }
+  return best;
+}
+
+[[maybe_unused]] void cq_encode_g(const float* x, const float* centroids, int groups, int count, int C,
+                                  std::uint8_t* row) noexcept {
+  const int cbits = __builtin_ctz(static_cast<unsigned>(count));
+  for (int g = 0; g < groups; ++g)
+    cq_put_code(row, g, cbits, cq_nearest_g(x + g * C, centroids + static_cast<std::ptrdiff_t>(g) * count * C, count, C));
+}

@@ -452,7 +452,9 @@ std::uint32_t nearest(const float* x, const float* centroids, int count, int C) 
     float dj = 0.0f;
     for (int c = 0; c < C; ++c) {
       const float t = x[c] - centroids[j * C + c];
-      dj += t * t;
+      float sq = t * t;
+      asm("" : "+x"(sq));  // no FMA contraction: the kernels' cq_encode rounds the same way
+      dj += sq;
     }
     if (dj < bd) bd = dj, best = static_cast<std::uint32_t>(j);
   }

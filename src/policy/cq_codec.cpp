@@ -86,15 +86,17 @@ class CqCodec final : public Codec {
   }
   void check_rows(const float* /*k*/, const float* /*v*/, int /*ntok*/, int /*d*/) const override { need(); }
 
-  void encode(const kernels::KernelTable& /*kt*/, const float* k, const float* v, int ntok, int d,
+  void encode(const kernels::KernelTable& kt, const float* k, const float* v, int ntok, int d,
               std::byte* page) const override {
     need();
     auto* kc = reinterpret_cast<std::uint8_t*>(page);
     auto* vc = kc + static_cast<std::size_t>(ntok) * krow_;
     std::memset(page, 0, page_bytes(ntok, d));
     for (int j = 0; j < ntok; ++j) {
-      code_row(k + static_cast<std::ptrdiff_t>(j) * d, kcen_, s_.key, kgroups_, kc + static_cast<std::size_t>(j) * krow_);
-      code_row(v + static_cast<std::ptrdiff_t>(j) * d, vcen_, s_.value, vgroups_, vc + static_cast<std::size_t>(j) * vrow_);
+      kt.cq_encode(k + static_cast<std::ptrdiff_t>(j) * d, kcen_, kgroups_, s_.key.centroids(), s_.key.channels,
+                   kc + static_cast<std::size_t>(j) * krow_);
+      kt.cq_encode(v + static_cast<std::ptrdiff_t>(j) * d, vcen_, vgroups_, s_.value.centroids(), s_.value.channels,
+                   vc + static_cast<std::size_t>(j) * vrow_);
     }
   }
   void decode(const kernels::KernelTable& /*kt*/, const std::byte* page, int ntok, int d, float* k,
@@ -180,14 +182,7 @@ class CqCodec final : public Codec {
     const int bit = g * cbits;
     return (static_cast<unsigned>(row[bit >> 3]) >> (bit & 7)) & ((1u << cbits) - 1u);
   }
-  static void code_row(const float* x, const float* cen, CodebookShape s, int groups, std::uint8_t* row) {
-    const int C = s.channels, count = s.centroids(), cbits = C * s.bits;
-    for (int g = 0; g < groups; ++g) {
-      const unsigned code = nearest(x + g * C, cen + static_cast<std::ptrdiff_t>(g) * count * C, count, C);
-      const int bit = g * cbits;
-      row[bit >> 3] = static_cast<std::uint8_t>(row[bit >> 3] | (code << (bit & 7)));
-    }
-  }
+
   static void decode_row(const std::uint8_t* row, const float* cen, CodebookShape s, int groups, float* x) {
     const int C = s.channels, count = s.centroids(), cbits = C * s.bits;
     for (int g = 0; g < groups; ++g)

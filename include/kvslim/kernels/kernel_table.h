@@ -236,6 +236,13 @@ struct KernelTable {
   // rows whose wmax is finite; then clears weight and sets wmax to -inf.
   void (*cq_finish)(float* weight, float* wmax, const float* m, int nq, const float* centroids, int groups,
                     int count, int C, float* o, int d) noexcept;
+  // Codes one row of groups·C floats: for each group g the index of the nearest of its count
+  // centroids ([groups][count][C]), OR-ed LSB-first into row (row_bytes(groups, log2 count)
+  // bytes, zeroed by the caller). The distance is kvslim::nearest's, term by term in float
+  // (sum over c in order of (x_c - centroid_c)^2, no FMA), lowest index on ties, so every
+  // table writes the same codes as the scalar one.
+  void (*cq_encode)(const float* x, const float* centroids, int groups, int count, int C,
+                    std::uint8_t* row) noexcept;
 };
 
 /// The table for an ISA, or nullptr if its kernels were not built into this library.

@@ -504,3 +504,70 @@ void cq_finish_k(float* weight, float* wmax, const float* m, int nq, const float
   if (nq == 8) return cq_finish_w<CqW8>(weight, wmax, m, centroids, groups, count, C, o, d);
   cq_finish_g(weight, wmax, m, nq, centroids, groups, count, C, o, d);
 }
+
+// ---- Encoding: the nearest centroid per group, 8 centroids at a time ----
+// The centroids are [count][C] per group; 8 of them are transposed in registers into one
+// vector per channel (unpack + shuffle: centroid lanes in the order 0 2 4 6 | 1 3 5 7, which
+// the index vector follows), then each lane sums its squared differences in channel order
+// with the same rounding as the scalar loop (cq_sq_add's barrier against FMA contraction),
+// keeping the first minimum per lane; the lanes' minima are merged lowest index first. So
+// the codes equal the scalar table's. C = 4 and 8 with 16 or 256 centroids (every recipe in
+// docs/cq.md but C = 2); other shapes run cq_encode_g.
+inline __m256 cq_sq_add8(__m256 acc, __m256 t) noexcept {
+  __m256 sq = _mm256_mul_ps(t, t);
+  asm("" : "+x"(sq));
+  return _mm256_add_ps(acc, sq);
+}
+
+// Channels 0-3 of 8 rows whose 4-channel parts are at p + i * stride (floats), i = 0..7,
+// transposed: ch[c] lane l = row (0 2 4 6 1 3 5 7)[l], channel c.
+inline void cq_transpose8x4(const float* p, int stride, __m256 ch[4]) noexcept {
+  const auto pair = [&](int i) {
+    return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(p + i * stride)), _mm_loadu_ps(p + (i + 1) * stride), 1);
+  };
+  const __m256 r0 = pair(0), r1 = pair(2), r2 = pair(4), r3 = pair(6);  // (0|1) (2|3) (4|5) (6|7)
+  const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+  const __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+  ch[0] = _mm256_shuffle_ps(t0, t2, 0x44);
+  ch[1] = _mm256_shuffle_ps(t0, t2, 0xEE);
+  ch[2] = _mm256_shuffle_ps(t1, t3, 0x44);
+  ch[3] = _mm256_shuffle_ps(t1, t3, 0xEE);
+}
+
+template <int C>
+unsigned cq_nearest8(const float* x, const float* cen, int count) noexcept {
+  __m256 xb[C];
+  for (int c = 0; c < C; ++c) xb[c] = _mm256_set1_ps(x[c]);
+  __m256 bd = _mm256_set1_ps(__builtin_inff());
+  __m256i bi = _mm256_setzero_si256();
+  __m256i idx = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+  const __m256i step = _mm256_set1_epi32(8);
+  for (int k = 0; k < count; k += 8, idx = _mm256_add_epi32(idx, step)) {
+    __m256 ch[C];
+    for (int h = 0; h < C; h += 4) cq_transpose8x4(cen + static_cast<std::ptrdiff_t>(k) * C + h, C, ch + h);
+    __m256 dk = _mm256_setzero_ps();
+    for (int c = 0; c < C; ++c) dk = cq_sq_add8(dk, _mm256_sub_ps(xb[c], ch[c]));
+    const __m256 lt = _mm256_cmp_ps(dk, bd, _CMP_LT_OQ);
+    bd = _mm256_blendv_ps(bd, dk, lt);
+    bi = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(bi), _mm256_castsi256_ps(idx), lt));
+  }
+  alignas(32) float d[8];
+  alignas(32) std::int32_t i[8];
+  _mm256_store_ps(d, bd);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(i), bi);
+  unsigned best = static_cast<unsigned>(i[0]);
+  float b = d[0];
+  for (int l = 1; l < 8; ++l)
+    if (d[l] < b || (d[l] == b && static_cast<unsigned>(i[l]) < best)) b = d[l], best = static_cast<unsigned>(i[l]);
+  return best;
+}
+
+void cq_encode_k(const float* x, const float* centroids, int groups, int count, int C, std::uint8_t* row) noexcept {
+  if ((C != 4 && C != 8) || count < 8) return cq_encode_g(x, centroids, groups, count, C, row);
+  const int cbits = __builtin_ctz(static_cast<unsigned>(count));
+  for (int g = 0; g < groups; ++g) {
+    const float* cen = centroids + static_cast<std::ptrdiff_t>(g) * count * C;
+    const unsigned code = C == 4 ? cq_nearest8<4>(x + g * C, cen, count) : cq_nearest8<8>(x + g * C, cen, count);
+    cq_put_code(row, g, cbits, code);
+  }
+}

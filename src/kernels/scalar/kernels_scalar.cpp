@@ -350,7 +350,7 @@ extern const KernelTable kTable = {
     kivi_scores_ref, kivi_accum_ref,
     mask_block_ref, attend_f32_ref, attend_f16_ref, attend_bf16_ref, attend_kivi_ref,
     attend_kivi_q8_ref,
-    cq_tables_g, cq_scores_g, cq_accum_g, attend_cq_g, cq_finish_g,
+    cq_tables_g, cq_scores_g, cq_accum_g, attend_cq_g, cq_finish_g, cq_encode_g,
 };
 
 }  // namespace kvslim::kernels::scalar
