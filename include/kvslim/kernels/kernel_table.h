@@ -217,7 +217,8 @@ struct KernelTable {
   // relative (the vector exp of softmax_block; p within 2e-6 * p * (1 + |ln p|)). Against
   // double-precision attention over the decoded rows the normalized output is within 1e-5
   // relative L2. The AVX2 and AVX-512 tables run src/kernels/avx2/cq_simd-inl.h (any nq, code
-  // width, ntok); cq_tables and cq_finish are the plain C++ of src/kernels/cq-inl.h.
+  // width, ntok; vector code for 4- and 8-bit codes, cq_tables/cq_finish at nq 4 and 8,
+  // cq_encode at C 4 and 8), else the plain C++ of src/kernels/cq-inl.h.
   // score[g][k][r] = sum_c q[r][g·C + c] * centroids[g][k][c] for the groups·C = d channels;
   // centroids [groups][count][C].
   void (*cq_tables)(const float* q, int nq, const float* centroids, int groups, int count, int C,
