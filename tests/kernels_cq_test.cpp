@@ -163,7 +163,9 @@ struct Run {
   std::vector<std::vector<float>> s, probs, wpage, mpage;  // per page: raw logits (cq_scores), probs, weights, running max
 };
 
-Run run(const KernelTable& kt, const Case& c) {
+// with_vcen: the tables name the value centroids, so attend_cq may add the value side straight
+// into o (kernel_table.h); without them it must use the weights.
+Run run(const KernelTable& kt, const Case& c, bool with_vcen = false) {
   Run out;
   const std::size_t entries = static_cast<std::size_t>(c.groups) * c.count * c.nq;
   out.score.resize(entries);
@@ -172,7 +174,7 @@ Run run(const KernelTable& kt, const Case& c) {
   out.m.assign(c.nq, kNinf);
   out.l.assign(c.nq, 0.0f);
   out.o.assign(static_cast<std::size_t>(c.nq) * c.d, 0.0f);
-  const CqTables t{out.score.data(), weight.data(), wmax.data()};
+  const CqTables t{out.score.data(), weight.data(), wmax.data(), with_vcen ? c.vcen.data() : nullptr, with_vcen ? c.C : 0};
   for (int p = 0; p < kPages; ++p) {
     out.s.emplace_back(static_cast<std::size_t>(c.nq) * c.ntok);
     kt.cq_scores(c.nq, c.page(p), t, c.ntok, out.s.back().data());
@@ -209,7 +211,7 @@ class Cq : public ::testing::TestWithParam<Isa> {
 // One case on the table under test: against the scalar table and the double reference.
 void check_case(const KernelTable& kt, const Case& c) {
   SCOPED_TRACE(c.name);
-  const Run a = run(kt, c), b = run(ref(), c);
+  const Run a = run(kt, c), b = run(ref(), c), av = run(kt, c, true);
   // cq_tables: against scalar and double.
   for (int g = 0; g < c.groups; ++g)
     for (int k = 0; k < c.count; ++k)
@@ -308,6 +310,12 @@ void check_case(const KernelTable& kt, const Case& c) {
     ASSERT_NEAR(a.l[r] * std::exp(static_cast<double>(a.m[r]) - mx), sum, 1e-5 * sum) << "l row " << r;
     ASSERT_LE(rel_l2(oa, ob), 2e-6) << "output vs scalar, row " << r;
     ASSERT_LE(rel_l2(oa, oe), 1e-5) << "output vs double, row " << r;
+    // With the value centroids in the tables: the same softmax, and the same output.
+    ASSERT_TRUE(same_bits(av.m[r], a.m[r]) && same_bits(av.l[r], a.l[r])) << "m, l with vcen, row " << r;
+    std::vector<double> ov(c.d);
+    for (int i = 0; i < c.d; ++i) ov[i] = av.o[static_cast<std::size_t>(r) * c.d + i] / static_cast<double>(av.l[r]);
+    ASSERT_LE(rel_l2(ov, ob), 2e-6) << "output with vcen vs scalar, row " << r;
+    ASSERT_LE(rel_l2(ov, oe), 1e-5) << "output with vcen vs double, row " << r;
   }
   // Standalone cq_scores on the scalar tables and cq_accum on the scalar run's probabilities
   // (same inputs): bit-identical logits and weights.

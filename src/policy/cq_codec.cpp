@@ -172,7 +172,7 @@ class CqCodec final : public Codec {
   }
   kernels::CqTables tables(std::byte* prepared, int nq) const {
     auto* f = reinterpret_cast<float*>(prepared);
-    return {f, f + score_floats(nq), f + score_floats(nq) + weight_floats(nq)};
+    return {f, f + score_floats(nq), f + score_floats(nq) + weight_floats(nq), vcen_, s_.value.channels};
   }
   kernels::CqPage cq_page(const std::byte* page, int ntok) const {
     const auto* kc = reinterpret_cast<const std::uint8_t*>(page);

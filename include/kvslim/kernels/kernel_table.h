@@ -143,6 +143,11 @@ struct CqTables {
   const float* score;
   float* weight;
   float* wmax;
+  /// The value centroids [vgroups][2^vcbits][vchannels] (may be null). With them attend_cq
+  /// may add a page's value side straight into st.o instead of into `weight` (kernel_table.h,
+  /// attend_cq); cq_finish then adds only what went into `weight`.
+  const float* vcen = nullptr;
+  int vchannels = 0;
 };
 
 struct KernelTable {
@@ -229,8 +234,12 @@ struct KernelTable {
   // is -inf, then adds p[r][j] to weight[g][code_jg][r] for every value group g.
   void (*cq_accum)(const float* p, int nq, const CqPage& page, const CqTables& t, const float* m,
                    int ntok) noexcept;
-  // Fused: cq_scores, mask, online softmax, probs copy, cq_accum at the updated max. st.o is
-  // not touched by the value side (it is rescaled by the softmax step as in every kernel).
+  // Fused: cq_scores, mask, online softmax, probs copy, cq_accum at the updated max. The
+  // value side goes into t.weight as cq_accum's, except that a table may add it straight into
+  // st.o (o[r] += p[r][j] * centroid(g, code_jg), after the softmax step's rescale) when
+  // t.vcen is set; the AVX-512 table does at 256 centroids of 4 channels, 4 rows and pages of
+  // 128+ tokens, where a 128 KB weight table read and written per token costs more than
+  // reading the centroids. Either way o after cq_finish is the same attention.
   void (*attend_cq)(int nq, const CqPage& page, const CqTables& t, int ntok, int d, const BlockMask& mask,
                     OnlineState& st) noexcept;
   // o[r][g·C + c] += exp(wmax[r] - m[r]) * sum_k weight[g][k][r] * centroids[g][k][c], for

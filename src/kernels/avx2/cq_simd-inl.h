@@ -423,8 +423,75 @@ void cq_accum_k(const float* p, int nq, const CqPage& pg, const CqTables& t, con
   }
 }
 
+#if defined(__AVX512F__)
+// The value side straight into o (kernel_table.h, attend_cq) at 256 centroids of 4 channels
+// and 4 rows: one zmm holds a group's 4 rows x 4 channels, so a (token, group) is one
+// 4-float centroid broadcast and one FMA with the token's probabilities laid out as
+// [p0 x4 | p1 x4 | p2 x4 | p3 x4], and nothing is stored per token. Group-major like
+// cq_accum_gm (a pass's 4 centroid slices are 16 KB), two accumulators per group for the
+// FMA latency. Versus the weight table: 128 KB read and written at random per token (the
+// 4-group passes' RMW) becomes 128 KB of centroids read.
+void cq_accum_direct4(const float* p, const CqPage& pg, const float* vcen, int ntok, float* o, int d) noexcept {
+  constexpr int kNq = 4, kC = 4, kCount = 256;
+  const int groups = pg.vgroups, rb = groups;
+  alignas(64) float pp[kGmTile][16];
+  int live[kGmTile];
+  const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  for (int j0 = 0; j0 < ntok; j0 += kGmTile) {
+    const int nj = ntok - j0 < kGmTile ? ntok - j0 : kGmTile;
+    int nl = 0;
+    for (int j = 0; j < nj; ++j) {
+      const __m128 pj = _mm_setr_ps(p[j0 + j], p[ntok + j0 + j], p[2 * ntok + j0 + j], p[3 * ntok + j0 + j]);
+      if (_mm_movemask_ps(_mm_cmpneq_ps(pj, _mm_setzero_ps())) == 0) continue;  // masked: adds nothing
+      _mm512_store_ps(pp[nl], _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(pj)));
+      live[nl++] = j;
+    }
+    const std::uint8_t* codes = pg.vcodes + static_cast<std::ptrdiff_t>(j0) * rb;
+    for (int g = 0; g < groups; g += 4) {
+      const int ng = groups - g < 4 ? groups - g : 4;
+      const float* c0 = vcen + static_cast<std::ptrdiff_t>(g) * kCount * kC;
+      __m512 a[4], b[4];
+      for (int h = 0; h < 4; ++h) a[h] = b[h] = _mm512_setzero_ps();
+      const auto add = [&](auto kNg, __m512* acc, int i) {
+        const int n = decltype(kNg)::value > 0 ? decltype(kNg)::value : ng;
+        const std::uint8_t* c = codes + static_cast<std::ptrdiff_t>(live[i]) * rb + g;
+        const __m512 pv = _mm512_load_ps(pp[i]);
+        for (int h = 0; h < n; ++h)
+          acc[h] = _mm512_fmadd_ps(pv, _mm512_broadcast_f32x4(_mm_loadu_ps(c0 + (h * kCount + c[h]) * kC)), acc[h]);
+      };
+      const auto run = [&](auto kNg) {
+        int i = 0;
+        for (; i + 2 <= nl; i += 2) add(kNg, a, i), add(kNg, b, i + 1);
+        if (i < nl) add(kNg, a, i);
+      };
+      if (ng == 4)
+        run(std::integral_constant<int, 4>{});
+      else
+        run(std::integral_constant<int, 0>{});
+      for (int h = 0; h < ng; ++h) {
+        alignas(64) float r[16];
+        _mm512_store_ps(r, _mm512_add_ps(a[h], b[h]));
+        for (int q = 0; q < kNq; ++q) {
+          float* orow = o + static_cast<std::ptrdiff_t>(q) * d + (g + h) * kC;
+          _mm_storeu_ps(orow, _mm_add_ps(_mm_loadu_ps(orow), _mm_load_ps(r + 4 * q)));
+        }
+      }
+    }
+  }
+}
+#endif
+
 void attend_cq_k(int nq, const CqPage& pg, const CqTables& t, int ntok, int d, const BlockMask& mask,
                  OnlineState& st) noexcept {
+#if defined(__AVX512F__)
+  if (t.vcen && t.vchannels == 4 && pg.vcbits == 8 && nq == 4 && ntok >= kGmMin) {
+    fused_block(
+        nq, ntok, mask, st, [&](float* s) { cq_scores_k(nq, pg, t, ntok, s); },
+        [&](float* s, float* m, float* l, float* o) { softmax_block_k(s, nq, ntok, m, l, o, d); },
+        [&](const float* p, float* o) { cq_accum_direct4(p, pg, t.vcen, ntok, o, d); });
+    return;
+  }
+#endif
   fused_block(
       nq, ntok, mask, st, [&](float* s) { cq_scores_k(nq, pg, t, ntok, s); },
       [&](float* s, float* m, float* l, float* o) { softmax_block_k(s, nq, ntok, m, l, o, d); },
