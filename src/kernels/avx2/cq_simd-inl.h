@@ -263,6 +263,18 @@ void cq_scores_k(int nq, const CqPage& pg, const CqTables& t, int ntok, float* s
   }
 }
 
+// pt[j][r] = p[r0 + r][j0 + j] for the W rows of a chunk (0 for rows with use[r] = 0).
+template <int W>
+inline void cq_transpose_probs(const float* p, int ntok, int r0, int j0, int nj, const bool* use, float (*pt)[8]) noexcept {
+  for (int r = 0; r < W; ++r) {
+    const float* pr = p + static_cast<std::ptrdiff_t>(r0 + r) * ntok + j0;
+    if (use[r0 + r])
+      for (int j = 0; j < nj; ++j) pt[j][r] = pr[j];
+    else
+      for (int j = 0; j < nj; ++j) pt[j][r] = 0.0f;
+  }
+}
+
 // weight[g][code_jg][r] += p[r][j] for rows [r0, r0 + W::kW): the rows' probabilities of a
 // token transposed into one vector (rows with use[r] = 0 as 0, i.e. skipped), then one
 // load-add-store per value group. Tokens whose vector is all 0 (masked) are skipped.
@@ -277,13 +289,7 @@ void cq_accum_chunk(const float* p, int nq, int r0, const CqPage& pg, float* wei
   alignas(32) float pt[kJ][8];
   for (int j0 = 0; j0 < ntok; j0 += kJ) {
     const int nj = ntok - j0 < kJ ? ntok - j0 : kJ;
-    for (int r = 0; r < W::kW; ++r) {
-      const float* pr = p + static_cast<std::ptrdiff_t>(r0 + r) * ntok + j0;
-      if (use[r0 + r])
-        for (int j = 0; j < nj; ++j) pt[j][r] = pr[j];
-      else
-        for (int j = 0; j < nj; ++j) pt[j][r] = 0.0f;
-    }
+    cq_transpose_probs<W::kW>(p, ntok, r0, j0, nj, use, pt);
     for (int j = 0; j < nj; ++j) {
       const V pv = W::load(pt[j]);
       if (W::none(pv)) continue;  // masked slots add nothing
@@ -311,13 +317,7 @@ void cq_accum_gm(const float* p, int nq_, int r0, const CqPage& pg, float* weigh
   int live[kGmTile];
   for (int j0 = 0; j0 < ntok; j0 += kGmTile) {
     const int nj = ntok - j0 < kGmTile ? ntok - j0 : kGmTile;
-    for (int r = 0; r < W::kW; ++r) {
-      const float* pr = p + static_cast<std::ptrdiff_t>(r0 + r) * ntok + j0;
-      if (use[r0 + r])
-        for (int j = 0; j < nj; ++j) pt[j][r] = pr[j];
-      else
-        for (int j = 0; j < nj; ++j) pt[j][r] = 0.0f;
-    }
+    cq_transpose_probs<W::kW>(p, ntok, r0, j0, nj, use, pt);
     int nl = 0;
     for (int j = 0; j < nj; ++j)
       if (!W::none(W::load(pt[j]))) live[nl++] = j;  // masked slots add nothing
