@@ -47,6 +47,7 @@ struct BF16 {
 
 // Writes the nr x nt valid entries of a kRB x kTB block (lane r*kTB + t) to s[r*stride + t].
 inline void store_block(float* s, int stride, VF res, int nr, int nt) noexcept {
+  if (nr == kRB && nt == kTB) return vstore_block(s, stride, res);
   alignas(64) float t[kL];
   vstore(t, res);
   for (int r = 0; r < nr; ++r)
@@ -608,6 +609,9 @@ void kivi_scores_g(const float* q, int nq, const std::uint16_t* scale, const std
                    const std::uint8_t* codes, int ntok, int dd, float* s) noexcept {
   const int d = D ? D : dd;
   const int rb = rowb(d, B), nv = d / kL, tail = d - nv * kL;
+  // With D known, every vector goes through vcodes2s, whose lanes carry a power-of-two
+  // factor; the scaled query copy takes its inverse.
+  constexpr bool kScaled = D != 0 && kScaledCodes<B>;
   alignas(64) float qs[kRB * kMaxD];
   for (int r0 = 0; r0 < nq; r0 += kRB) {
     const int nr = imin(kRB, nq - r0);
@@ -619,7 +623,9 @@ void kivi_scores_g(const float* q, int nq, const std::uint16_t* scale, const std
       int c = 0;
       for (; c + kL <= d; c += kL) {
         const VF qv = vload(qr + c);
-        vstore(qsr + c, vmul(qv, vload_h(scale + c)));
+        VF qsv = vmul(qv, vload_h(scale + c));
+        if constexpr (kScaled) qsv = vmul(qsv, vcode_unscale<B>());  // exact: a power of two
+        vstore(qsr + c, qsv);
         b = vfma(qv, vload_h(zero + c), b);
       }
       if (c < d) {
@@ -641,7 +647,7 @@ void kivi_scores_g(const float* q, int nq, const std::uint16_t* scale, const std
       if (D) {  // a multiple of 2 kL: the codes of two vectors per load
         for (; v < nv; v += 2) {
           VF kv[kTB][2];
-          for (int t = 0; t < kTB; ++t) vcodes2<B>(kr[t] + v * kL * B / 8, kv[t]);
+          for (int t = 0; t < kTB; ++t) vcodes2s<B>(kr[t] + v * kL * B / 8, kv[t]);
           for (int h = 0; h < 2; ++h)
             for (int r = 0; r < kRB; ++r) {
               const VF qv = vload(qs + off(r, d) + (v + h) * kL);
@@ -731,13 +737,19 @@ void kivi_accum_w(const float* p, int nq, const std::uint16_t* scale, const std:
         int gb[kCB];
         VF acc[kRB][kCB];
         for (int b = 0; b < kCB; ++b) gb[b] = b < nb ? (c0 + b * kL) / vg : 0;
+        // Full blocks unpack with vcodes2s: their sums run in the lanes' scaled units (o is
+        // scaled in and out by powers of two, so the result is the same as unscaled).
+        const bool scaled = kScaledCodes<B> && nb == kCB;
         for (int r = 0; r < kRB; ++r)
-          for (int b = 0; b < kCB; ++b) acc[r][b] = b < nb ? vload(orow[r] + c0 + b * kL) : vzero();
+          for (int b = 0; b < kCB; ++b) {
+            acc[r][b] = b < nb ? vload(orow[r] + c0 + b * kL) : vzero();
+            if (scaled) acc[r][b] = vmul(acc[r][b], vcode_scale<B>());
+          }
         for (int j = 0; j < tc; ++j) {
           const std::uint8_t* row = codes + off(j0 + j, rb) + c0 * B / 8;
           VF x[kCB];
           if (nb == kCB) {
-            for (int b = 0; b < kCB; b += 2) vcodes2<B>(row + b * kL * B / 8, x + b);
+            for (int b = 0; b < kCB; b += 2) vcodes2s<B>(row + b * kL * B / 8, x + b);
           } else {
             for (int b = 0; b < kCB; ++b) x[b] = b < nb ? vcodes<B, true>(row + b * kL * B / 8, kL) : vzero();
           }
@@ -750,7 +762,9 @@ void kivi_accum_w(const float* p, int nq, const std::uint16_t* scale, const std:
           }
         }
         for (int r = 0; r < nr; ++r)
-          for (int b = 0; b < nb; ++b) vstore(orow[r] + c0 + b * kL, vadd(acc[r][b], vset1(zs[r][gb[b]])));
+          for (int b = 0; b < nb; ++b)
+            vstore(orow[r] + c0 + b * kL,
+                   scaled ? vfma(acc[r][b], vcode_unscale<B>(), vset1(zs[r][gb[b]])) : vadd(acc[r][b], vset1(zs[r][gb[b]])));
       }
     }
   }

@@ -99,6 +99,13 @@ inline VF vhreduce(const VF* a) noexcept {
   return vcombine<Op>(d[0], d[1], 0xFF00, i8);
 }
 inline VF vhsum(const VF* a) noexcept { return vhreduce<OpAdd>(a); }
+// Stores a full vhsum block (4 rows x 4 tokens, lane r*4 + t) to s[r*stride + t].
+inline void vstore_block(float* s, std::ptrdiff_t stride, VF res) noexcept {
+  _mm_storeu_ps(s, _mm512_castps512_ps128(res));
+  _mm_storeu_ps(s + stride, _mm512_extractf32x4_ps(res, 1));
+  _mm_storeu_ps(s + 2 * stride, _mm512_extractf32x4_ps(res, 2));
+  _mm_storeu_ps(s + 3 * stride, _mm512_extractf32x4_ps(res, 3));
+}
 // Lane i of v in every lane.
 inline VF vlane(VF v, int i) noexcept { return _mm512_permutexvar_ps(_mm512_set1_epi32(i), v); }
 
@@ -238,6 +245,16 @@ inline void vcodes2(const std::uint8_t* p, VF* x) noexcept {
     x[1] = vcodes<B, true>(p + 2 * B, kL);
   }
 }
+// The AVX-512 kernels keep plain codes (the lane-scaled unpack of simd_avx2.h answers a Zen 2
+// cost); these let the shared kernels use one spelling.
+template <int B>
+inline constexpr bool kScaledCodes = false;
+template <int B>
+inline VF vcode_scale() noexcept { return _mm512_set1_ps(1.0f); }
+template <int B>
+inline VF vcode_unscale() noexcept { return _mm512_set1_ps(1.0f); }
+template <int B>
+inline void vcodes2s(const std::uint8_t* p, VF* x) noexcept { vcodes2<B>(p, x); }
 
 // Bytes of the 16 codes (each < 256) in lane order.
 inline __m128i vcode_bytes(VI codes) noexcept { return _mm512_cvtepi32_epi8(codes); }
