@@ -237,9 +237,9 @@ struct KernelTable {
   // Fused: cq_scores, mask, online softmax, probs copy, cq_accum at the updated max. The
   // value side goes into t.weight as cq_accum's, except that a table may add it straight into
   // st.o (o[r] += p[r][j] * centroid(g, code_jg), after the softmax step's rescale) when
-  // t.vcen is set; the AVX-512 table does at 256 centroids of 4 channels, 4 rows and pages of
-  // 128+ tokens, where a 128 KB weight table read and written per token costs more than
-  // reading the centroids. Either way o after cq_finish is the same attention.
+  // t.vcen is set; the AVX2 and AVX-512 tables do at 256 centroids of 4 channels, 4 rows and
+  // pages of 128+ tokens, where a 128 KB weight table read and written per token costs more
+  // than reading the centroids. Either way o after cq_finish is the same attention.
   void (*attend_cq)(int nq, const CqPage& page, const CqTables& t, int ntok, int d, const BlockMask& mask,
                     OnlineState& st) noexcept;
   // o[r][g·C + c] += exp(wmax[r] - m[r]) * sum_k weight[g][k][r] * centroids[g][k][c], for

@@ -205,7 +205,7 @@ void cq_scores_gm(int nq_, int r0, const CqPage& pg, const float* score, int nto
   const int groups = pg.kgroups;
   const int rb = groups;  // one byte per code
   const std::ptrdiff_t gs = static_cast<std::ptrdiff_t>(nq) << 8;
-  alignas(32) float acc[kGmTile][8];
+  alignas(32) float acc[kGmTile][W::kW];  // W::kW wide, not 8: Zen 2's L1 is 32 KB
   for (int j0 = 0; j0 < ntok; j0 += kGmTile) {
     const int nj = ntok - j0 < kGmTile ? ntok - j0 : kGmTile;
     const std::uint8_t* codes = pg.kcodes + static_cast<std::ptrdiff_t>(j0) * rb;
@@ -479,11 +479,70 @@ void cq_accum_direct4(const float* p, const CqPage& pg, const float* vcen, int n
     }
   }
 }
+#else
+// One pass of cq_accum_direct4 over groups [g, g + NG): its accumulators are locals of this
+// function (in a lambda capturing them GCC stored all 8 to the stack on every token).
+template <int NG>
+inline void cq_direct4_pass(const float (*pp)[4], const int* live, int nl, const std::uint8_t* codes, int rb,
+                            const float* c0, float* o, int d) noexcept {
+  constexpr int kC = 4, kCount = 256;
+  const __m256i s01 = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1), s23 = _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3);
+  __m256 a[NG], b[NG];  // rows 0-1 and rows 2-3 of each group
+  for (int h = 0; h < NG; ++h) a[h] = b[h] = _mm256_setzero_ps();
+  for (int i = 0; i < nl; ++i) {
+    const std::uint8_t* c = codes + static_cast<std::ptrdiff_t>(live[i]) * rb;
+    // The 4 probabilities as [p0 x4 | p1 x4] and [p2 x4 | p3 x4], spread here rather than
+    // stored spread: 4 KB of probabilities per tile instead of 16 KB keeps the tile, its
+    // codes and the pass's 16 KB of centroids inside Zen 2's 32 KB L1.
+    const __m256 pb = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(pp[i]));
+    const __m256 p01 = _mm256_permutevar_ps(pb, s01), p23 = _mm256_permutevar_ps(pb, s23);
+#pragma GCC unroll 4
+    for (int h = 0; h < NG; ++h) {
+      const __m256 cen = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(c0 + (h * kCount + c[h]) * kC));
+      a[h] = _mm256_fmadd_ps(p01, cen, a[h]);
+      b[h] = _mm256_fmadd_ps(p23, cen, b[h]);
+    }
+  }
+  for (int h = 0; h < NG; ++h) {
+    const __m128 v[4] = {_mm256_castps256_ps128(a[h]), _mm256_extractf128_ps(a[h], 1), _mm256_castps256_ps128(b[h]),
+                         _mm256_extractf128_ps(b[h], 1)};
+    for (int q = 0; q < 4; ++q) {
+      float* x = o + static_cast<std::ptrdiff_t>(q) * d + h * kC;
+      _mm_storeu_ps(x, _mm_add_ps(_mm_loadu_ps(x), v[q]));
+    }
+  }
+}
+
+// The AVX2 form of the direct value path: a ymm holds 2 rows x 4 channels of a group, so a
+// (token, group) is one 4-float centroid broadcast and two FMAs with [p0 x4 | p1 x4] and
+// [p2 x4 | p3 x4]. A pass of 4 groups keeps 8 accumulators. On Zen 2 the weight table's
+// read-modify-write cost about 2.4 cycles per (token, group) plus cq_finish.
+void cq_accum_direct4(const float* p, const CqPage& pg, const float* vcen, int ntok, float* o, int d) noexcept {
+  constexpr int kC = 4, kCount = 256;
+  const int groups = pg.vgroups, rb = groups;
+  alignas(16) float pp[kGmTile][4];
+  int live[kGmTile];
+  for (int j0 = 0; j0 < ntok; j0 += kGmTile) {
+    const int nj = ntok - j0 < kGmTile ? ntok - j0 : kGmTile;
+    int nl = 0;
+    for (int j = 0; j < nj; ++j) {
+      const __m128 pj = _mm_setr_ps(p[j0 + j], p[ntok + j0 + j], p[2 * ntok + j0 + j], p[3 * ntok + j0 + j]);
+      if (_mm_movemask_ps(_mm_cmpneq_ps(pj, _mm_setzero_ps())) == 0) continue;  // masked: adds nothing
+      _mm_store_ps(pp[nl], pj);
+      live[nl++] = j;
+    }
+    const std::uint8_t* codes = pg.vcodes + static_cast<std::ptrdiff_t>(j0) * rb;
+    int g = 0;
+    for (; g + 4 <= groups; g += 4)
+      cq_direct4_pass<4>(pp, live, nl, codes + g, rb, vcen + static_cast<std::ptrdiff_t>(g) * kCount * kC, o + g * kC, d);
+    for (; g < groups; ++g)
+      cq_direct4_pass<1>(pp, live, nl, codes + g, rb, vcen + static_cast<std::ptrdiff_t>(g) * kCount * kC, o + g * kC, d);
+  }
+}
 #endif
 
 void attend_cq_k(int nq, const CqPage& pg, const CqTables& t, int ntok, int d, const BlockMask& mask,
                  OnlineState& st) noexcept {
-#if defined(__AVX512F__)
   if (t.vcen && t.vchannels == 4 && pg.vcbits == 8 && nq == 4 && ntok >= kGmMin) {
     fused_block(
         nq, ntok, mask, st, [&](float* s) { cq_scores_k(nq, pg, t, ntok, s); },
@@ -491,7 +550,6 @@ void attend_cq_k(int nq, const CqPage& pg, const CqTables& t, int ntok, int d, c
         [&](const float* p, float* o) { cq_accum_direct4(p, pg, t.vcen, ntok, o, d); });
     return;
   }
-#endif
   fused_block(
       nq, ntok, mask, st, [&](float* s) { cq_scores_k(nq, pg, t, ntok, s); },
       [&](float* s, float* m, float* l, float* o) { softmax_block_k(s, nq, ntok, m, l, o, d); },
