@@ -423,6 +423,21 @@ void cq_accum_k(const float* p, int nq, const CqPage& pg, const CqTables& t, con
   }
 }
 
+// The direct value paths' token gather: for the tokens [j0, j0 + nj) whose probabilities
+// in the 4 rows are not all 0 (masked slots add nothing), put(n, pj) gets the n-th such
+// token's 4 probabilities and live[n] its index in the tile. Returns how many there are.
+template <class Put>
+inline int cq_live4(const float* p, int ntok, int j0, int nj, int* live, Put put) noexcept {
+  int nl = 0;
+  for (int j = 0; j < nj; ++j) {
+    const __m128 pj = _mm_setr_ps(p[j0 + j], p[ntok + j0 + j], p[2 * ntok + j0 + j], p[3 * ntok + j0 + j]);
+    if (_mm_movemask_ps(_mm_cmpneq_ps(pj, _mm_setzero_ps())) == 0) continue;
+    put(nl, pj);
+    live[nl++] = j;
+  }
+  return nl;
+}
+
 #if defined(__AVX512F__)
 // The value side straight into o (kernel_table.h, attend_cq) at 256 centroids of 4 channels
 // and 4 rows: one zmm holds a group's 4 rows x 4 channels, so a (token, group) is one
@@ -439,13 +454,9 @@ void cq_accum_direct4(const float* p, const CqPage& pg, const float* vcen, int n
   const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
   for (int j0 = 0; j0 < ntok; j0 += kGmTile) {
     const int nj = ntok - j0 < kGmTile ? ntok - j0 : kGmTile;
-    int nl = 0;
-    for (int j = 0; j < nj; ++j) {
-      const __m128 pj = _mm_setr_ps(p[j0 + j], p[ntok + j0 + j], p[2 * ntok + j0 + j], p[3 * ntok + j0 + j]);
-      if (_mm_movemask_ps(_mm_cmpneq_ps(pj, _mm_setzero_ps())) == 0) continue;  // masked: adds nothing
-      _mm512_store_ps(pp[nl], _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(pj)));
-      live[nl++] = j;
-    }
+    const int nl = cq_live4(p, ntok, j0, nj, live, [&](int n, __m128 pj) {
+      _mm512_store_ps(pp[n], _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(pj)));
+    });
     const std::uint8_t* codes = pg.vcodes + static_cast<std::ptrdiff_t>(j0) * rb;
     for (int g = 0; g < groups; g += 4) {
       const int ng = groups - g < 4 ? groups - g : 4;
@@ -524,13 +535,7 @@ void cq_accum_direct4(const float* p, const CqPage& pg, const float* vcen, int n
   int live[kGmTile];
   for (int j0 = 0; j0 < ntok; j0 += kGmTile) {
     const int nj = ntok - j0 < kGmTile ? ntok - j0 : kGmTile;
-    int nl = 0;
-    for (int j = 0; j < nj; ++j) {
-      const __m128 pj = _mm_setr_ps(p[j0 + j], p[ntok + j0 + j], p[2 * ntok + j0 + j], p[3 * ntok + j0 + j]);
-      if (_mm_movemask_ps(_mm_cmpneq_ps(pj, _mm_setzero_ps())) == 0) continue;  // masked: adds nothing
-      _mm_store_ps(pp[nl], pj);
-      live[nl++] = j;
-    }
+    const int nl = cq_live4(p, ntok, j0, nj, live, [&](int n, __m128 pj) { _mm_store_ps(pp[n], pj); });
     const std::uint8_t* codes = pg.vcodes + static_cast<std::ptrdiff_t>(j0) * rb;
     int g = 0;
     for (; g + 4 <= groups; g += 4)
