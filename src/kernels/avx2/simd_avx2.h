@@ -280,12 +280,10 @@ inline VF vcode_scale() noexcept {
   if constexpr (B == 4) return _mm256_setr_ps(1, 16, 1, 16, 1, 16, 1, 16);
   return _mm256_set1_ps(1.0f);
 }
+// The inverse, exact for powers of two; GCC folds the division of the constants.
 template <int B>
 inline VF vcode_unscale() noexcept {
-  if constexpr (B == 1) return _mm256_setr_ps(1, 0.5f, 0.25f, 0.125f, 0.0625f, 0.03125f, 0.015625f, 0.0078125f);
-  if constexpr (B == 2) return _mm256_setr_ps(1, 0.25f, 0.0625f, 0.015625f, 1, 0.25f, 0.0625f, 0.015625f);
-  if constexpr (B == 4) return _mm256_setr_ps(1, 0.0625f, 1, 0.0625f, 1, 0.0625f, 1, 0.0625f);
-  return _mm256_set1_ps(1.0f);
+  return _mm256_div_ps(_mm256_set1_ps(1.0f), vcode_scale<B>());
 }
 template <int B>
 inline void vcodes2s(const std::uint8_t* p, VF* x) noexcept {
