@@ -68,6 +68,17 @@ const Case kCases[] = {
     {"cq:channels=4,bits=1,group=16,residual=0,sinks={s}", 64, 1e-4, false},
     {"h2o:budget=40,recent=8 | cq:channels=4,bits=2,group=8,residual=0,sinks={s}", 16, 1e-4, false},
     {"mikv:budget=48,recent=8,lo=(cq:channels=2,bits=1,group=8) | f16:sinks={s}", 16, 1e-4, false},
+    // Hadamard rotation (rotate=hadamard): the cache stores R k, R v, rotates the queries and
+    // rotates the output back; materialize() rotates back too, so the reference is in the
+    // original basis. 96 = 64 + 32 and 24 = 16 + 8 are block-diagonal rotations.
+    {"f32:rotate=hadamard,sinks={s}", 16, 2e-5, true},
+    {"f32:group=16,residual=8,rotate=hadamard,seed=7,sinks={s}", 96, 2e-5, true},
+    {"f16:group=8,rotate=hadamard,sinks={s}", 24, 2e-5, false},
+    {"kivi:kbits=4,vbits=2,group=8,residual=16,rotate=hadamard,sinks={s}", 64, 1e-3, false},
+    {"h2o:budget=40,recent=8 | kivi:kbits=2,vbits=2,group=16,residual=0,rotate=hadamard,seed=3,sinks={s}", 16, 1e-3,
+     false},
+    {"mikv:budget=48,recent=8,lo=(kivi:kbits=2,vbits=2,group=8,rotate=hadamard) | f16:rotate=hadamard,sinks={s}", 16,
+     1e-3, false},
 };
 const int kSinks[] = {0, 1, 4};
 

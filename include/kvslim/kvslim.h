@@ -10,6 +10,7 @@
 #include "kvslim/policy/codebook.h"
 #include "kvslim/policy/policy.h"
 #include "kvslim/policy/retrieval.h"
+#include "kvslim/policy/rotation.h"
 #include "kvslim/tensor/dtype.h"
 #include "kvslim/tensor/tensor.h"
 #include "kvslim/version.h"

@@ -145,6 +145,9 @@ struct KVCache::Impl {
   std::vector<TokenStore*, TrackedAllocator<TokenStore*>> stores{TrackedAllocator<TokenStore*>(&shared)};
   std::unique_ptr<WorkerPool> pool;  // only when cfg.threads > 1
   std::vector<float> split_m, split_l, split_o;  // split-KV partial states [task][row]([d])
+  // Hadamard rotations (one per distinct seed) and each store's, or null (rotate=hadamard).
+  std::vector<std::unique_ptr<const HadamardRotation>> rotations;
+  std::vector<const HadamardRotation*> rot;
 
   ~Impl() {
     TrackedAllocator<TokenStore> alloc(&shared);
@@ -154,6 +157,24 @@ struct KVCache::Impl {
     }
   }
   TokenStore& at(int layer, int h) const { return *stores[static_cast<std::size_t>(layer) * cfg.kv_heads + h]; }
+  const HadamardRotation* rot_at(int layer, int h) const {
+    return rot[static_cast<std::size_t>(layer) * cfg.kv_heads + h];
+  }
+  // The rotation for a pipeline's codec (shared by every store with the same seed), or null.
+  const HadamardRotation* rotation_for(const Pipeline& p) {
+    const RotationSpec r = p.codec->rotation();
+    const Codec* lo = p.eviction ? p.eviction->demote_codec() : nullptr;
+    KVSLIM_CHECK(!lo || lo->rotation() == r, ErrorCode::kRecipe,
+                 "recipe '{}': the demotion codec '{}' must use the same rotation as the codec '{}' (both hold the "
+                 "head's tokens, in one basis)",
+                 detail::clip_recipe(p.text), lo->describe(), p.codec->describe());
+    if (!r.hadamard) return nullptr;
+    for (const auto& x : rotations)
+      if (x->seed() == r.seed) return x.get();
+    rotations.push_back(std::make_unique<const HadamardRotation>(cfg.head_dim, r.seed));
+    return rotations.back().get();
+  }
+
   void check_layer(int layer) const {
     KVSLIM_CHECK(layer >= 0 && layer < cfg.layers, ErrorCode::kOutOfRange, "layer {} is out of range [0, {})", layer,
                  cfg.layers);
@@ -247,6 +268,7 @@ KVCache::KVCache(const CacheConfig& config) : impl_(std::make_unique<Impl>()) {
         m.pipelines.push_back(std::move(p));
         built_from.push_back(shared ? &chain : nullptr);
       }
+      m.rot.push_back(m.rotation_for(*m.pipelines[idx]));
       TokenStore* s = alloc.allocate(1);
       new (s) TokenStore(c.head_dim, m.pipelines[idx].get());
       m.stores.push_back(s);
@@ -300,6 +322,19 @@ void KVCache::append(int layer, TensorView<const float> k, TensorView<const floa
                  "strictly increase",
                  layer, pos[i], i, n, prev);
   }
+  // A rotated head stores R k and R v (kvslim/policy/rotation.h): the codec checks the rows it
+  // will encode. `rk`/`rv` hold one head's rotated rows at a time.
+  std::vector<float> rk, rv;
+  auto rotated = [&](int h, std::int64_t first, std::int64_t count) {
+    rk.resize(static_cast<std::size_t>(count) * c.head_dim);
+    rv.resize(rk.size());
+    for (std::int64_t i = 0; i < count; ++i) {
+      std::memcpy(rk.data() + i * c.head_dim, k.row(h, first + i), static_cast<std::size_t>(c.head_dim) * 4);
+      std::memcpy(rv.data() + i * c.head_dim, v.row(h, first + i), static_cast<std::size_t>(c.head_dim) * 4);
+    }
+    m.rot_at(layer, h)->forward(*m.kt, rk.data(), static_cast<int>(count));
+    m.rot_at(layer, h)->forward(*m.kt, rv.data(), static_cast<int>(count));
+  };
   for (int h = 0; h < c.kv_heads; ++h) {
     const TokenStore& s = m.at(layer, h);
     KVSLIM_CHECK(s.size() + n <= c.max_tokens, ErrorCode::kCapacity,
@@ -316,11 +351,22 @@ void KVCache::append(int layer, TensorView<const float> k, TensorView<const floa
                        "append to layer {}: value of kv head {}, token {}, channel {} is {}", layer, h, i, ch,
                        vr[ch]);
         }
-      s.codec().check_rows(kr, vr, 1, c.head_dim);
+      if (m.rot_at(layer, h)) {
+        rotated(h, i, 1);
+        s.codec().check_rows(rk.data(), rv.data(), 1, c.head_dim);
+      } else {
+        s.codec().check_rows(kr, vr, 1, c.head_dim);
+      }
     }
   }
-  for (int h = 0; h < c.kv_heads; ++h)
-    m.at(layer, h).append(*m.kt, k.row(h, 0), k.stride(1), v.row(h, 0), v.stride(1), n, pos.data());
+  for (int h = 0; h < c.kv_heads; ++h) {
+    if (m.rot_at(layer, h)) {
+      rotated(h, 0, n);
+      m.at(layer, h).append(*m.kt, rk.data(), c.head_dim, rv.data(), c.head_dim, n, pos.data());
+    } else {
+      m.at(layer, h).append(*m.kt, k.row(h, 0), k.stride(1), v.row(h, 0), v.stride(1), n, pos.data());
+    }
+  }
 }
 
 void KVCache::attend(int layer, TensorView<const float> q, TensorView<float> out, const AttendOptions& options) {
@@ -391,6 +437,7 @@ void KVCache::attend(int layer, TensorView<const float> q, TensorView<float> out
         if (!finite) ws.row_ok[static_cast<std::size_t>(g * nt + i)] = 0;
         for (int ch = 0; ch < d; ++ch) dst[ch] = finite ? src[ch] * t.scale : 0.0f;
       }
+    if (const HadamardRotation* r = t.m->rot_at(t.layer, h)) r->forward(*t.m->kt, ws.q.data(), t.nq);
   };
   auto head = [](void* ctx, int h) {
     const Task& t = *static_cast<const Task*>(ctx);
@@ -418,6 +465,7 @@ void KVCache::attend(int layer, TensorView<const float> q, TensorView<float> out
       for (const auto& sc : s.pipeline().scorers)
         if (sc->needs_attention()) sc->on_attention(s, ws.mass);
     }
+    if (const HadamardRotation* r = t.m->rot_at(t.layer, h)) r->inverse(*t.m->kt, ws.out.data(), t.nq);
     for (int g = 0; g < group; ++g)
       for (std::int64_t i = 0; i < nt; ++i)
         std::memcpy(t.out->row(h * group + g, i), ws.out.data() + (g * nt + i) * d, static_cast<std::size_t>(d) * 4);
@@ -498,6 +546,7 @@ void KVCache::attend(int layer, TensorView<const float> q, TensorView<float> out
         }
         const float inv = !finite ? std::numeric_limits<float>::quiet_NaN() : l > 0.0f ? 1.0f / l : 0.0f;
         for (int ch = 0; ch < d; ++ch) o[ch] = finite ? o[ch] * inv : inv;
+        if (const HadamardRotation* rr = m.rot_at(layer, h)) rr->inverse(*m.kt, o, 1);
       }
     m.at(layer, h).flush(*m.kt);
   }
@@ -528,6 +577,10 @@ DenseKV KVCache::materialize(int layer, int kv_head) const {
   out.v = Tensor<float>({s.size(), m.cfg.head_dim});
   out.log_weights.resize(static_cast<std::size_t>(s.size()));
   s.materialize(*m.kt, out.k.data(), out.v.data(), out.log_weights.data());
+  if (const HadamardRotation* r = m.rot_at(layer, kv_head)) {  // the store holds R k and R v
+    r->inverse(*m.kt, out.k.data(), static_cast<int>(s.size()));
+    r->inverse(*m.kt, out.v.data(), static_cast<int>(s.size()));
+  }
   out.positions = s.positions();
   return out;
 }

@@ -4,16 +4,27 @@
 #include "kvslim/policy/policy.h"
 #include "kvslim/tensor/dtype.h"
 
+#include <string>
+
 namespace kvslim::detail {
 
-/// Options every codec accepts: group (tokens per page), residual, sinks.
+/// Options every codec accepts: group (tokens per page), residual, sinks; and the rotation,
+/// for the codecs that take rotate=hadamard[,seed=S] (read_rotation).
 struct PagingOptions {
   int group = 32;
   int residual = 0;
   int sinks = 0;
+  RotationSpec rotation{};
 };
 /// Reads group/residual/sinks from params with the given defaults.
 PagingOptions read_paging(StageParams& p, PagingOptions defaults);
+/// Reads rotate=none|hadamard and seed= (which needs rotate=hadamard).
+RotationSpec read_rotation(StageParams& p);
+/// ",group=G,residual=R,sinks=S" plus rotation_text(): the canonical tail of the float
+/// codecs' describe().
+std::string paging_text(const PagingOptions& o);
+/// ",rotate=hadamard,seed=N" when rotated, else "".
+std::string rotation_text(const RotationSpec& r);
 
 BuiltStage make_float_codec(DType dtype, StageParams& p, int head_dim);
 BuiltStage make_kivi_codec(StageParams& p, int head_dim);

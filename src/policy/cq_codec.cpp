@@ -223,6 +223,8 @@ BuiltStage make_cq_codec(StageParams& p, const StageContext& ctx) {
                "recipe stage 'cq': kchannels={} and vchannels={} must divide head_dim {}", s.key.channels,
                s.value.channels, d);
   const PagingOptions o = read_paging(p, PagingOptions{32, 128, 0});
+  // No rotate= key: codebooks are trained on unrotated keys and values, and rotated rows
+  // would be coded against centroids of another basis.
   const std::string file = p.get_string("codebooks", "");
   p.check_all_used(kKeys);
   std::shared_ptr<const Codebooks> cb = file.empty() ? ctx.codebooks : codebooks_from_file(file, ctx);

@@ -17,6 +17,27 @@ PagingOptions read_paging(StageParams& p, PagingOptions defaults) {
   return o;
 }
 
+RotationSpec read_rotation(StageParams& p) {
+  RotationSpec r;
+  const std::string rotate = p.get_string("rotate", "none");
+  KVSLIM_CHECK(rotate == "none" || rotate == "hadamard", ErrorCode::kInvalidArgument,
+               "recipe stage '{}': rotate={} is not a known rotation (none or hadamard)", p.stage(), rotate);
+  r.hadamard = rotate == "hadamard";
+  KVSLIM_CHECK(r.hadamard || !p.has("seed"), ErrorCode::kInvalidArgument,
+               "recipe stage '{}': seed= is the seed of rotate=hadamard, and this stage has no rotation", p.stage());
+  r.seed = static_cast<std::uint64_t>(p.get_int("seed", 0, 0, 1 << 30));
+  return r;
+}
+
+std::string paging_text(const PagingOptions& o) {
+  std::string s = fmt::format(",group={},residual={},sinks={}", o.group, o.residual, o.sinks);
+  return s + rotation_text(o.rotation);
+}
+
+std::string rotation_text(const RotationSpec& r) {
+  return r.hadamard ? fmt::format(",rotate=hadamard,seed={}", r.seed) : std::string();
+}
+
 void check_f16_range(const char* codec, const float* x, int ntok, int d, const char* what) {
   for (int j = 0; j < ntok; ++j)
     for (int c = 0; c < d; ++c) {
@@ -34,11 +55,12 @@ class FloatCodec final : public Codec {
   FloatCodec(DType dtype, PagingOptions o) : dtype_(dtype), o_(o) {}
 
   std::string describe() const override {
-    return fmt::format("{}:group={},residual={},sinks={}", dtype_name(dtype_), o_.group, o_.residual, o_.sinks);
+    return fmt::format("{}:{}", dtype_name(dtype_), paging_text(o_).substr(1));
   }
   int page_tokens() const override { return o_.group; }
   int residual() const override { return o_.residual; }
   int sinks() const override { return o_.sinks; }
+  RotationSpec rotation() const override { return o_.rotation; }
   std::size_t page_bytes(int ntok, int d) const override {
     return 2u * static_cast<std::size_t>(ntok) * d * dtype_size(dtype_);
   }
@@ -123,8 +145,9 @@ class FloatCodec final : public Codec {
 }  // namespace
 
 BuiltStage make_float_codec(DType dtype, StageParams& p, int /*head_dim*/) {
-  const PagingOptions o = read_paging(p, PagingOptions{32, 0, 0});
-  p.check_all_used({"group", "residual", "sinks"});
+  PagingOptions o = read_paging(p, PagingOptions{32, 0, 0});
+  o.rotation = read_rotation(p);
+  p.check_all_used({"group", "residual", "sinks", "rotate", "seed"});
   BuiltStage b{StageKind::kCodec, nullptr, nullptr, nullptr, nullptr};
   b.codec = std::make_shared<FloatCodec>(dtype, o);
   return b;

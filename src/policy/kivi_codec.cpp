@@ -43,11 +43,12 @@ class KiviCodec final : public Codec {
     std::string s = fmt::format("kivi:kbits={},vbits={},group={},vgroup={},residual={},sinks={}", kbits_, vbits_,
                                 o_.group, vgroup_, o_.residual, o_.sinks);
     if (qbits_) s += fmt::format(",qbits={}", qbits_);  // only when set: existing texts unchanged
-    return s;
+    return s + rotation_text(o_.rotation);
   }
   int page_tokens() const override { return o_.group; }
   int residual() const override { return o_.residual; }
   int sinks() const override { return o_.sinks; }
+  RotationSpec rotation() const override { return o_.rotation; }
   std::size_t page_bytes(int ntok, int d) const override { return layout(ntok, d).bytes; }
   void check_rows(const float* k, const float* v, int ntok, int d) const override {
     check_f16_range("kivi", k, ntok, d, "key");
@@ -123,8 +124,9 @@ BuiltStage make_kivi_codec(StageParams& p, int head_dim) {
                "recipe stage 'kivi': qbits={} is not supported (0: full-precision attention, 8: 8-bit integer dot "
                "products)",
                qbits);
-  const PagingOptions o = read_paging(p, PagingOptions{32, 128, 0});
-  p.check_all_used({"kbits", "vbits", "group", "vgroup", "residual", "sinks", "qbits"});
+  PagingOptions o = read_paging(p, PagingOptions{32, 128, 0});
+  o.rotation = read_rotation(p);
+  p.check_all_used({"kbits", "vbits", "group", "vgroup", "residual", "sinks", "qbits", "rotate", "seed"});
   BuiltStage b{StageKind::kCodec, nullptr, nullptr, nullptr, nullptr};
   b.codec = std::make_shared<KiviCodec>(kbits, vbits, vgroup, qbits, o);
   return b;

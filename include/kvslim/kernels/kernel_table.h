@@ -253,6 +253,15 @@ struct KernelTable {
   // table writes the same codes as the scalar one.
   void (*cq_encode)(const float* x, const float* centroids, int groups, int count, int C,
                     std::uint8_t* row) noexcept;
+
+  // --- Hadamard rotation (recipe key rotate=hadamard; kvslim/policy/rotation.h) ---
+  // For each of the n rows x[r] of d floats (row stride d): x[r] <- post * H(pre * x[r])
+  // elementwise, pre/post of d floats (null: 1). H is block-diagonal, unnormalized: blocks of
+  // the sizes of d's binary digits, largest first (d = 96: channels [0, 64) then [64, 96)),
+  // each the Walsh-Hadamard butterfly network: for h = 1, 2, 4, ... < block, for every pair
+  // (i, i + h) with i & h == 0: (a, b) <- (a + b, a - b). Every table computes the same
+  // float operations in the same order, so results are bit-identical across ISAs.
+  void (*hadamard_rows)(float* x, int n, int d, const float* pre, const float* post) noexcept;
 };
 
 /// The table for an ISA, or nullptr if its kernels were not built into this library.

@@ -21,6 +21,8 @@
 #include <utility>
 #include <vector>
 
+#include "kvslim/policy/rotation.h"
+
 namespace kvslim {
 
 namespace kernels {
@@ -113,6 +115,11 @@ class Codec {
   /// `prepared` into st.o, at the final running max st.m. Default: nothing.
   virtual void finish(const kernels::KernelTable& kt, std::byte* prepared, int nq, int d,
                       kernels::OnlineState& st) const;
+  /// The rotation this codec's tokens are stored in (recipe key rotate=hadamard; none by
+  /// default). KVCache applies it: it rotates keys and values before append() hands them to
+  /// the store, query rows before attention and the output back (kvslim/policy/rotation.h),
+  /// so every method above sees rotated rows only.
+  virtual RotationSpec rotation() const { return {}; }
 };
 
 /// Per-token importance. Scores live in TokenStore::importance(), one float per kept token,

@@ -108,6 +108,16 @@ inline VF vexpand(const float* p, int ng) noexcept {
   }
 }
 // Lane i of v in every lane.
+// The Walsh-Hadamard stages h = 1, 2, 4 inside one vector (kernel_table.h, hadamard_rows):
+// lane i gets x_i + x_(i^h) where i & h == 0, else x_(i^h) - x_i: the scalar a + b, a - b.
+inline VF vhadamard_lanes(VF v) noexcept {
+  VF w = _mm256_permute_ps(v, 0xB1);  // lanes 1 0 3 2 ...
+  v = _mm256_blend_ps(_mm256_add_ps(v, w), _mm256_sub_ps(w, v), 0xAA);
+  w = _mm256_permute_ps(v, 0x4E);  // lanes 2 3 0 1 ...
+  v = _mm256_blend_ps(_mm256_add_ps(v, w), _mm256_sub_ps(w, v), 0xCC);
+  w = _mm256_permute2f128_ps(v, v, 1);  // the two 128-bit halves swapped
+  return _mm256_blend_ps(_mm256_add_ps(v, w), _mm256_sub_ps(w, v), 0xF0);
+}
 inline VF vlane(VF v, int i) noexcept { return _mm256_permutevar8x32_ps(v, _mm256_set1_epi32(i)); }
 
 // 16-bit tails: copy n <= 8 elements into a zeroed 8-element buffer.

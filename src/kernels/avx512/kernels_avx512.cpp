@@ -22,6 +22,7 @@ namespace {
 
 #include "kernels/avx512/simd_avx512.h"
 #include "kernels/kernels-inl.h"
+#include "kernels/hadamard-inl.h"
 // The AVX2 integer kernels of KIVI q8 attention (AVX2 intrinsics compile here too, with 32
 // vector registers).
 #include "kernels/avx2/kivi_q8-inl.h"
@@ -562,6 +563,7 @@ extern const KernelTable kTable = {
     mask_block_k, attend_f32_k, attend_f16_k, attend_bf16_k, attend_kivi_t<kivi_scores_k, kivi_accum_k>,
     attend_kivi_q8_k,
     cq_tables_k, cq_scores_k, cq_accum_k, attend_cq_k, cq_finish_k, cq_encode_k,
+    hadamard_rows_k,
 };
 
 }  // namespace kvslim::kernels::avx512

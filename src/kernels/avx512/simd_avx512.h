@@ -107,6 +107,18 @@ inline void vstore_block(float* s, std::ptrdiff_t stride, VF res) noexcept {
   _mm_storeu_ps(s + 3 * stride, _mm512_extractf32x4_ps(res, 3));
 }
 // Lane i of v in every lane.
+// The Walsh-Hadamard stages h = 1, 2, 4, 8 inside one vector (kernel_table.h, hadamard_rows):
+// lane i gets x_i + x_(i^h) where i & h == 0, else x_(i^h) - x_i: the scalar a + b, a - b.
+inline VF vhadamard_lanes(VF v) noexcept {
+  VF w = _mm512_permute_ps(v, 0xB1);
+  v = _mm512_mask_blend_ps(0xAAAA, _mm512_add_ps(v, w), _mm512_sub_ps(w, v));
+  w = _mm512_permute_ps(v, 0x4E);
+  v = _mm512_mask_blend_ps(0xCCCC, _mm512_add_ps(v, w), _mm512_sub_ps(w, v));
+  w = _mm512_shuffle_f32x4(v, v, _MM_SHUFFLE(2, 3, 0, 1));  // 128-bit lanes 1 0 3 2
+  v = _mm512_mask_blend_ps(0xF0F0, _mm512_add_ps(v, w), _mm512_sub_ps(w, v));
+  w = _mm512_shuffle_f32x4(v, v, _MM_SHUFFLE(1, 0, 3, 2));  // 2 3 0 1
+  return _mm512_mask_blend_ps(0xFF00, _mm512_add_ps(v, w), _mm512_sub_ps(w, v));
+}
 inline VF vlane(VF v, int i) noexcept { return _mm512_permutexvar_ps(_mm512_set1_epi32(i), v); }
 
 // f16 / bf16 loads and stores (raw uint16 bit patterns).

@@ -338,6 +338,31 @@ void attend_kivi_q8_ref(const float* q, int nq, const KiviPage& pg, int ntok, in
 #include "kernels/cq-inl.h"
 #undef KVSLIM_CQ_SOFTMAX
 
+// The butterfly network of kernel_table.h, stage by stage, per power-of-two block of d.
+void hadamard_rows_ref(float* x, int n, int d, const float* pre, const float* post) noexcept {
+  for (int r = 0; r < n; ++r) {
+    float* row = x + static_cast<std::ptrdiff_t>(r) * d;
+    if (pre)
+      for (int c = 0; c < d; ++c) row[c] *= pre[c];
+    for (int base = 0, rest = d; rest > 0;) {
+      int blk = 1;
+      while (blk * 2 <= rest) blk *= 2;
+      float* b = row + base;
+      for (int h = 1; h < blk; h *= 2)
+        for (int i = 0; i < blk; i += 2 * h)
+          for (int j = i; j < i + h; ++j) {
+            const float a = b[j], c = b[j + h];
+            b[j] = a + c;
+            b[j + h] = a - c;
+          }
+      base += blk;
+      rest -= blk;
+    }
+    if (post)
+      for (int c = 0; c < d; ++c) row[c] *= post[c];
+  }
+}
+
 }  // namespace
 
 extern const KernelTable kTable = {
@@ -351,6 +376,7 @@ extern const KernelTable kTable = {
     mask_block_ref, attend_f32_ref, attend_f16_ref, attend_bf16_ref, attend_kivi_ref,
     attend_kivi_q8_ref,
     cq_tables_g, cq_scores_g, cq_accum_g, attend_cq_g, cq_finish_g, cq_encode_g,
+    hadamard_rows_ref,
 };
 
 }  // namespace kvslim::kernels::scalar

@@ -1,0 +1,49 @@
+// Hadamard rotation rows (kernel_table.h, hadamard_rows) for the SIMD tables. Included after
+// the ISA's simd header (kL float lanes, vhadamard_lanes for the stages below kL).
+// The operations are the scalar reference's: the same products by pre/post, and for every
+// stage the same a + b, a - b pairs, stage by stage in increasing h, so the results are
+// bit-identical to it. Blocks below kL lanes (the tail blocks of a d that is not a power of
+// two, or a d below kL) take the scalar stages.
+
+inline void hadamard_block_scalar(float* b, int blk) noexcept {
+  for (int h = 1; h < blk; h *= 2)
+    for (int i = 0; i < blk; i += 2 * h)
+      for (int j = i; j < i + h; ++j) {
+        const float a = b[j], c = b[j + h];
+        b[j] = a + c;
+        b[j + h] = a - c;
+      }
+}
+
+inline void scale_row_k(float* row, const float* f, int d) noexcept {
+  int c = 0;
+  for (; c + kL <= d; c += kL) vstore(row + c, vmul(vload(row + c), vload(f + c)));
+  for (; c < d; ++c) row[c] *= f[c];
+}
+
+void hadamard_rows_k(float* x, int n, int d, const float* pre, const float* post) noexcept {
+  for (int r = 0; r < n; ++r) {
+    float* row = x + static_cast<std::ptrdiff_t>(r) * d;
+    if (pre) scale_row_k(row, pre, d);
+    for (int base = 0, rest = d; rest > 0;) {
+      int blk = 1;
+      while (blk * 2 <= rest) blk *= 2;
+      float* b = row + base;
+      if (blk < kL) {
+        hadamard_block_scalar(b, blk);
+      } else {
+        for (int i = 0; i < blk; i += kL) vstore(b + i, vhadamard_lanes(vload(b + i)));
+        for (int h = kL; h < blk; h *= 2)
+          for (int i = 0; i < blk; i += 2 * h)
+            for (int j = i; j < i + h; j += kL) {
+              const VF a = vload(b + j), c = vload(b + j + h);
+              vstore(b + j, vadd(a, c));
+              vstore(b + j + h, vsub(a, c));
+            }
+      }
+      base += blk;
+      rest -= blk;
+    }
+    if (post) scale_row_k(row, post, d);
+  }
+}
