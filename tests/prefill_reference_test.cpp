@@ -79,6 +79,12 @@ const Case kCases[] = {
      false},
     {"mikv:budget=48,recent=8,lo=(kivi:kbits=2,vbits=2,group=8,rotate=hadamard) | f16:rotate=hadamard,sinks={s}", 16,
      1e-3, false},
+    // Dense-and-sparse outliers (side lists per page; re-packed pages pick theirs again).
+    {"kivi:kbits=2,vbits=2,group=16,residual=0,outliers=0.05,sinks={s}", 16, 1e-3, false},
+    {"kivi:kbits=3,vbits=4,group=8,residual=16,outliers=0.01,sinks={s}", 64, 1e-3, false},
+    {"h2o:budget=40,recent=8 | kivi:kbits=2,vbits=2,group=16,residual=0,outliers=0.1,rotate=hadamard,sinks={s}", 16,
+     1e-3, false},
+    {"mikv:budget=48,recent=8,lo=(kivi:kbits=2,vbits=2,group=8,outliers=0.02) | f16:sinks={s}", 16, 1e-3, false},
 };
 const int kSinks[] = {0, 1, 4};
 

@@ -147,7 +147,11 @@ struct KVCache::Impl {
   std::vector<float> split_m, split_l, split_o;  // split-KV partial states [task][row]([d])
   // Hadamard rotations (one per distinct seed) and each store's, or null (rotate=hadamard).
   std::vector<std::unique_ptr<const HadamardRotation>> rotations;
-  std::vector<const HadamardRotation*> rot;
+  struct HeadRotation {
+    const HadamardRotation* keys = nullptr;    // rotates keys and queries, or null
+    const HadamardRotation* values = nullptr;  // rotates values and the output back, or null
+  };
+  std::vector<HeadRotation> rot;
 
   ~Impl() {
     TrackedAllocator<TokenStore> alloc(&shared);
@@ -157,22 +161,29 @@ struct KVCache::Impl {
     }
   }
   TokenStore& at(int layer, int h) const { return *stores[static_cast<std::size_t>(layer) * cfg.kv_heads + h]; }
-  const HadamardRotation* rot_at(int layer, int h) const {
-    return rot[static_cast<std::size_t>(layer) * cfg.kv_heads + h];
+  const HadamardRotation* rot_k(int layer, int h) const {
+    return rot[static_cast<std::size_t>(layer) * cfg.kv_heads + h].keys;
+  }
+  const HadamardRotation* rot_v(int layer, int h) const {
+    return rot[static_cast<std::size_t>(layer) * cfg.kv_heads + h].values;
   }
   // The rotation for a pipeline's codec (shared by every store with the same seed), or null.
-  const HadamardRotation* rotation_for(const Pipeline& p) {
+  HeadRotation rotation_for(const Pipeline& p) {
     const RotationSpec r = p.codec->rotation();
     const Codec* lo = p.eviction ? p.eviction->demote_codec() : nullptr;
     KVSLIM_CHECK(!lo || lo->rotation() == r, ErrorCode::kRecipe,
                  "recipe '{}': the demotion codec '{}' must use the same rotation as the codec '{}' (both hold the "
                  "head's tokens, in one basis)",
                  detail::clip_recipe(p.text), lo->describe(), p.codec->describe());
-    if (!r.hadamard) return nullptr;
+    if (!r.hadamard) return {};
+    const HadamardRotation* found = nullptr;
     for (const auto& x : rotations)
-      if (x->seed() == r.seed) return x.get();
-    rotations.push_back(std::make_unique<const HadamardRotation>(cfg.head_dim, r.seed));
-    return rotations.back().get();
+      if (x->seed() == r.seed) found = x.get();
+    if (!found) {
+      rotations.push_back(std::make_unique<const HadamardRotation>(cfg.head_dim, r.seed));
+      found = rotations.back().get();
+    }
+    return {r.keys ? found : nullptr, r.values ? found : nullptr};
   }
 
   void check_layer(int layer) const {
@@ -332,8 +343,8 @@ void KVCache::append(int layer, TensorView<const float> k, TensorView<const floa
       std::memcpy(rk.data() + i * c.head_dim, k.row(h, first + i), static_cast<std::size_t>(c.head_dim) * 4);
       std::memcpy(rv.data() + i * c.head_dim, v.row(h, first + i), static_cast<std::size_t>(c.head_dim) * 4);
     }
-    m.rot_at(layer, h)->forward(*m.kt, rk.data(), static_cast<int>(count));
-    m.rot_at(layer, h)->forward(*m.kt, rv.data(), static_cast<int>(count));
+    if (const HadamardRotation* r = m.rot_k(layer, h)) r->forward(*m.kt, rk.data(), static_cast<int>(count));
+    if (const HadamardRotation* r = m.rot_v(layer, h)) r->forward(*m.kt, rv.data(), static_cast<int>(count));
   };
   for (int h = 0; h < c.kv_heads; ++h) {
     const TokenStore& s = m.at(layer, h);
@@ -351,7 +362,7 @@ void KVCache::append(int layer, TensorView<const float> k, TensorView<const floa
                        "append to layer {}: value of kv head {}, token {}, channel {} is {}", layer, h, i, ch,
                        vr[ch]);
         }
-      if (m.rot_at(layer, h)) {
+      if (m.rot_k(layer, h) || m.rot_v(layer, h)) {
         rotated(h, i, 1);
         s.codec().check_rows(rk.data(), rv.data(), 1, c.head_dim);
       } else {
@@ -360,7 +371,7 @@ void KVCache::append(int layer, TensorView<const float> k, TensorView<const floa
     }
   }
   for (int h = 0; h < c.kv_heads; ++h) {
-    if (m.rot_at(layer, h)) {
+    if (m.rot_k(layer, h) || m.rot_v(layer, h)) {
       rotated(h, 0, n);
       m.at(layer, h).append(*m.kt, rk.data(), c.head_dim, rv.data(), c.head_dim, n, pos.data());
     } else {
@@ -437,7 +448,7 @@ void KVCache::attend(int layer, TensorView<const float> q, TensorView<float> out
         if (!finite) ws.row_ok[static_cast<std::size_t>(g * nt + i)] = 0;
         for (int ch = 0; ch < d; ++ch) dst[ch] = finite ? src[ch] * t.scale : 0.0f;
       }
-    if (const HadamardRotation* r = t.m->rot_at(t.layer, h)) r->forward(*t.m->kt, ws.q.data(), t.nq);
+    if (const HadamardRotation* r = t.m->rot_k(t.layer, h)) r->forward(*t.m->kt, ws.q.data(), t.nq);
   };
   auto head = [](void* ctx, int h) {
     const Task& t = *static_cast<const Task*>(ctx);
@@ -465,7 +476,7 @@ void KVCache::attend(int layer, TensorView<const float> q, TensorView<float> out
       for (const auto& sc : s.pipeline().scorers)
         if (sc->needs_attention()) sc->on_attention(s, ws.mass);
     }
-    if (const HadamardRotation* r = t.m->rot_at(t.layer, h)) r->inverse(*t.m->kt, ws.out.data(), t.nq);
+    if (const HadamardRotation* r = t.m->rot_v(t.layer, h)) r->inverse(*t.m->kt, ws.out.data(), t.nq);
     for (int g = 0; g < group; ++g)
       for (std::int64_t i = 0; i < nt; ++i)
         std::memcpy(t.out->row(h * group + g, i), ws.out.data() + (g * nt + i) * d, static_cast<std::size_t>(d) * 4);
@@ -546,7 +557,7 @@ void KVCache::attend(int layer, TensorView<const float> q, TensorView<float> out
         }
         const float inv = !finite ? std::numeric_limits<float>::quiet_NaN() : l > 0.0f ? 1.0f / l : 0.0f;
         for (int ch = 0; ch < d; ++ch) o[ch] = finite ? o[ch] * inv : inv;
-        if (const HadamardRotation* rr = m.rot_at(layer, h)) rr->inverse(*m.kt, o, 1);
+        if (const HadamardRotation* rr = m.rot_v(layer, h)) rr->inverse(*m.kt, o, 1);
       }
     m.at(layer, h).flush(*m.kt);
   }
@@ -577,10 +588,9 @@ DenseKV KVCache::materialize(int layer, int kv_head) const {
   out.v = Tensor<float>({s.size(), m.cfg.head_dim});
   out.log_weights.resize(static_cast<std::size_t>(s.size()));
   s.materialize(*m.kt, out.k.data(), out.v.data(), out.log_weights.data());
-  if (const HadamardRotation* r = m.rot_at(layer, kv_head)) {  // the store holds R k and R v
-    r->inverse(*m.kt, out.k.data(), static_cast<int>(s.size()));
-    r->inverse(*m.kt, out.v.data(), static_cast<int>(s.size()));
-  }
+  // A rotated store holds R k and/or R v.
+  if (const HadamardRotation* r = m.rot_k(layer, kv_head)) r->inverse(*m.kt, out.k.data(), static_cast<int>(s.size()));
+  if (const HadamardRotation* r = m.rot_v(layer, kv_head)) r->inverse(*m.kt, out.v.data(), static_cast<int>(s.size()));
   out.positions = s.positions();
   return out;
 }
@@ -593,7 +603,8 @@ CacheStats KVCache::stats() const {
   st.head_dim = m.cfg.head_dim;
   st.heads.reserve(m.stores.size());
   for (const TokenStore* s : m.stores) {
-    st.heads.push_back({s->size(), s->bytes(), s->seen()});
+    st.heads.push_back({s->size(), s->bytes(), s->seen(), s->outlier_bytes()});
+    st.outlier_bytes += st.heads.back().outlier_bytes;
     st.total_tokens += s->size();
     st.total_bytes += s->bytes();
     st.total_seen += s->seen();

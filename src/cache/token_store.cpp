@@ -281,6 +281,14 @@ void TokenStore::seal_pages(const kernels::KernelTable& kt) {
   }
 }
 
+std::int64_t TokenStore::outlier_bytes() const noexcept {
+  std::int64_t n = 0;
+  for (const Page& pg : pages_) n += static_cast<std::int64_t>(codec().outlier_bytes(pg.ntok, d_));
+  if (lo_)
+    for (const Page& pg : lo_->pages) n += static_cast<std::int64_t>(lo_codec_->outlier_bytes(pg.ntok, d_));
+  return n;
+}
+
 void TokenStore::append(const kernels::KernelTable& kt, const float* k, std::int64_t k_stride, const float* v,
                         std::int64_t v_stride, std::int64_t n, const std::int64_t* pos) {
   flush(kt);

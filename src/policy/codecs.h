@@ -18,12 +18,12 @@ struct PagingOptions {
 };
 /// Reads group/residual/sinks from params with the given defaults.
 PagingOptions read_paging(StageParams& p, PagingOptions defaults);
-/// Reads rotate=none|hadamard and seed= (which needs rotate=hadamard).
+/// Reads rotate=none|hadamard, and seed= and rotated=kv|k|v (which need rotate=hadamard).
 RotationSpec read_rotation(StageParams& p);
 /// ",group=G,residual=R,sinks=S" plus rotation_text(): the canonical tail of the float
 /// codecs' describe().
 std::string paging_text(const PagingOptions& o);
-/// ",rotate=hadamard,seed=N" when rotated, else "".
+/// ",rotate=hadamard,seed=N[,rotated=k|v]" when rotated, else "".
 std::string rotation_text(const RotationSpec& r);
 
 BuiltStage make_float_codec(DType dtype, StageParams& p, int head_dim);

@@ -26,6 +26,14 @@ RotationSpec read_rotation(StageParams& p) {
   KVSLIM_CHECK(r.hadamard || !p.has("seed"), ErrorCode::kInvalidArgument,
                "recipe stage '{}': seed= is the seed of rotate=hadamard, and this stage has no rotation", p.stage());
   r.seed = static_cast<std::uint64_t>(p.get_int("seed", 0, 0, 1 << 30));
+  KVSLIM_CHECK(r.hadamard || !p.has("rotated"), ErrorCode::kInvalidArgument,
+               "recipe stage '{}': rotated= says what rotate=hadamard rotates, and this stage has no rotation",
+               p.stage());
+  const std::string what = p.get_string("rotated", "kv");
+  KVSLIM_CHECK(what == "kv" || what == "k" || what == "v", ErrorCode::kInvalidArgument,
+               "recipe stage '{}': rotated={} must be kv, k or v", p.stage(), what);
+  r.keys = what != "v";
+  r.values = what != "k";
   return r;
 }
 
@@ -35,7 +43,8 @@ std::string paging_text(const PagingOptions& o) {
 }
 
 std::string rotation_text(const RotationSpec& r) {
-  return r.hadamard ? fmt::format(",rotate=hadamard,seed={}", r.seed) : std::string();
+  if (!r.hadamard) return {};
+  return fmt::format(",rotate=hadamard,seed={}", r.seed) + (r.keys && r.values ? "" : r.keys ? ",rotated=k" : ",rotated=v");
 }
 
 void check_f16_range(const char* codec, const float* x, int ntok, int d, const char* what) {
@@ -147,7 +156,7 @@ class FloatCodec final : public Codec {
 BuiltStage make_float_codec(DType dtype, StageParams& p, int /*head_dim*/) {
   PagingOptions o = read_paging(p, PagingOptions{32, 0, 0});
   o.rotation = read_rotation(p);
-  p.check_all_used({"group", "residual", "sinks", "rotate", "seed"});
+  p.check_all_used({"group", "residual", "sinks", "rotate", "seed", "rotated"});
   BuiltStage b{StageKind::kCodec, nullptr, nullptr, nullptr, nullptr};
   b.codec = std::make_shared<FloatCodec>(dtype, o);
   return b;

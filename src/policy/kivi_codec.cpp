@@ -8,7 +8,18 @@
 // qbits=8 (default 0: full precision) makes attend() compute q.k and p.v with 8-bit integer
 // dot products (kernel_table.h, attend_kivi_q8); the page format is the same, and scores() /
 // accumulate() (the non-fused path and tests) stay full precision.
+//
+// outliers=F (dense-and-sparse, KVQuant): per page, the keys' ceil(F·ntok·d) entries farthest
+// from their channel's page mean in units of the channel's rms deviation, and per token the
+// values' round(F·d) entries (at least 1) farthest from the token's mean, are kept exactly
+// (f16 value + index) in a side list at the end of the page and left out of the min/max that
+// sets the scales (their slot holds a value inside the others' range, so the codes stay
+// dense). Attention adds their exact part, f16(x) - dequant(code), to the logits and the
+// output (docs/outliers.md).
 #include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <vector>
 
 #include "check.h"
 #include "kvslim/kernels/kernel_table.h"
@@ -19,13 +30,23 @@ namespace {
 
 class KiviCodec final : public Codec {
  public:
-  KiviCodec(int kbits, int vbits, int vgroup, int qbits, PagingOptions o)
-      : kbits_(kbits), vbits_(vbits), vgroup_(vgroup), qbits_(qbits), o_(o) {}
+  KiviCodec(int kbits, int vbits, int vgroup, int qbits, double outliers, PagingOptions o)
+      : kbits_(kbits), vbits_(vbits), vgroup_(vgroup), qbits_(qbits), outliers_(outliers), o_(o) {}
 
-  // Offsets of a page of ntok tokens (docs/formats.md).
+  // Offsets of a page of ntok tokens (docs/formats.md). With outliers, the side list follows
+  // the value codes (2-aligned): key entries kidx[nk][2] (token, channel) and kval[nk], then
+  // value entries vidx[ntok][nv] (channel) and vval[ntok][nv]; all uint16, values f16.
   struct Layout {
     std::size_t kcodes, vscale, vzero, vcodes, bytes;
+    int nk = 0, nv = 0;  // key outliers per page, value outliers per token
+    std::size_t kidx = 0, kval = 0, vidx = 0, vval = 0;
   };
+  int key_outliers(int ntok, int d) const {
+    return outliers_ > 0 ? std::max(1, static_cast<int>(std::ceil(outliers_ * ntok * d - 1e-9))) : 0;
+  }
+  int value_outliers(int d) const {
+    return outliers_ > 0 ? std::min(d, std::max(1, static_cast<int>(std::lround(outliers_ * d)))) : 0;
+  }
   Layout layout(int ntok, int d) const {
     const std::size_t g = static_cast<std::size_t>(ntok);
     Layout l;
@@ -36,6 +57,15 @@ class KiviCodec final : public Codec {
     l.vzero = l.vscale + 2u * g * ng;
     l.vcodes = l.vzero + 2u * g * ng;
     l.bytes = l.vcodes + g * static_cast<std::size_t>(kernels::row_bytes(d, vbits_));
+    if (outliers_ > 0) {
+      l.nk = key_outliers(ntok, d);
+      l.nv = value_outliers(d);
+      l.kidx = l.bytes + (l.bytes & 1u);
+      l.kval = l.kidx + 4u * static_cast<std::size_t>(l.nk);
+      l.vidx = l.kval + 2u * static_cast<std::size_t>(l.nk);
+      l.vval = l.vidx + 2u * g * static_cast<std::size_t>(l.nv);
+      l.bytes = l.vval + 2u * g * static_cast<std::size_t>(l.nv);
+    }
     return l;
   }
 
@@ -43,6 +73,7 @@ class KiviCodec final : public Codec {
     std::string s = fmt::format("kivi:kbits={},vbits={},group={},vgroup={},residual={},sinks={}", kbits_, vbits_,
                                 o_.group, vgroup_, o_.residual, o_.sinks);
     if (qbits_) s += fmt::format(",qbits={}", qbits_);  // only when set: existing texts unchanged
+    if (outliers_ > 0) s += fmt::format(",outliers={}", outliers_);
     return s + rotation_text(o_.rotation);
   }
   int page_tokens() const override { return o_.group; }
@@ -50,6 +81,10 @@ class KiviCodec final : public Codec {
   int sinks() const override { return o_.sinks; }
   RotationSpec rotation() const override { return o_.rotation; }
   std::size_t page_bytes(int ntok, int d) const override { return layout(ntok, d).bytes; }
+  std::size_t outlier_bytes(int ntok, int d) const override {
+    const Layout l = layout(ntok, d);
+    return outliers_ > 0 ? l.bytes - l.kidx : 0;
+  }
   void check_rows(const float* k, const float* v, int ntok, int d) const override {
     check_f16_range("kivi", k, ntok, d, "key");
     check_f16_range("kivi", v, ntok, d, "value");
@@ -57,6 +92,7 @@ class KiviCodec final : public Codec {
   void encode(const kernels::KernelTable& kt, const float* k, const float* v, int ntok, int d,
               std::byte* page) const override {
     const Layout l = layout(ntok, d);
+    if (outliers_ > 0) return encode_with_outliers(kt, k, v, ntok, d, page, l);
     kt.kivi_quant_keys(k, ntok, d, kbits_, u16(page), u16(page) + d, u8(page + l.kcodes));
     kt.kivi_quant_values(v, ntok, d, vbits_, vgroup_, u16(page + l.vscale), u16(page + l.vzero), u8(page + l.vcodes));
   }
@@ -66,19 +102,35 @@ class KiviCodec final : public Codec {
     kt.kivi_dequant_keys(u16(page), u16(page) + d, u8(page + l.kcodes), ntok, d, kbits_, k);
     kt.kivi_dequant_values(u16(page + l.vscale), u16(page + l.vzero), u8(page + l.vcodes), ntok, d, vbits_, vgroup_,
                            v);
+    if (outliers_ > 0)
+      for_outliers(page, l, ntok, d, [&](bool key, int j, int c, float delta) { (key ? k : v)[j * d + c] += delta; });
   }
   void scores(const kernels::KernelTable& kt, const std::byte* page, int ntok, int d, const float* q, int nq,
               float* s) const override {
-    kt.kivi_scores(q, nq, u16(page), u16(page) + d, u8(page + layout(ntok, d).kcodes), ntok, d, kbits_, s);
+    const Layout l = layout(ntok, d);
+    kt.kivi_scores(q, nq, u16(page), u16(page) + d, u8(page + l.kcodes), ntok, d, kbits_, s);
+    if (outliers_ > 0)
+      for_outliers(page, l, ntok, d, [&](bool key, int j, int c, float delta) {
+        if (key)
+          for (int r = 0; r < nq; ++r) s[r * ntok + j] += q[r * d + c] * delta;
+      });
   }
   void accumulate(const kernels::KernelTable& kt, const std::byte* page, int ntok, int d, const float* p, int nq,
                   float* o) const override {
     const Layout l = layout(ntok, d);
     kt.kivi_accum(p, nq, u16(page + l.vscale), u16(page + l.vzero), u8(page + l.vcodes), ntok, d, vbits_, vgroup_, o);
+    if (outliers_ > 0)
+      for_outliers(page, l, ntok, d, [&](bool key, int j, int c, float delta) {
+        if (!key)
+          for (int r = 0; r < nq; ++r) o[r * d + c] += p[r * ntok + j] * delta;
+      });
   }
   void attend_page(const kernels::KernelTable& kt, const std::byte* page, int ntok, int d, const float* q,
                    std::byte* /*prepared*/, int nq, const kernels::BlockMask& mask,
                    kernels::OnlineState& st) const override {
+    // Pages with a side list take the composed path (scores, then the outliers' exact part
+    // added to the logits; accumulate, then theirs to the output).
+    if (outliers_ > 0) return Codec::attend_page(kt, page, ntok, d, q, nullptr, nq, mask, st);
     const Layout l = layout(ntok, d);
     const kernels::KiviPage pg{u16(page), u16(page) + d,          u8(page + l.kcodes), u16(page + l.vscale),
                                u16(page + l.vzero), u8(page + l.vcodes), kbits_, vbits_, vgroup_};
@@ -89,12 +141,131 @@ class KiviCodec final : public Codec {
   }
 
  private:
+  // f(key, token, channel, exact - dequantized) for every side-list entry of the page.
+  template <class F>
+  void for_outliers(const std::byte* page, const Layout& l, int ntok, int d, F&& f) const {
+    const std::uint16_t* kidx = u16(page + l.kidx);
+    const std::uint16_t* kval = u16(page + l.kval);
+    const std::uint8_t* kc = u8(page + l.kcodes);
+    const int krow = kernels::row_bytes(d, kbits_), vrow = kernels::row_bytes(d, vbits_);
+    for (int e = 0; e < l.nk; ++e) {
+      const int j = kidx[2 * e], c = kidx[2 * e + 1];
+      const float base = static_cast<float>(code_at(kc + j * krow, c, kbits_)) * f16_to_f32(u16(page)[c]) +
+                         f16_to_f32(u16(page)[d + c]);
+      f(true, j, c, f16_to_f32(kval[e]) - base);
+    }
+    const std::uint16_t* vidx = u16(page + l.vidx);
+    const std::uint16_t* vval = u16(page + l.vval);
+    const std::uint16_t* vs = u16(page + l.vscale);
+    const std::uint16_t* vz = u16(page + l.vzero);
+    const std::uint8_t* vc = u8(page + l.vcodes);
+    const int ng = d / vgroup_;
+    for (int j = 0; j < ntok; ++j)
+      for (int e = 0; e < l.nv; ++e) {
+        const int c = vidx[j * l.nv + e], g = c / vgroup_;
+        const float base = static_cast<float>(code_at(vc + j * vrow, c, vbits_)) * f16_to_f32(vs[j * ng + g]) +
+                           f16_to_f32(vz[j * ng + g]);
+        f(false, j, c, f16_to_f32(vval[j * l.nv + e]) - base);
+      }
+  }
+  static unsigned code_at(const std::uint8_t* row, int c, int bits) {
+    const int bit = c * bits;
+    unsigned w = row[bit >> 3];
+    if ((bit & 7) + bits > 8) w |= static_cast<unsigned>(row[(bit >> 3) + 1]) << 8;
+    return (w >> (bit & 7)) & ((1u << bits) - 1u);
+  }
+
+  // Picks the outliers, parks a value inside the others' range in their slots, quantizes,
+  // and writes the side list (module comment).
+  void encode_with_outliers(const kernels::KernelTable& kt, const float* k, const float* v, int ntok, int d,
+                            std::byte* page, const Layout& l) const {
+    const std::size_t n = static_cast<std::size_t>(ntok) * d;
+    if (l.kidx > l.vcodes + static_cast<std::size_t>(ntok) * kernels::row_bytes(d, vbits_))
+      page[l.kidx - 1] = std::byte{0};  // the alignment pad: every byte of a page is defined
+    std::vector<float> kk(k, k + n), vv(v, v + n), score(n);
+    std::vector<int> order(n);
+    std::vector<char> taken(n, 0);
+    // Keys: z-score within the channel over the page's tokens.
+    for (int c = 0; c < d; ++c) {
+      double mean = 0.0, var = 0.0;
+      for (int j = 0; j < ntok; ++j) mean += k[j * d + c];
+      mean /= ntok;
+      for (int j = 0; j < ntok; ++j) var += (k[j * d + c] - mean) * (k[j * d + c] - mean);
+      const double rms = std::sqrt(var / ntok) + 1e-30;
+      for (int j = 0; j < ntok; ++j) score[j * d + c] = static_cast<float>(std::fabs(k[j * d + c] - mean) / rms);
+    }
+    std::iota(order.begin(), order.end(), 0);
+    // Largest score first, lowest index on ties: the same picks on every platform.
+    std::partial_sort(order.begin(), order.begin() + l.nk, order.end(), [&](int a, int b) {
+      return score[a] != score[b] ? score[a] > score[b] : a < b;
+    });
+    std::uint16_t* kidx = u16(page + l.kidx);
+    std::uint16_t* kval = u16(page + l.kval);
+    for (int e = 0; e < l.nk; ++e) {
+      const int i = order[e];
+      taken[i] = 1;
+      kidx[2 * e] = static_cast<std::uint16_t>(i / d);
+      kidx[2 * e + 1] = static_cast<std::uint16_t>(i % d);
+      kval[e] = f32_to_f16(k[i]);
+    }
+    for (int c = 0; c < d; ++c) {  // park: the channel's mean, clamped to the others' range
+      float mn = INFINITY, mx = -INFINITY;
+      double mean = 0.0;
+      for (int j = 0; j < ntok; ++j) {
+        mean += k[j * d + c];
+        if (!taken[j * d + c]) mn = std::min(mn, k[j * d + c]), mx = std::max(mx, k[j * d + c]);
+      }
+      if (mn > mx) continue;  // every entry of the channel is an outlier: nothing to protect
+      const float park = std::clamp(static_cast<float>(mean / ntok), mn, mx);
+      for (int j = 0; j < ntok; ++j)
+        if (taken[j * d + c]) kk[j * d + c] = park;
+    }
+    // Values: per token, distance from the token's mean; parked per value group.
+    std::uint16_t* vidx = u16(page + l.vidx);
+    std::uint16_t* vval = u16(page + l.vval);
+    std::vector<int> ch(static_cast<std::size_t>(d));
+    std::vector<char> vt(static_cast<std::size_t>(d));
+    for (int j = 0; j < ntok; ++j) {
+      const float* x = v + static_cast<std::size_t>(j) * d;
+      double mean = 0.0;
+      for (int c = 0; c < d; ++c) mean += x[c];
+      mean /= d;
+      std::iota(ch.begin(), ch.end(), 0);
+      std::partial_sort(ch.begin(), ch.begin() + l.nv, ch.end(), [&](int a, int b) {
+        const double da = std::fabs(x[a] - mean), db = std::fabs(x[b] - mean);
+        return da != db ? da > db : a < b;
+      });
+      std::fill(vt.begin(), vt.end(), 0);
+      for (int e = 0; e < l.nv; ++e) {
+        vt[ch[e]] = 1;
+        vidx[j * l.nv + e] = static_cast<std::uint16_t>(ch[e]);
+        vval[j * l.nv + e] = f32_to_f16(x[ch[e]]);
+      }
+      for (int g0 = 0; g0 < d; g0 += vgroup_) {
+        float mn = INFINITY, mx = -INFINITY;
+        double gm = 0.0;
+        for (int c = g0; c < g0 + vgroup_; ++c) {
+          gm += x[c];
+          if (!vt[c]) mn = std::min(mn, x[c]), mx = std::max(mx, x[c]);
+        }
+        if (mn > mx) continue;
+        const float park = std::clamp(static_cast<float>(gm / vgroup_), mn, mx);
+        for (int c = g0; c < g0 + vgroup_; ++c)
+          if (vt[c]) vv[static_cast<std::size_t>(j) * d + c] = park;
+      }
+    }
+    kt.kivi_quant_keys(kk.data(), ntok, d, kbits_, u16(page), u16(page) + d, u8(page + l.kcodes));
+    kt.kivi_quant_values(vv.data(), ntok, d, vbits_, vgroup_, u16(page + l.vscale), u16(page + l.vzero),
+                         u8(page + l.vcodes));
+  }
+
   static std::uint16_t* u16(std::byte* p) { return reinterpret_cast<std::uint16_t*>(p); }
   static const std::uint16_t* u16(const std::byte* p) { return reinterpret_cast<const std::uint16_t*>(p); }
   static std::uint8_t* u8(std::byte* p) { return reinterpret_cast<std::uint8_t*>(p); }
   static const std::uint8_t* u8(const std::byte* p) { return reinterpret_cast<const std::uint8_t*>(p); }
 
   int kbits_, vbits_, vgroup_, qbits_;
+  double outliers_;
   PagingOptions o_;
 };
 
@@ -124,11 +295,19 @@ BuiltStage make_kivi_codec(StageParams& p, int head_dim) {
                "recipe stage 'kivi': qbits={} is not supported (0: full-precision attention, 8: 8-bit integer dot "
                "products)",
                qbits);
+  // outliers: the fraction kept exactly (dense-and-sparse); the paper's 1% is 0.01.
+  const double outliers = p.get_double("outliers", 0.0, -1e300, 1e300);
+  KVSLIM_CHECK(outliers >= 0.0 && outliers <= 0.1, ErrorCode::kInvalidArgument,
+               "recipe stage 'kivi': outliers={} is outside [0, 0.1] (the fraction of values kept exactly)", outliers);
+  KVSLIM_CHECK(outliers == 0.0 || qbits == 0, ErrorCode::kInvalidArgument,
+               "recipe stage 'kivi': outliers={} with qbits={} is not supported (the 8-bit path has no side list)",
+               outliers, qbits);
   PagingOptions o = read_paging(p, PagingOptions{32, 128, 0});
   o.rotation = read_rotation(p);
-  p.check_all_used({"kbits", "vbits", "group", "vgroup", "residual", "sinks", "qbits", "rotate", "seed"});
+  p.check_all_used(
+      {"kbits", "vbits", "group", "vgroup", "residual", "sinks", "qbits", "outliers", "rotate", "seed", "rotated"});
   BuiltStage b{StageKind::kCodec, nullptr, nullptr, nullptr, nullptr};
-  b.codec = std::make_shared<KiviCodec>(kbits, vbits, vgroup, qbits, o);
+  b.codec = std::make_shared<KiviCodec>(kbits, vbits, vgroup, qbits, outliers, o);
   return b;
 }
 

@@ -106,6 +106,25 @@ SyntheticLayer generate_layer(const SyntheticOptions& o, int layer) {
   std::vector<double> cum(static_cast<std::size_t>(T) + 1, 0.0);
   for (int j = 0; j < T; ++j) cum[j + 1] = cum[j] + (j < o.sink_tokens ? 0.0 : pop[j]);
 
+  // Value outlier channels and massive activations, from a stream of their own.
+  KVSLIM_CHECK(o.value_outlier_channels >= 0 && o.value_outlier_channels <= d && o.massive_tokens >= 0 &&
+                   o.massive_tokens <= T,
+               ErrorCode::kInvalidArgument, "synthetic: value_outlier_channels {} / massive_tokens {} out of range",
+               o.value_outlier_channels, o.massive_tokens);
+  Rng extra{o.seed * 0xd1342543de82ef95ull + static_cast<std::uint64_t>(layer) * 0x9e3779b97f4a7c15ull + 7};
+  {
+    std::vector<int> ch(static_cast<std::size_t>(d));
+    for (int c = 0; c < d; ++c) ch[c] = c;
+    for (int i = 0; i < o.value_outlier_channels; ++i)
+      std::swap(ch[i], ch[i + static_cast<int>(extra.next() % static_cast<std::uint64_t>(d - i))]);
+    L.value_outlier_channels.assign(ch.begin(), ch.begin() + o.value_outlier_channels);
+    std::vector<int> tok(static_cast<std::size_t>(T));
+    for (int t = 0; t < T; ++t) tok[t] = t;
+    for (int i = 1; i < o.massive_tokens; ++i)
+      std::swap(tok[i], tok[i + static_cast<int>(extra.next() % static_cast<std::uint64_t>(T - i))]);
+    L.massive_tokens.assign(tok.begin(), tok.begin() + o.massive_tokens);
+    std::sort(L.massive_tokens.begin(), L.massive_tokens.end());
+  }
   std::vector<float> noise(static_cast<std::size_t>(T) * d), mean(d), scale(d), inv_var(d), sink_dir(d), u(d);
   for (int h = 0; h < o.kv_heads; ++h) {
     // Per-channel statistics: scales log-normal around 1, outliers o.outlier_scale x.
@@ -143,6 +162,21 @@ SyntheticLayer generate_layer(const SyntheticOptions& o, int layer) {
       rope_half(kr, d, t, o.rope_theta);
       for (int c = 0; c < d; ++c)
         V[static_cast<std::size_t>(t) * d + c] = (0.8f + 0.4f * static_cast<float>(c % 5) / 4.0f) * rng.normal();
+      for (int c : L.value_outlier_channels) V[static_cast<std::size_t>(t) * d + c] *= o.value_outlier_scale;
+    }
+    // Massive activations: two channels per head (not outlier channels), a random sign each.
+    if (!L.massive_tokens.empty()) {
+      std::vector<float> mag(scale.begin(), scale.end());
+      std::nth_element(mag.begin(), mag.begin() + d / 2, mag.end());
+      const float big = o.massive_scale * mag[static_cast<std::size_t>(d / 2)];
+      const int c0 = static_cast<int>(extra.next() % static_cast<std::uint64_t>(half / 2));
+      const int chans[2] = {c0, c0 + half / 2};
+      for (int t : L.massive_tokens)
+        for (int c : chans) {
+          const float sign = (extra.next() >> 63) ? -1.0f : 1.0f;
+          K[static_cast<std::size_t>(t) * d + c] += sign * big;
+          V[static_cast<std::size_t>(t) * d + c] += sign * o.massive_scale;
+        }
     }
 
     // A target j adds the whitened, rotated noise of key j to the query: its logit then rises

@@ -58,6 +58,7 @@ struct HeadStats {
   std::int64_t tokens = 0;  // held now (all segments)
   std::int64_t bytes = 0;   // allocated now
   std::int64_t seen = 0;    // appended since construction / reset(), evicted ones included
+  std::int64_t outlier_bytes = 0;  // of `bytes`: side lists of exactly kept outliers (outliers=)
 };
 
 struct CacheStats {
@@ -82,6 +83,8 @@ struct CacheStats {
   /// Bytes of the codebooks the cache's cq stages read (each distinct Codebooks once). Not in
   /// total_bytes: they are a fixed per-model cost shared by every sequence, like weights.
   std::int64_t codebook_bytes = 0;
+  /// Of total_bytes: the dense-and-sparse side lists (kivi:outliers=F), summed over heads.
+  std::int64_t outlier_bytes = 0;
 
   /// Throws Error(kOutOfRange) for a layer or head outside the cache.
   const HeadStats& head(int layer, int kv_head) const;

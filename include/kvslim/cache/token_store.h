@@ -104,6 +104,9 @@ class TokenStore {
   const Codec* demote_codec() const noexcept { return lo_codec_; }
   /// Bytes this store has allocated (all containers).
   std::int64_t bytes() const noexcept { return counter_.bytes; }
+  /// Of those, the bytes of sealed pages (both tiers) that hold exactly kept outliers
+  /// (Codec::outlier_bytes: dense-and-sparse side lists).
+  std::int64_t outlier_bytes() const noexcept;
   /// Position of every token, in index order.
   std::vector<std::int64_t> positions() const;
   /// Last appended position, or -1 if nothing was appended since reset.

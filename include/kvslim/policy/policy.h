@@ -120,6 +120,13 @@ class Codec {
   /// the store, query rows before attention and the output back (kvslim/policy/rotation.h),
   /// so every method above sees rotated rows only.
   virtual RotationSpec rotation() const { return {}; }
+  /// Bytes of a page of ntok tokens that hold exactly kept outliers (a dense-and-sparse side
+  /// list; part of page_bytes()). Reported apart by stats(). Default 0.
+  virtual std::size_t outlier_bytes(int ntok, int head_dim) const {
+    (void)ntok;
+    (void)head_dim;
+    return 0;
+  }
 };
 
 /// Per-token importance. Scores live in TokenStore::importance(), one float per kept token,

@@ -27,6 +27,12 @@ struct KernelTable;
 struct RotationSpec {
   bool hadamard = false;
   std::uint64_t seed = 0;
+  /// What is rotated (recipe key rotated=kv|k|v): keys (and so the queries), values (and so
+  /// the output), or both. A per-channel key quantizer (KIVI) already isolates outlier key
+  /// channels and loses from a rotation that mixes them into every channel; its values, coded
+  /// per token, gain (docs/rotation.md has the numbers).
+  bool keys = true;
+  bool values = true;
   friend bool operator==(const RotationSpec&, const RotationSpec&) = default;
 };
 

@@ -39,6 +39,16 @@ struct SyntheticOptions {
   // > 0: the heads that are not retrieval heads pick their heavy hitters among the newest
   // local_window tokens only (the local heads RazorAttention assumes); 0: anywhere.
   int local_window = 0;
+  // Outliers of large models that the small real ones lack (off by default; they draw from
+  // their own random stream, so the data of the options above does not change with them):
+  // value channels value_outlier_scale x the others (per-token value quantizers spend their
+  // range on them), and massive activations: massive_tokens tokens (the first one, then
+  // random ones) whose keys and values carry +-massive_scale x the median channel magnitude
+  // in two channels per head (Sun et al. 2024, "Massive activations in large language models").
+  int value_outlier_channels = 0;
+  float value_outlier_scale = 15.0f;
+  int massive_tokens = 0;
+  float massive_scale = 100.0f;
 };
 
 struct SyntheticLayer {
@@ -48,6 +58,8 @@ struct SyntheticLayer {
   std::vector<float> q;  // [q_heads][tokens][head_dim], post-RoPE
   std::vector<int> outlier_channels;  // key channels that carry outliers
   std::vector<int> token_ids;         // [tokens]: the sequence's token ids (see period)
+  std::vector<int> value_outlier_channels;  // value channels that carry outliers
+  std::vector<int> massive_tokens;          // tokens with massive activations, ascending
 
   const float* k_head(int h) const { return k.data() + static_cast<std::size_t>(h) * tokens * head_dim; }
   const float* v_head(int h) const { return v.data() + static_cast<std::size_t>(h) * tokens * head_dim; }
