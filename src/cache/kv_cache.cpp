@@ -10,6 +10,7 @@
 #include <thread>
 
 #include "cache/recipe_text.h"
+#include "cache/rope.h"
 #include "check.h"
 #include "kvslim/cache/recipe.h"
 #include "kvslim/cache/token_store.h"
@@ -152,6 +153,7 @@ struct KVCache::Impl {
     const HadamardRotation* values = nullptr;  // rotates values and the output back, or null
   };
   std::vector<HeadRotation> rot;
+  std::unique_ptr<const detail::RopeTable> rope;  // pre-RoPE keys (cfg.pre_rope_keys)
 
   ~Impl() {
     TrackedAllocator<TokenStore> alloc(&shared);
@@ -234,6 +236,25 @@ KVCache::KVCache(const CacheConfig& config) : impl_(std::make_unique<Impl>()) {
   KVSLIM_CHECK(c.threads >= 1 && c.threads <= 256, ErrorCode::kInvalidArgument,
                "CacheConfig.threads = {} must be in [1, 256]", c.threads);
   m.kt = &kernels::active();
+  KVSLIM_CHECK(!c.pre_rope_keys || c.rope, ErrorCode::kInvalidArgument,
+               "CacheConfig.pre_rope_keys is set but CacheConfig.rope is empty: pre-RoPE keys need the RoPE the "
+               "model applies (theta, rotary_dims, style, scaling)");
+  KVSLIM_CHECK(!c.rope || c.pre_rope_keys, ErrorCode::kInvalidArgument,
+               "CacheConfig.rope is given but pre_rope_keys is false: the cache uses a RoPE spec only to rotate "
+               "pre-RoPE keys");
+  if (c.rope) {
+    const RopeSpec& r = *c.rope;
+    const int rot = r.rotary_dims > 0 ? r.rotary_dims : c.head_dim;
+    KVSLIM_CHECK(r.rotary_dims >= 0 && rot <= c.head_dim && rot % 2 == 0, ErrorCode::kInvalidArgument,
+                 "CacheConfig.rope.rotary_dims = {} disagrees with head_dim {} (it must be even and at most head_dim; "
+                 "0 means head_dim)",
+                 r.rotary_dims, c.head_dim);
+    KVSLIM_CHECK(std::isfinite(r.theta) && r.theta > 1.0, ErrorCode::kInvalidArgument,
+                 "CacheConfig.rope.theta = {} must be a finite base > 1", r.theta);
+    KVSLIM_CHECK(std::isfinite(r.scaling) && r.scaling > 0.0, ErrorCode::kInvalidArgument,
+                 "CacheConfig.rope.scaling = {} must be finite and > 0", r.scaling);
+    m.rope = std::make_unique<const detail::RopeTable>(r, c.head_dim);
+  }
 
   const RecipeSpec spec = parse_recipe(c.recipe);
   for (const OverrideSpec& o : spec.overrides) {
@@ -280,8 +301,28 @@ KVCache::KVCache(const CacheConfig& config) : impl_(std::make_unique<Impl>()) {
         built_from.push_back(shared ? &chain : nullptr);
       }
       m.rot.push_back(m.rotation_for(*m.pipelines[idx]));
+      if (m.rope) {
+        const Pipeline& p = *m.pipelines[idx];
+        const Codec* lo = p.eviction ? p.eviction->demote_codec() : nullptr;
+        // Codebooks are trained on post-RoPE keys; a compensation token averages keys of
+        // different positions, which has no position to rotate by; a Hadamard rotation of the
+        // keys does not commute with RoPE.
+        for (const Codec* cd : {p.codec.get(), lo})
+          KVSLIM_CHECK(!cd || cd->describe().rfind("cq:", 0) != 0, ErrorCode::kInvalidArgument,
+                       "recipe '{}': pre-RoPE keys cannot use '{}' (its codebooks are trained on post-RoPE keys)",
+                       detail::clip_recipe(p.text), cd->describe());
+        KVSLIM_CHECK(!p.eviction || p.eviction->action() != EvictAction::kCompensate, ErrorCode::kInvalidArgument,
+                     "recipe '{}': pre-RoPE keys cannot be folded into a compensation token ('{}': its mean key has no "
+                     "position)",
+                     detail::clip_recipe(p.text), p.eviction->describe());
+        KVSLIM_CHECK(!m.rot.back().keys, ErrorCode::kInvalidArgument,
+                     "recipe '{}': rotate=hadamard rotates the keys, which does not commute with RoPE on pre-RoPE keys "
+                     "(use rotated=v)",
+                     detail::clip_recipe(p.text));
+      }
       TokenStore* s = alloc.allocate(1);
       new (s) TokenStore(c.head_dim, m.pipelines[idx].get());
+      s->set_rope(m.rope.get());
       m.stores.push_back(s);
     }
   // Work is split by kv head, and with fewer heads than threads by ranges of one head's

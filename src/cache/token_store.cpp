@@ -5,6 +5,7 @@
 #include <cstring>
 #include <limits>
 
+#include "cache/rope.h"
 #include "check.h"
 #include "kvslim/kernels/kernel_table.h"
 #include "kvslim/policy/policy.h"
@@ -780,13 +781,48 @@ void TokenStore::attend_blocks(const kernels::KernelTable& kt, const float* q, i
   };
   // Full-precision rows [n][d]: ordinary tokens (causally masked) or specials (a per-token
   // logit bias ln(weight), never masked).
+  // Pre-RoPE keys (set_rope): each block's keys are rotated by their positions into
+  // ws.rope_k first. Dense rows have no dead slots, so row j of a block is logical index
+  // index + j; page slots map to positions by skipping dead ones (-1: not rotated, masked).
+  if (rope_) {
+    ws.rope_pos = positions();
+    ws.rope_k.resize(static_cast<std::size_t>(block) * d);
+    ws.rope_v.resize(ws.rope_k.size());
+    ws.rope_slot_pos.resize(static_cast<std::size_t>(block));
+  }
+  auto rotated_keys = [&](const float* ks, int bn, const std::uint64_t* dead) {
+    for (int j = 0, live = 0; j < bn; ++j) {
+      const bool is_dead = dead && ((dead[j >> 6] >> (j & 63)) & 1u);
+      ws.rope_slot_pos[j] = is_dead ? -1 : ws.rope_pos[static_cast<std::size_t>(index + live++)];
+    }
+    if (ks != ws.rope_k.data()) std::copy(ks, ks + static_cast<std::ptrdiff_t>(bn) * d, ws.rope_k.data());
+    rope_->rotate(ws.rope_k.data(), bn, ws.rope_slot_pos.data(), ws.rope_cs);
+    return ws.rope_k.data();
+  };
   auto dense = [&](const float* ks, const float* vs, std::int64_t n, const float* bias, bool past) {
     for (std::int64_t b0 = 0; b0 < n; b0 += block) {
       const int bn = static_cast<int>(std::min<std::int64_t>(block, n - b0));
       run_block(bn, bn, nullptr, bias ? bias + b0 : nullptr, past, [&](const kernels::BlockMask& mask) {
-        kt.attend_f32(q, nq, ks + b0 * d, vs + b0 * d, bn, d, mask, st);
+        const float* kb = rope_ ? rotated_keys(ks + b0 * d, bn, nullptr) : ks + b0 * d;
+        kt.attend_f32(q, nq, kb, vs + b0 * d, bn, d, mask, st);
       });
     }
+  };
+  // A page with pre-RoPE keys: decoded keys rotated, scored in f32; the values through the
+  // codec's accumulate() on the codes (Codec::attend_page's composition otherwise).
+  auto rope_page = [&](const Codec& c, const Page& pg, const kernels::BlockMask& mask) {
+    const int n = pg.ntok;
+    c.decode(kt, pg.data.data(), n, d, ws.rope_k.data(), ws.rope_v.data());
+    const std::uint64_t* dead = pg.dead.empty() ? nullptr : pg.dead.data();
+    rotated_keys(ws.rope_k.data(), n, dead);
+    kt.scores_f32(q, nq, ws.rope_k.data(), n, d, st.s);
+    kt.mask_block(st.s, nq, n, mask);
+    kt.softmax_block(st.s, nq, n, st.m, st.l, st.o, d);
+    if (st.probs)
+      for (int r = 0; r < nq; ++r)
+        std::copy(st.s + static_cast<std::size_t>(r) * n, st.s + static_cast<std::size_t>(r + 1) * n,
+                  st.probs + r * st.probs_stride);
+    c.accumulate(kt, pg.data.data(), n, d, st.s, nq, st.o);
   };
 
   if (range.head) dense(sink_k_.data(), sink_v_.data(), sinks_, nullptr, false);
@@ -816,7 +852,10 @@ void TokenStore::attend_blocks(const kernels::KernelTable& kt, const float* q, i
     }
     const std::uint64_t* dead = pg.dead.empty() ? nullptr : pg.dead.data();
     run_block(pg.ntok, pg.live, dead, nullptr, false, [&](const kernels::BlockMask& mask) {
-      codec.attend_page(kt, pg.data.data(), pg.ntok, d, q, prepared, nq, mask, st);
+      if (rope_)
+        rope_page(codec, pg, mask);
+      else
+        codec.attend_page(kt, pg.data.data(), pg.ntok, d, q, prepared, nq, mask, st);
     });
     st.prefetch = nullptr;
     st.prefetch_bytes = 0;
@@ -832,7 +871,10 @@ void TokenStore::attend_blocks(const kernels::KernelTable& kt, const float* q, i
       for (const Page& pg : lo_->pages) {
         const std::uint64_t* dead = pg.dead.empty() ? nullptr : pg.dead.data();
         run_block(pg.ntok, pg.live, dead, nullptr, true, [&](const kernels::BlockMask& mask) {
-          lo.attend_page(kt, pg.data.data(), pg.ntok, d, q, lo_prepared, nq, mask, st);
+          if (rope_)
+            rope_page(lo, pg, mask);
+          else
+            lo.attend_page(kt, pg.data.data(), pg.ntok, d, q, lo_prepared, nq, mask, st);
         });
       }
     }

@@ -1,7 +1,8 @@
 // How the generator produces LLM-like structure:
 // - keys: per-channel mean and scale (what makes per-channel key quantization win), a few
 //   outlier channel pairs placed on the lowest RoPE frequencies (where real models have
-//   them, so rotation does not smear them), and a shared "sink direction" that the first
+//   them, so rotation does not smear them; outliers_low_frequency = false puts them on the
+//   fastest pairs instead), and a shared "sink direction" that the first
 //   tokens carry strongly;
 // - queries: post-RoPE mixtures of the keys of a few heavy-hitter targets, chosen with
 //   Zipf-distributed popularity among visible tokens, plus the sink direction — so attention
@@ -69,8 +70,9 @@ SyntheticLayer generate_layer(const SyntheticOptions& o, int layer) {
   // Outliers sit on the lowest-frequency RoPE pairs (i, i + d/2) for large i.
   const int pairs = (o.outlier_channels + 1) / 2;
   for (int p = 0; p < pairs; ++p) {
-    L.outlier_channels.push_back(half - 1 - 2 * p);
-    L.outlier_channels.push_back(d - 1 - 2 * p);
+    const int i = o.outliers_low_frequency ? half - 1 - 2 * p : 1 + 2 * p;
+    L.outlier_channels.push_back(i);
+    L.outlier_channels.push_back(i + half);
   }
   L.outlier_channels.resize(static_cast<std::size_t>(o.outlier_channels));
 
@@ -133,8 +135,12 @@ SyntheticLayer generate_layer(const SyntheticOptions& o, int layer) {
       mean[c] = 0.5f * rng.normal() * scale[c];
     }
     for (int c : L.outlier_channels) {
-      scale[c] *= o.outlier_scale;
-      mean[c] *= o.outlier_scale;
+      if (o.outliers_consistent) {
+        mean[c] = (mean[c] < 0.0f ? -1.0f : 1.0f) * o.outlier_scale * scale[c];
+      } else {
+        scale[c] *= o.outlier_scale;
+        mean[c] *= o.outlier_scale;
+      }
     }
     // RoPE mixes the two channels of a pair, so whiten with the pair's mean variance.
     for (int i = 0; i < half; ++i) {

@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 
 namespace kvslim {
@@ -13,6 +14,16 @@ class Codebooks;
 enum class NonFinitePolicy {
   kReject,  // throw Error(kNonFinite) naming layer, head, token and channel (default)
   kAllow,   // store as given (lossy codecs may then produce NaN scales)
+};
+
+/// RoPE as the model applies it (the cache applies it to pre-RoPE keys; CacheConfig::rope).
+/// Channel pair i of the rotated channels turns by angle (position / scaling) * freq_i,
+/// freq_i = theta^(-2i / rotary_dims).
+struct RopeSpec {
+  double theta = 10000.0;    // base, > 0
+  int rotary_dims = 0;       // channels rotated, even and <= head_dim; 0 = head_dim
+  bool interleaved = false;  // pairs (2i, 2i+1) (llama2.c, Meta) or (i, i + rotary_dims/2) (Hugging Face)
+  double scaling = 1.0;      // linear position scaling (position interpolation), > 0
 };
 
 /// Shape of the cache. One KVCache holds one sequence.
@@ -40,6 +51,13 @@ struct CacheConfig {
   /// Codebooks of the recipe's `cq` stages that name no codebooks=FILE (kvslim/policy/
   /// codebook.h). Shared, read-only; must match the cache's shape and the stages' shapes.
   std::shared_ptr<const Codebooks> codebooks = nullptr;
+  /// Pre-RoPE key caching (KVQuant): with pre_rope_keys, append() takes keys *before* RoPE
+  /// (queries stay post-RoPE, as the model computes them) and attention rotates every key by
+  /// `rope` at its position, so quantization sees keys whose outlier channels are not smeared
+  /// by the rotation. materialize() returns the keys as appended (pre-RoPE). pre_rope_keys
+  /// needs `rope`, and `rope` is used only with pre_rope_keys (docs/outliers.md).
+  bool pre_rope_keys = false;
+  std::optional<RopeSpec> rope = std::nullopt;
 };
 
 }  // namespace kvslim

@@ -37,6 +37,9 @@
 
 namespace kvslim {
 
+namespace detail {
+class RopeTable;
+}
 namespace kernels {
 struct KernelTable;
 }
@@ -62,6 +65,11 @@ struct AttendWorkspace {
   std::vector<float> block_sum;  // collect_mass: one block's probabilities summed over rows
   std::vector<std::byte> prepared;     // the codec's query-side state (Codec::prepare)
   std::vector<std::byte> prepared_lo;  // the same for the demoted tokens' codec
+  // Pre-RoPE keys (TokenStore::set_rope): one block's keys rotated, its values decoded, the
+  // positions of every token, the angles.
+  std::vector<float> rope_k, rope_v;
+  std::vector<std::int64_t> rope_pos, rope_slot_pos;
+  std::vector<double> rope_cs;
   std::int64_t slots = 0;  // physical slots covered by probs rows
 };
 
@@ -104,6 +112,9 @@ class TokenStore {
   const Codec* demote_codec() const noexcept { return lo_codec_; }
   /// Bytes this store has allocated (all containers).
   std::int64_t bytes() const noexcept { return counter_.bytes; }
+  /// Keys are stored pre-RoPE: attention rotates each by its position with `rope` (owned by
+  /// the caller, KVCache; null: keys are used as stored). Set before the first append.
+  void set_rope(const detail::RopeTable* rope) noexcept { rope_ = rope; }
   /// Of those, the bytes of sealed pages (both tiers) that hold exactly kept outliers
   /// (Codec::outlier_bytes: dense-and-sparse side lists).
   std::int64_t outlier_bytes() const noexcept;
@@ -278,6 +289,7 @@ class TokenStore {
   bool evict_pending_ = false;
   std::int64_t repacked_pages_ = 0;
   const Codec* lo_codec_;  // the demotion codec, or null
+  const detail::RopeTable* rope_ = nullptr;  // pre-RoPE keys: attention rotates them
   /// The demoted segment's containers, allocated only for a pipeline that demotes (every
   /// store's own size counts in stats()).
   struct Demoted {

@@ -20,6 +20,14 @@ struct SyntheticOptions {
   int tokens = 4096;
   std::uint64_t seed = 1;
   int outlier_channels = 4;      // key channels (in RoPE pairs) with large magnitude
+  // Where the outlier pairs sit: true (default) on the lowest RoPE frequencies, where RoPE
+  // barely turns them; false on the fastest ones, where RoPE turns their large mean within
+  // a page (the case pre-RoPE key caching is for).
+  bool outliers_low_frequency = true;
+  // What makes an outlier channel large: false (default) a spread outlier_scale x wider;
+  // true a mean of +-outlier_scale x the channel's scale on a normal spread, the same sign on
+  // every token (KVQuant's pre-RoPE outlier channels, "consistently large magnitude").
+  bool outliers_consistent = false;
   float outlier_scale = 15.0f;   // their magnitude relative to the median channel
   int sink_tokens = 1;           // first tokens that act as attention sinks
   float sink_strength = 9.0f;    // logit of the sink token (after the 1/sqrt(d) scale)
