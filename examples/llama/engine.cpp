@@ -8,7 +8,7 @@
 namespace kvslim::llama {
 
 CacheConfig cache_config(const ModelConfig& c, const std::string& recipe,
-                         std::int64_t max_positions) {
+                         std::int64_t max_positions, bool pre_rope) {
   KVSLIM_CHECK(max_positions >= 1, ErrorCode::kInvalidArgument,
                "max_positions {} must be at least 1", max_positions);
   CacheConfig cfg;
@@ -18,6 +18,10 @@ CacheConfig cache_config(const ModelConfig& c, const std::string& recipe,
   cfg.head_dim = c.head_dim;
   cfg.max_tokens = max_positions;
   cfg.recipe = recipe;
+  if (pre_rope) {
+    cfg.pre_rope_keys = true;
+    cfg.rope = RopeSpec{c.rope_theta, 0, c.rope == RopeStyle::kInterleaved, 1.0};
+  }
   return cfg;
 }
 
@@ -63,9 +67,13 @@ Engine::Engine(const Model& model, const std::string& recipe)
     : Engine(model, recipe, model.config.seq_len) {}
 
 Engine::Engine(const Model& model, const std::string& recipe, std::int64_t max_positions)
+    : Engine(model, recipe, max_positions, false) {}
+
+Engine::Engine(const Model& model, const std::string& recipe, std::int64_t max_positions, bool pre_rope)
     : model_(&model),
-      cache_(cache_config(model.config, recipe, max_positions)),
-      max_positions_(max_positions) {
+      cache_(cache_config(model.config, recipe, max_positions, pre_rope)),
+      max_positions_(max_positions),
+      pre_rope_(pre_rope) {
   const ModelConfig& c = model.config;
   const int half = c.head_dim / 2;
   cos_.resize(static_cast<std::size_t>(max_positions) * half);
@@ -132,7 +140,7 @@ std::span<const float> Engine::forward(std::span<const int> tokens, Logits which
   ensure(att_, un * q_dim);
   ensure(h1_, un * H);
   ensure(h3_, un * H);
-  if (observer) ensure(k_pre_, un * kv_dim);
+  if (observer || pre_rope_) ensure(k_pre_, un * kv_dim);
 
   for (int t = 0; t < n; ++t)
     std::copy_n(model_->embedding.data() + static_cast<std::size_t>(tokens[t]) * D, D,
@@ -144,11 +152,11 @@ std::span<const float> Engine::forward(std::span<const int> tokens, Logits which
     matmul_wt(xn_.data(), n, D, w.wq, q_dim, q_.data());
     matmul_wt(xn_.data(), n, D, w.wk, kv_dim, k_.data());
     matmul_wt(xn_.data(), n, D, w.wv, kv_dim, v_.data());
-    if (observer) std::copy_n(k_.data(), un * kv_dim, k_pre_.data());
+    if (observer || pre_rope_) std::copy_n(k_.data(), un * kv_dim, k_pre_.data());
     rope(q_.data(), n, c.n_heads);
     rope(k_.data(), n, c.n_kv_heads);
 
-    cache_.append(l, TensorView<const float>::tokens_heads_dim(k_.data(), n, c.n_kv_heads, hd),
+    cache_.append(l, TensorView<const float>::tokens_heads_dim(pre_rope_ ? k_pre_.data() : k_.data(), n, c.n_kv_heads, hd),
                   TensorView<const float>::tokens_heads_dim(v_.data(), n, c.n_kv_heads, hd));
     cache_.attend(l, TensorView<const float>::tokens_heads_dim(q_.data(), n, c.n_heads, hd),
                   TensorView<float>::tokens_heads_dim(att_.data(), n, c.n_heads, hd));

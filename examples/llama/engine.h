@@ -24,8 +24,10 @@ namespace kvslim::llama {
 /// The shape of `c`'s cache (layers, query and kv heads, head_dim) with `recipe`, holding up
 /// to `max_positions` (>= 1) tokens per head: what Engine builds, and what a probe of a
 /// recipe's memory builds without a model. Throws Error(kInvalidArgument) for max_positions < 1.
+/// With pre_rope the cache takes keys before RoPE and applies the model's RoPE itself
+/// (CacheConfig::pre_rope_keys; `kvslim-llama --pre-rope`).
 CacheConfig cache_config(const ModelConfig& c, const std::string& recipe,
-                         std::int64_t max_positions);
+                         std::int64_t max_positions, bool pre_rope = false);
 
 /// One layer's attention tensors for a chunk, handed to a ForwardObserver. Every buffer is
 /// [n][heads][head_dim] row-major (heads = n_heads for q/attn_out, n_kv_heads otherwise).
@@ -66,6 +68,10 @@ class Engine {
   /// eviction, examples/long_generation.cpp).
   Engine(const Model& model, const std::string& recipe, std::int64_t max_positions);
 
+  /// Same, and with pre_rope the cache receives the keys before RoPE and rotates them itself
+  /// in attention (cache_config); queries are rotated here as always.
+  Engine(const Model& model, const std::string& recipe, std::int64_t max_positions, bool pre_rope);
+
   /// Runs `tokens` at positions position() .. position()+n-1 and returns the logits
   /// (row-major, see Logits). The span stays valid until the next call. Throws
   /// Error(kOutOfRange) for token ids outside the vocabulary and Error(kCapacity) past
@@ -89,6 +95,7 @@ class Engine {
   KVCache cache_;
   std::int64_t max_positions_;
   std::int64_t position_ = 0;
+  bool pre_rope_ = false;
   std::vector<float> cos_, sin_;  // [max_positions][head_dim/2]
   // Scratch, [n][width] row-major, reused across calls.
   std::vector<float> x_, xn_, q_, k_, k_pre_, v_, att_, h1_, h3_, logits_;

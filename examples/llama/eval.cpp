@@ -178,7 +178,7 @@ PerplexityReport evaluate_perplexity(const Model& model, std::span<const int> st
   Engine ref(model, "f32");
   std::vector<std::unique_ptr<Engine>> engines;
   for (const std::string& r : recipes)
-    engines.push_back(std::make_unique<Engine>(model, r));
+    engines.push_back(std::make_unique<Engine>(model, r, model.config.seq_len, options.pre_rope));
 
   struct Acc {
     double nll = 0.0, kl = 0.0, bytes = 0.0, ratio = 0.0, ratio_seen = 0.0, kept = 0.0,
@@ -390,7 +390,7 @@ double write_dump(const Model& model, std::string_view text, std::int64_t offset
 }
 
 GenerateResult generate(const Model& model, const std::string& recipe, std::string_view prompt,
-                        int max_new, const std::function<void(std::string_view)>& on_text) {
+                        int max_new, const std::function<void(std::string_view)>& on_text, bool pre_rope) {
   const Tokenizer& tok = *model.tokenizer;
   const int ctx = model.config.seq_len;
   GenerateResult res;
@@ -401,7 +401,7 @@ GenerateResult generate(const Model& model, const std::string& recipe, std::stri
                "the prompt has {} tokens with BOS; the model's context is {} tokens",
                res.tokens.size(), ctx);
 
-  Engine engine(model, recipe);
+  Engine engine(model, recipe, ctx, pre_rope);
   std::span<const float> logits = engine.forward(res.tokens, Logits::kLast);
   res.text = tok.decode(res.tokens);
   if (on_text && !res.text.empty()) on_text(res.text);

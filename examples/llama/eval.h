@@ -55,6 +55,8 @@ struct PerplexityOptions {
   /// computes exactly what 0 does. Must be smaller than the model's context length; windows
   /// of N tokens or fewer (a short last window) are skipped.
   std::size_t prefill = 0;
+  /// The recipes' caches take pre-RoPE keys (Engine's pre_rope); the f32 reference does not.
+  bool pre_rope = false;
   /// Called after each (window, run) with the number of runs done and the total.
   std::function<void(std::size_t done, std::size_t total)> progress;
 };
@@ -112,7 +114,7 @@ struct GenerateResult {
 /// BOS/EOS or the context end). `on_text` receives each piece as it is produced.
 GenerateResult generate(const Model& model, const std::string& recipe, std::string_view prompt,
                         int max_new,
-                        const std::function<void(std::string_view)>& on_text = nullptr);
+                        const std::function<void(std::string_view)>& on_text = nullptr, bool pre_rope = false);
 
 /// total_bytes / (total_tokens / (layers * kv_heads)): cache bytes per token of the
 /// sequence, all layers and kv heads together; 0 for an empty cache.

@@ -37,14 +37,14 @@ using namespace kvslim::llama;
 constexpr const char* kUsage = R"(usage: kvslim-llama <command> [options]
 
 commands:
-  generate --model PATH [--prompt TEXT] [--tokens N] [--recipe R]
+  generate --model PATH [--prompt TEXT] [--tokens N] [--recipe R] [--pre-rope]
       Greedy generation from BOS + prompt (default: empty prompt, 256 tokens, recipe f32).
       Prints the text on stdout; then on stderr the tokens generated, why generation stopped
       (EOS token, token limit or full context), the decode speed, the KV cache's bytes,
       bytes per token and compression ratio vs f32.
 
   ppl --model PATH --text FILE --recipe R [--recipe R2 ...] [--windows N] [--prefill N]
-      [--json] [--no-progress]
+      [--pre-rope] [--json] [--no-progress]
       Splits FILE at <|endoftext|> (BOS + encoding per stripped, non-empty piece), cuts the
       token stream into consecutive windows of the model's context length and decodes each
       window token by token from an empty cache, once with an f32 reference cache and once per
@@ -66,6 +66,9 @@ commands:
       dPPL, KLD and top-1 are then measured on the tokens after the prefill only (tokens
       N .. end of each window; windows of N tokens or fewer are skipped), and tok/s counts
       the decode steps only. Default: token by token from the first token (= --prefill 1).
+      --pre-rope: the recipes' caches take the keys before RoPE and apply the model's RoPE
+      in attention (CacheConfig::pre_rope_keys, KVQuant); the f32 reference does not.
+      Also for generate and sweep.
       --json prints one JSON object per recipe per line with keys recipe, ppl, dppl_rel,
       kld_mean, top1_agree, kv_bytes, ratio (vs f32), tokens_per_s, bytes_per_token,
       bits_per_value, ratio_vs_f16, ratio_seen (vs f32 of every token seen), kept (tokens
@@ -151,6 +154,7 @@ struct Args {
   std::vector<TargetArg> targets;
   std::int64_t tokens = 256, windows = 0, offset = -1, prefill = 0;
   bool json = false, progress = true;
+  bool pre_rope = false;  // --pre-rope: the caches take keys before RoPE
   kvslim::llama::CalibrateOptions calibrate;
   kvslim::llama::CodebookCalibrationOptions codebooks;
 };
@@ -247,6 +251,8 @@ Args parse_args(int argc, char** argv) {
       a.windows = parse_int(opt, value(), 1);
     } else if (opt == "--prefill" && evaluates) {
       a.prefill = parse_int(opt, value(), 1);  // the upper bound needs the model: perplexity_options
+    } else if (opt == "--pre-rope" && (evaluates || a.command == "generate")) {
+      a.pre_rope = true;
     } else if (opt == "--json" && evaluates) {
       a.json = true;
     } else if (opt == "--no-progress" && evaluates) {
@@ -342,7 +348,7 @@ int run_generate(const Args& a) {
         }
         std::fwrite(s.data(), 1, s.size(), stdout);
         std::fflush(stdout);
-      });
+      }, a.pre_rope);
   if (!warned) warn_unknown(model, before, "the prompt");
   std::fputc('\n', stdout);
   std::fflush(stdout);
@@ -380,6 +386,7 @@ PerplexityOptions perplexity_options(const Args& a, const Model& model) {
   PerplexityOptions opt;
   opt.max_windows = static_cast<std::size_t>(a.windows);
   opt.prefill = static_cast<std::size_t>(a.prefill);
+  opt.pre_rope = a.pre_rope;
   // The bar redraws itself with \r, which only makes sense on a terminal; a log gets nothing.
   if (a.progress && isatty(2)) {
     opt.progress = [](std::size_t done, std::size_t total) {

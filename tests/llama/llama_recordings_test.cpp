@@ -178,6 +178,29 @@ TEST_P(ModelTest, DecodeChunksAndPrefillAgree) {
   EXPECT_LT(rel_l2(again.data(), ref.data(), static_cast<std::size_t>(V)), 1e-5);
 }
 
+// Pre-RoPE key caching (--pre-rope): the cache applies the model's RoPE to the keys itself.
+// With f32 pages the logits are the post-RoPE engine's up to float rounding, in prefill and
+// decode, so the perplexity does not move (kvslim-llama ppl --pre-rope prints dPPL ~1e-8).
+TEST_P(ModelTest, PreRopeF32ReproducesTheModel) {
+  const Model& model = shared_model(GetParam().model);
+  const std::string text = read_text(kvslim::test::shared_path(test::kText));
+  const std::vector<int> ids = token_stream(*model.tokenizer, text, 96);
+  Engine ref(model, "f32");
+  const std::span<const float> all = ref.forward(ids, Logits::kAll);
+  const std::vector<float> want(all.begin(), all.end());
+  Engine pre(model, "f32:group=8,residual=4", model.config.seq_len, true);
+  EXPECT_TRUE(pre.cache().config().pre_rope_keys);
+  std::vector<float> got;
+  const auto first = pre.forward(std::span<const int>(ids).subspan(0, 40), Logits::kAll);
+  got.insert(got.end(), first.begin(), first.end());
+  for (std::size_t i = 40; i < ids.size(); ++i) {
+    const auto l = pre.forward(std::span<const int>(ids).subspan(i, 1), Logits::kAll);
+    got.insert(got.end(), l.begin(), l.end());
+  }
+  ASSERT_EQ(got.size(), want.size());
+  EXPECT_LT(rel_l2(got.data(), want.data(), want.size()), 1e-5);
+}
+
 TEST_P(ModelTest, TokenizerRoundTrip) {
   const Model& model = shared_model(GetParam().model);
   const Tokenizer& tok = *model.tokenizer;
