@@ -9,8 +9,8 @@
 //       metadata included), bytes_per_second (kv_bytes read per second), bits_per_value.
 //       Google Benchmark appends "/real_time" to every name (wall time is measured, so that
 //       threads:2 is timed correctly). Formats f32 ... kivi2q8, kivi4rot / kivi2rot
-//       (rotate=hadamard), kivi4o1 (outliers=0.01), and cq1 / cq2: coupled quantization with
-//       random codebooks.
+//       (rotate=hadamard), kivi4o1 (outliers=0.01), kivi4pre / f16pre (pre-RoPE keys), and
+//       cq1 / cq2: coupled quantization with random codebooks.
 //   BM_train_codebooks/C:4/B:2/tokens:4096/d:128
 //       train_codebooks for one kv head's keys and values (4096 calibration rows, head_dim 128)
 //   BM_attend/<isa>/<format>/ctx:<tokens>/threads:<n>/kv:1
@@ -40,6 +40,7 @@ namespace {
 struct AttendFormat {
   const char* name;
   const char* recipe;
+  bool pre_rope = false;  // CacheConfig::pre_rope_keys (RoPE applied in attention)
 };
 const AttendFormat kAttendFormats[] = {
     {"f32", "f32"},
@@ -57,6 +58,9 @@ const AttendFormat kAttendFormats[] = {
     {"kivi4rot", "kivi:kbits=4,vbits=4,residual=0,rotate=hadamard"},
     {"kivi2rot", "kivi:kbits=2,vbits=2,residual=0,rotate=hadamard"},
     {"kivi4o1", "kivi:kbits=4,vbits=4,residual=0,outliers=0.01"},
+    // Pre-RoPE keys: the cache rotates every key by its position in attention (docs/outliers.md).
+    {"kivi4pre", "kivi:kbits=4,vbits=4,residual=0", true},
+    {"f16pre", "f16", true},
     // Coupled quantization (codebook.h) at the CQ paper's 1 and 2 bits per channel: 8 and 4
     // channels per 8-bit code. Attention runs on the codes through per-query tables
     // (kernel_table.h, "CQ"); the codebooks are random (seeded normal) since its speed does
@@ -114,6 +118,10 @@ void BM_attend(benchmark::State& state, Isa isa, AttendFormat f, int ctx, int th
   CacheConfig cfg{1, kQH, kKVH, kD, ctx + 1, f.recipe};
   cfg.threads = threads;
   cfg.codebooks = bench_codebooks(f.recipe, 1, kKVH, kD);
+  if (f.pre_rope) {
+    cfg.pre_rope_keys = true;
+    cfg.rope = RopeSpec{};
+  }
   KVCache cache(cfg);
   std::vector<float> k(static_cast<std::size_t>(kKVH) * kChunk * kD), v(k.size()), q(static_cast<std::size_t>(kQH) * kD),
       out(q.size());

@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "kvslim/kernels/kernel_table.h"
 #include "kvslim/kvslim.h"
 #include "kvslim/testing/recordings.h"
 #include "kvslim/testing/synthetic.h"
@@ -133,6 +134,57 @@ TEST(PreRope, F32MatchesDoubleAttentionOverRotatedKeys) {
     EXPECT_LT(test::rel_l2(x.k.data(), s.k.data() + static_cast<std::size_t>(s.T) * c.d, static_cast<long>(s.T) * c.d),
               1e-7);
   }
+}
+
+// Positions far apart (gaps beyond the offset table: exact angles per row) and far from 0.
+TEST(PreRope, LargePositionGaps) {
+  const RopeSpec r{10000.0, 0, true, 1.0};
+  Seq s = make_seq(1, 2, 16, 40, 4);
+  for (int t = 0; t < s.T; ++t) s.pos[t] = 1000000 + static_cast<std::int64_t>(t) * (t % 3 ? 1 : 5000);
+  std::int64_t prev = 0;
+  for (auto& p : s.pos) p = prev = std::max(p, prev + 1);
+  KVCache cache(pre_config(s, "f32:group=8,residual=0", r));
+  const std::vector<float> out = run(cache, s, s.k);
+  const std::vector<float> kr = post_rope(s, r);
+  std::vector<float> ref(16);
+  double worst = 0.0;
+  for (int t = 0; t < s.T; ++t)
+    for (int h = 0; h < 2; ++h) {
+      test::ref_attention(s.q.data() + (static_cast<std::size_t>(h) * s.T + t) * 16, kr.data(), s.v.data(), t + 1, 16,
+                          16, 0.25, ref.data());
+      worst = std::max(worst, test::rel_l2(out.data() + (static_cast<std::size_t>(t) * 2 + h) * 16, ref.data(), 16));
+    }
+  EXPECT_LT(worst, 1e-5);
+}
+
+// The rope_rows kernel of every table against the scalar one (FMA contraction: a few ulp).
+TEST(PreRope, KernelTablesAgree) {
+  std::mt19937 rng(3);
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  for (Isa isa : available_isas())
+    for (int d : {8, 16, 24, 64, 128, 256})
+      for (bool inter : {false, true}) {
+        const int half = d / 2, n = 5, rows = 7;
+        std::vector<float> x(static_cast<std::size_t>(n) * d), cb(half), sb(half), oc(rows * half), os(oc.size());
+        for (float& v : x) v = u(rng);
+        for (int i = 0; i < half; ++i) {
+          const double a = u(rng) * 3.0;
+          cb[i] = static_cast<float>(std::cos(a));
+          sb[i] = static_cast<float>(std::sin(a));
+        }
+        for (std::size_t i = 0; i < oc.size(); ++i) {
+          const double a = u(rng) * 3.0;
+          oc[i] = static_cast<float>(std::cos(a));
+          os[i] = static_cast<float>(std::sin(a));
+        }
+        const int off[n] = {0, 3, -1, 6, 1};
+        std::vector<float> a = x, b = x;
+        kernels::table_for(static_cast<int>(isa))
+            ->rope_rows(a.data(), n, d, half, inter, cb.data(), sb.data(), oc.data(), os.data(), off);
+        kernels::scalar::kTable.rope_rows(b.data(), n, d, half, inter, cb.data(), sb.data(), oc.data(), os.data(), off);
+        for (std::size_t i = 0; i < a.size(); ++i) ASSERT_NEAR(a[i], b[i], 1e-6) << isa_name(isa) << " d=" << d;
+        for (int c = 0; c < d; ++c) EXPECT_EQ(a[2 * d + c], x[2 * d + c]) << "row with off -1 is untouched";
+      }
 }
 
 TEST(PreRope, EvictionAndDemotionMatchThePostRopeCache) {

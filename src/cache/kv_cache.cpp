@@ -253,7 +253,6 @@ KVCache::KVCache(const CacheConfig& config) : impl_(std::make_unique<Impl>()) {
                  "CacheConfig.rope.theta = {} must be a finite base > 1", r.theta);
     KVSLIM_CHECK(std::isfinite(r.scaling) && r.scaling > 0.0, ErrorCode::kInvalidArgument,
                  "CacheConfig.rope.scaling = {} must be finite and > 0", r.scaling);
-    m.rope = std::make_unique<const detail::RopeTable>(r, c.head_dim);
   }
 
   const RecipeSpec spec = parse_recipe(c.recipe);
@@ -301,7 +300,7 @@ KVCache::KVCache(const CacheConfig& config) : impl_(std::make_unique<Impl>()) {
         built_from.push_back(shared ? &chain : nullptr);
       }
       m.rot.push_back(m.rotation_for(*m.pipelines[idx]));
-      if (m.rope) {
+      if (c.rope) {
         const Pipeline& p = *m.pipelines[idx];
         const Codec* lo = p.eviction ? p.eviction->demote_codec() : nullptr;
         // Codebooks are trained on post-RoPE keys; a compensation token averages keys of
@@ -322,9 +321,20 @@ KVCache::KVCache(const CacheConfig& config) : impl_(std::make_unique<Impl>()) {
       }
       TokenStore* s = alloc.allocate(1);
       new (s) TokenStore(c.head_dim, m.pipelines[idx].get());
-      s->set_rope(m.rope.get());
       m.stores.push_back(s);
     }
+  if (c.rope) {
+    // The offset table spans the largest block attention hands the rotation (kDenseBlock = 64
+    // rows of the window, or a page).
+    int max_block = 64;
+    for (const auto& p : m.pipelines) {
+      max_block = std::max(max_block, p->codec->page_tokens());
+      if (p->eviction && p->eviction->demote_codec())
+        max_block = std::max(max_block, p->eviction->demote_codec()->page_tokens());
+    }
+    m.rope = std::make_unique<const detail::RopeTable>(*c.rope, c.head_dim, max_block);
+    for (TokenStore* s : m.stores) s->set_rope(m.rope.get());
+  }
   // Work is split by kv head, and with fewer heads than threads by ranges of one head's
   // pages (split-KV, at most kMaxSplits per head), so every thread can help.
   constexpr int kMaxSplits = 8;

@@ -1,70 +1,119 @@
 // Internal: RoPE applied by the cache to pre-RoPE keys (CacheConfig::pre_rope_keys).
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
 
 #include "kvslim/cache/config.h"
+#include "kvslim/kernels/kernel_table.h"
 
 namespace kvslim::detail {
 
+/// Rotates blocks of key rows by their positions. Angles: pair i of position p turns by
+/// p * freq_i. Trigonometry is done once per offset at construction: a table of
+/// cos/sin(j * freq_i) for offsets j <= max_offset, in double (to advance a block's base
+/// angle) and in float (for the rows of a block). A block's base angle comes from the
+/// previous block's by angle addition when it lies at most max_offset positions later (the
+/// usual case: pages of consecutive tokens), else from exact sincos; a row's angle is its
+/// block's base plus its offset, in float (relative error ~2^-23, so the rotated key is the
+/// exactly rotated one to ~1e-7).
 class RopeTable {
  public:
-  RopeTable(const RopeSpec& spec, int head_dim) : d_(head_dim) {
+  /// State carried across the blocks of one attend call (per thread).
+  struct State {
+    std::int64_t pos = -1;  // position the base angles belong to (-1: none)
+    std::vector<double> c, s;
+    std::vector<float> cb, sb;
+    std::vector<int> off;
+  };
+
+  RopeTable(const RopeSpec& spec, int head_dim, int max_offset) : d_(head_dim) {
     rot_ = spec.rotary_dims > 0 ? spec.rotary_dims : head_dim;
     half_ = rot_ / 2;
     interleaved_ = spec.interleaved;
+    max_off_ = std::clamp(max_offset, 1, 1024);
     freq_.resize(static_cast<std::size_t>(half_));
-    step_c_.resize(freq_.size());
-    step_s_.resize(freq_.size());
-    for (int i = 0; i < half_; ++i) {
-      freq_[i] = std::pow(spec.theta, -2.0 * i / rot_) / spec.scaling;
-      step_c_[i] = std::cos(freq_[i]);
-      step_s_[i] = std::sin(freq_[i]);
-    }
+    for (int i = 0; i < half_; ++i) freq_[i] = std::pow(spec.theta, -2.0 * i / rot_) / spec.scaling;
+    const std::size_t n = static_cast<std::size_t>(max_off_ + 1) * half_;
+    oc_.resize(n);
+    os_.resize(n);
+    ocf_.resize(n);
+    osf_.resize(n);
+    for (int j = 0; j <= max_off_; ++j)
+      for (int i = 0; i < half_; ++i) {
+        const std::size_t e = static_cast<std::size_t>(j) * half_ + i;
+        oc_[e] = std::cos(j * freq_[i]);
+        os_[e] = std::sin(j * freq_[i]);
+        ocf_[e] = static_cast<float>(oc_[e]);
+        osf_[e] = static_cast<float>(os_[e]);
+      }
   }
 
-  /// Rotates rows k [n][head_dim] in place, row j by position pos[j] (pos[j] < 0: left as is,
-  /// a dead slot). Angles are exact sincos (double) at the first row and after any position
-  /// gap; from one position to the next they advance by the angle-addition rule in double,
-  /// exact to ~1e-16 per step, so a run of rows costs no trigonometry per row.
-  void rotate(float* k, int n, const std::int64_t* pos, std::vector<double>& cs) const {
-    cs.resize(2 * freq_.size());
-    double* c = cs.data();
-    double* s = c + half_;
-    std::int64_t prev = -2;
-    for (int j = 0; j < n; ++j) {
-      const std::int64_t p = pos[j];
-      if (p < 0) continue;
-      if (p == prev + 1) {
-        for (int i = 0; i < half_; ++i) {
-          const double cn = c[i] * step_c_[i] - s[i] * step_s_[i];
-          s[i] = s[i] * step_c_[i] + c[i] * step_s_[i];
-          c[i] = cn;
-        }
-      } else {
-        for (int i = 0; i < half_; ++i) {
-          c[i] = std::cos(static_cast<double>(p) * freq_[i]);
-          s[i] = std::sin(static_cast<double>(p) * freq_[i]);
-        }
-      }
-      prev = p;
-      float* x = k + static_cast<std::ptrdiff_t>(j) * d_;
+  /// Rotates rows k [n][head_dim] in place, row j by position pos[j] (< 0: left as is, a
+  /// dead slot), with the kernel table's rope_rows.
+  void rotate(const kernels::KernelTable& kt, float* k, int n, const std::int64_t* pos, State& st) const {
+    int j0 = 0;
+    while (j0 < n && pos[j0] < 0) ++j0;
+    if (j0 == n) return;
+    const std::int64_t p0 = pos[j0];
+    st.c.resize(static_cast<std::size_t>(half_));
+    st.s.resize(st.c.size());
+    st.cb.resize(st.c.size());
+    st.sb.resize(st.c.size());
+    if (st.pos >= 0 && p0 >= st.pos && p0 - st.pos <= max_off_) {
+      const double* oc = oc_.data() + static_cast<std::size_t>(p0 - st.pos) * half_;
+      const double* os = os_.data() + static_cast<std::size_t>(p0 - st.pos) * half_;
       for (int i = 0; i < half_; ++i) {
-        float& a = x[interleaved_ ? 2 * i : i];
-        float& b = x[interleaved_ ? 2 * i + 1 : i + half_];
-        const double x0 = a, x1 = b;
-        a = static_cast<float>(x0 * c[i] - x1 * s[i]);
-        b = static_cast<float>(x0 * s[i] + x1 * c[i]);
+        const double c = st.c[i] * oc[i] - st.s[i] * os[i];
+        st.s[i] = st.s[i] * oc[i] + st.c[i] * os[i];
+        st.c[i] = c;
       }
+    } else {
+      exact(p0, st.c.data(), st.s.data());
+    }
+    st.pos = p0;
+    for (int i = 0; i < half_; ++i) {
+      st.cb[i] = static_cast<float>(st.c[i]);
+      st.sb[i] = static_cast<float>(st.s[i]);
+    }
+    st.off.resize(static_cast<std::size_t>(n));
+    bool far = false;  // rows beyond the offset table (position gaps): one exact row each
+    for (int j = 0; j < n; ++j) {
+      const std::int64_t off = pos[j] < 0 ? -1 : pos[j] - p0;
+      st.off[j] = off >= 0 && off <= max_off_ ? static_cast<int>(off) : -1;
+      far |= pos[j] >= 0 && st.off[j] < 0;
+    }
+    kt.rope_rows(k, n, d_, half_, interleaved_, st.cb.data(), st.sb.data(), ocf_.data(), osf_.data(), st.off.data());
+    if (!far) return;
+    std::vector<double> ec(static_cast<std::size_t>(half_)), es(ec.size());
+    std::vector<float> fc(ec.size()), fs(ec.size()), one(ec.size(), 1.0f), zero(ec.size(), 0.0f);
+    for (int j = 0; j < n; ++j) {
+      if (pos[j] < 0 || st.off[j] >= 0) continue;
+      exact(pos[j], ec.data(), es.data());
+      for (int i = 0; i < half_; ++i) {
+        fc[i] = static_cast<float>(ec[i]);
+        fs[i] = static_cast<float>(es[i]);
+      }
+      const int o = 0;
+      kt.rope_rows(k + static_cast<std::ptrdiff_t>(j) * d_, 1, d_, half_, interleaved_, fc.data(), fs.data(),
+                   one.data(), zero.data(), &o);
     }
   }
 
  private:
-  int d_, rot_, half_;
+  void exact(std::int64_t p, double* c, double* s) const {
+    for (int i = 0; i < half_; ++i) {
+      c[i] = std::cos(static_cast<double>(p) * freq_[i]);
+      s[i] = std::sin(static_cast<double>(p) * freq_[i]);
+    }
+  }
+
+  int d_, rot_, half_, max_off_;
   bool interleaved_;
-  std::vector<double> freq_, step_c_, step_s_;
+  std::vector<double> freq_, oc_, os_;
+  std::vector<float> ocf_, osf_;
 };
 
 }  // namespace kvslim::detail

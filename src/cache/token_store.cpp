@@ -784,7 +784,11 @@ void TokenStore::attend_blocks(const kernels::KernelTable& kt, const float* q, i
   // Pre-RoPE keys (set_rope): each block's keys are rotated by their positions into
   // ws.rope_k first. Dense rows have no dead slots, so row j of a block is logical index
   // index + j; page slots map to positions by skipping dead ones (-1: not rotated, masked).
+  detail::RopeTable::State* rope_state = nullptr;
   if (rope_) {
+    if (!ws.rope_state) ws.rope_state = std::make_shared<detail::RopeTable::State>();
+    rope_state = static_cast<detail::RopeTable::State*>(ws.rope_state.get());
+    rope_state->pos = -1;  // angles are carried from block to block within this call only
     ws.rope_pos = positions();
     ws.rope_k.resize(static_cast<std::size_t>(block) * d);
     ws.rope_v.resize(ws.rope_k.size());
@@ -796,7 +800,7 @@ void TokenStore::attend_blocks(const kernels::KernelTable& kt, const float* q, i
       ws.rope_slot_pos[j] = is_dead ? -1 : ws.rope_pos[static_cast<std::size_t>(index + live++)];
     }
     if (ks != ws.rope_k.data()) std::copy(ks, ks + static_cast<std::ptrdiff_t>(bn) * d, ws.rope_k.data());
-    rope_->rotate(ws.rope_k.data(), bn, ws.rope_slot_pos.data(), ws.rope_cs);
+    rope_->rotate(kt, ws.rope_k.data(), bn, ws.rope_slot_pos.data(), *rope_state);
     return ws.rope_k.data();
   };
   auto dense = [&](const float* ks, const float* vs, std::int64_t n, const float* bias, bool past) {
@@ -812,7 +816,7 @@ void TokenStore::attend_blocks(const kernels::KernelTable& kt, const float* q, i
   // codec's accumulate() on the codes (Codec::attend_page's composition otherwise).
   auto rope_page = [&](const Codec& c, const Page& pg, const kernels::BlockMask& mask) {
     const int n = pg.ntok;
-    c.decode(kt, pg.data.data(), n, d, ws.rope_k.data(), ws.rope_v.data());
+    c.decode_keys(kt, pg.data.data(), n, d, ws.rope_k.data(), ws.rope_v.data());
     const std::uint64_t* dead = pg.dead.empty() ? nullptr : pg.dead.data();
     rotated_keys(ws.rope_k.data(), n, dead);
     kt.scores_f32(q, nq, ws.rope_k.data(), n, d, st.s);

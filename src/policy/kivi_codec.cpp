@@ -105,6 +105,15 @@ class KiviCodec final : public Codec {
     if (outliers_ > 0)
       for_outliers(page, l, ntok, d, [&](bool key, int j, int c, float delta) { (key ? k : v)[j * d + c] += delta; });
   }
+  void decode_keys(const kernels::KernelTable& kt, const std::byte* page, int ntok, int d, float* k,
+                   float* /*scratch*/) const override {
+    const Layout l = layout(ntok, d);
+    kt.kivi_dequant_keys(u16(page), u16(page) + d, u8(page + l.kcodes), ntok, d, kbits_, k);
+    if (outliers_ > 0)
+      for_outliers(page, l, ntok, d, [&](bool key, int j, int c, float delta) {
+        if (key) k[j * d + c] += delta;
+      });
+  }
   void scores(const kernels::KernelTable& kt, const std::byte* page, int ntok, int d, const float* q, int nq,
               float* s) const override {
     const Layout l = layout(ntok, d);

@@ -69,7 +69,7 @@ struct AttendWorkspace {
   // positions of every token, the angles.
   std::vector<float> rope_k, rope_v;
   std::vector<std::int64_t> rope_pos, rope_slot_pos;
-  std::vector<double> rope_cs;
+  std::shared_ptr<void> rope_state;  // detail::RopeTable::State
   std::int64_t slots = 0;  // physical slots covered by probs rows
 };
 

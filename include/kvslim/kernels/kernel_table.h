@@ -262,6 +262,18 @@ struct KernelTable {
   // (i, i + h) with i & h == 0: (a, b) <- (a + b, a - b). Every table computes the same
   // float operations in the same order, so results are bit-identical across ISAs.
   void (*hadamard_rows)(float* x, int n, int d, const float* pre, const float* post) noexcept;
+
+  // --- RoPE of pre-RoPE keys (CacheConfig::pre_rope_keys; src/cache/rope.h) ---
+  // Rows x [n][d]; row j is skipped if off[j] < 0, else its angles are the block's base
+  // angles (cb, sb: cos/sin per pair, [half]) advanced by table row off[j] of oc/os
+  // ([*][half], cos/sin of off * freq_i):
+  //   c_i = cb_i * oc_i - sb_i * os_i,   s_i = sb_i * oc_i + cb_i * os_i
+  // and pair i — channels (i, i + half), or (2i, 2i + 1) if interleaved — turns:
+  //   (a, b) <- (a * c_i - b * s_i, a * s_i + b * c_i).
+  // SIMD tables may contract these into FMAs: results agree with the scalar table to a few
+  // ulp (tests/pre_rope_test.cpp). Channels from 2 * half on are left as they are.
+  void (*rope_rows)(float* x, int n, int d, int half, bool interleaved, const float* cb, const float* sb,
+                    const float* oc, const float* os, const int* off) noexcept;
 };
 
 /// The table for an ISA, or nullptr if its kernels were not built into this library.

@@ -90,6 +90,13 @@ class Codec {
   /// Inverse of encode (lossy): k, v [ntok][d].
   virtual void decode(const kernels::KernelTable& kt, const std::byte* page, int ntok, int d,
                       float* k, float* v) const = 0;
+  /// The keys of decode() only, k [ntok][d]; `scratch` (ntok * d floats) may be used for the
+  /// values. Default: decode(kt, page, ntok, d, k, scratch). Pre-RoPE caches decode keys
+  /// this way to rotate them.
+  virtual void decode_keys(const kernels::KernelTable& kt, const std::byte* page, int ntok, int d, float* k,
+                           float* scratch) const {
+    decode(kt, page, ntok, d, k, scratch);
+  }
   /// s[r][j] = q[r] . k_j for the page's tokens; q [nq][d] (pre-scaled), s [nq][ntok].
   virtual void scores(const kernels::KernelTable& kt, const std::byte* page, int ntok, int d,
                       const float* q, int nq, float* s) const = 0;

@@ -363,6 +363,24 @@ void hadamard_rows_ref(float* x, int n, int d, const float* pre, const float* po
   }
 }
 
+void rope_rows_ref(float* x, int n, int d, int half, bool interleaved, const float* cb, const float* sb,
+                   const float* oc, const float* os, const int* off) noexcept {
+  for (int j = 0; j < n; ++j) {
+    if (off[j] < 0) continue;
+    const float* c = oc + static_cast<std::ptrdiff_t>(off[j]) * half;
+    const float* s = os + static_cast<std::ptrdiff_t>(off[j]) * half;
+    float* r = x + static_cast<std::ptrdiff_t>(j) * d;
+    for (int i = 0; i < half; ++i) {
+      const float ci = cb[i] * c[i] - sb[i] * s[i], si = sb[i] * c[i] + cb[i] * s[i];
+      float& a = r[interleaved ? 2 * i : i];
+      float& b = r[interleaved ? 2 * i + 1 : i + half];
+      const float a0 = a, b0 = b;
+      a = a0 * ci - b0 * si;
+      b = a0 * si + b0 * ci;
+    }
+  }
+}
+
 }  // namespace
 
 extern const KernelTable kTable = {
@@ -376,7 +394,7 @@ extern const KernelTable kTable = {
     mask_block_ref, attend_f32_ref, attend_f16_ref, attend_bf16_ref, attend_kivi_ref,
     attend_kivi_q8_ref,
     cq_tables_g, cq_scores_g, cq_accum_g, attend_cq_g, cq_finish_g, cq_encode_g,
-    hadamard_rows_ref,
+    hadamard_rows_ref, rope_rows_ref,
 };
 
 }  // namespace kvslim::kernels::scalar
