@@ -35,6 +35,7 @@ extern const KernelTable kTable = {
     mask_block_k, attend_f32_k, attend_f16_k, attend_bf16_k, attend_kivi_t<kivi_scores_generic, kivi_accum_generic>,
     attend_kivi_q8_k,
     cq_tables_k, cq_scores_k, cq_accum_k, attend_cq_k, cq_finish_k, cq_encode_k,
+    nuq_quant_k, nuq_dequant_k, nuq_scores_k, nuq_accum_k, attend_nuq_k,
 };
 
 }  // namespace kvslim::kernels::avx2

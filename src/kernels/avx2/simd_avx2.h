@@ -393,3 +393,27 @@ inline unsigned vzero_lanes(VF v) noexcept {
   return static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_EQ_OQ)));
 }
 constexpr int kKB = 4;  // channel vectors per block in the key min/max pass (8 accumulators)
+
+// --- NUQ level lookup: a table of up to 16 levels in registers (kernel_table.h, NUQ) ---
+// VPERMPS picks lane codes[i] & 7 of an 8-float table, so up to 8 levels take one
+// permute; 16 levels take one permute per half and a blend on code bit 3 (shifted into the
+// sign bit, which is all BLENDVPS reads).
+struct VLevels {
+  __m256 lo, hi;
+};
+inline VLevels vlevels(const float* levels, int n) noexcept {
+  VLevels t;
+  t.lo = n >= 8 ? _mm256_loadu_ps(levels) : vload_n(levels, n);
+  t.hi = n == 16 ? _mm256_loadu_ps(levels + 8) : _mm256_setzero_ps();
+  return t;
+}
+template <int B>
+inline VF vlookup(VI codes, const VLevels& t) noexcept {
+  const VF lo = _mm256_permutevar8x32_ps(t.lo, codes);
+  if constexpr (B < 4) {
+    return lo;
+  } else {
+    const VF hi = _mm256_permutevar8x32_ps(t.hi, codes);
+    return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(codes, 28)));
+  }
+}
