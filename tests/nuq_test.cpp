@@ -602,8 +602,11 @@ TEST_P(NuqKernels, AttendMatchesReferenceAndScalar) {
           lsum_w.add(lerr, kTolLSum, c, "l increment = probs sum", isa());
         }
   std::printf("[ nuq      ] attend_nuq on %s: %d cases (%d fully masked rows)\n", isa(), cases, empty_rows);
-  for (const auto* w : {&ref_w, &sc_w, &probs_w, &lsum_w})
-    std::printf("[ nuq      ]   max %.3g (%s)\n", w->err, w->where.c_str());
+  const std::pair<const char*, const Worst*> checks[] = {
+      {"vs double reference", &ref_w}, {"vs scalar table", &sc_w}, {"probs = exp(logit - m)", &probs_w},
+      {"l increment = probs sum", &lsum_w}};
+  for (const auto& [what, w] : checks)
+    std::printf("[ nuq      ]   %-24s max %.3g (%s)\n", what, w->err, w->where.c_str());
   EXPECT_EQ(ref_w.failures + sc_w.failures + probs_w.failures + lsum_w.failures + exact_failures, 0);
   EXPECT_GT(empty_rows, 0);
 }

@@ -1073,7 +1073,7 @@ void nuq_dequant_b(const std::uint16_t* scale, const std::uint8_t* codes, int nt
     float* out = x + off(j, d);
     const VF s = vset1(h2f(scale[j]));
     int c = 0;
-    for (; c + kL <= d; c += kL) vstore(out + c, vmul(s, vlookup<B>(vcodes_i<B, true>(row + c * B / 8, kL), lv)));
+    for (; c + kL <= d; c += kL) vstore(out + c, vmul(s, vlookup<B>(vcode_idx<B>(row + c * B / 8), lv)));
     if (c < d) vstore_n(out + c, vmul(s, vlookup<B>(vcodes_i<B, false>(row + c * B / 8, d - c), lv)), d - c);
   }
 }
@@ -1100,7 +1100,7 @@ void nuq_scores_g(const float* q, int nq, const std::uint16_t* scale, const std:
       for (int i = 0; i < kL; ++i) acc[i] = vzero();
       for (int v = 0; v < nv; ++v) {
         VF kv[kTB];
-        for (int t = 0; t < kTB; ++t) kv[t] = vlookup<B>(vcodes_i<B, true>(kr[t] + v * kL * B / 8, kL), lv);
+        for (int t = 0; t < kTB; ++t) kv[t] = vlookup<B>(vcode_idx<B>(kr[t] + v * kL * B / 8), lv);
         for (int r = 0; r < kRB; ++r) {
           const VF qv = vload(qr[r] + v * kL);
           for (int t = 0; t < kTB; ++t) acc[r * kTB + t] = vfma(qv, kv[t], acc[r * kTB + t]);
@@ -1149,7 +1149,7 @@ inline void nuq_accum_block(const float (*w)[64], float* const* orow, int nr, co
     const std::uint8_t* row = codes + off(j, rb) + c0 * B / 8;
     VF x[kCB];
     for (int b = 0; b < kCB; ++b)
-      x[b] = kFull ? vlookup<B>(vcodes_i<B, true>(row + b * kL * B / 8, kL), lv)
+      x[b] = kFull ? vlookup<B>(vcode_idx<B>(row + b * kL * B / 8), lv)
                    : (nl[b] ? vlookup<B>(vcodes_i<B, false>(row + b * kL * B / 8, nl[b]), lv) : vzero());
     for (int r = 0; r < kRB; ++r) {
       const VF wb = vset1(w[r][j]);
@@ -1198,27 +1198,28 @@ void nuq_accum_g(const float* p, int nq, const std::uint16_t* scale, const std::
   }
 }
 
-#define KVSLIM_NUQ_DISPATCH(fn, bits, d, ...)                       \
-  switch (bits * 10000 + d) {  /* d <= kMaxD < 10000 */                                        \
-    case 10064: return fn<1, 64>(__VA_ARGS__);                       \
-    case 10128: return fn<1, 128>(__VA_ARGS__);                      \
-    case 10256: return fn<1, 256>(__VA_ARGS__);                      \
-    case 20064: return fn<2, 64>(__VA_ARGS__);                       \
-    case 20128: return fn<2, 128>(__VA_ARGS__);                      \
-    case 20256: return fn<2, 256>(__VA_ARGS__);                      \
-    case 30064: return fn<3, 64>(__VA_ARGS__);                       \
-    case 30128: return fn<3, 128>(__VA_ARGS__);                      \
-    case 30256: return fn<3, 256>(__VA_ARGS__);                      \
-    case 40064: return fn<4, 64>(__VA_ARGS__);                       \
-    case 40128: return fn<4, 128>(__VA_ARGS__);                      \
-    case 40256: return fn<4, 256>(__VA_ARGS__);                      \
-    default:                                                        \
-      switch (bits) {                                               \
-        case 1: return fn<1, 0>(__VA_ARGS__);                       \
-        case 2: return fn<2, 0>(__VA_ARGS__);                       \
-        case 3: return fn<3, 0>(__VA_ARGS__);                       \
-        default: return fn<4, 0>(__VA_ARGS__);                      \
-      }                                                             \
+// bits 1..4 x head_dim 64/128/256 specialized, any other head_dim generic (key: d <= kMaxD < 10000).
+#define KVSLIM_NUQ_DISPATCH(fn, bits, d, ...)   \
+  switch ((bits) * 10000 + (d)) {               \
+    case 10064: return fn<1, 64>(__VA_ARGS__);  \
+    case 10128: return fn<1, 128>(__VA_ARGS__); \
+    case 10256: return fn<1, 256>(__VA_ARGS__); \
+    case 20064: return fn<2, 64>(__VA_ARGS__);  \
+    case 20128: return fn<2, 128>(__VA_ARGS__); \
+    case 20256: return fn<2, 256>(__VA_ARGS__); \
+    case 30064: return fn<3, 64>(__VA_ARGS__);  \
+    case 30128: return fn<3, 128>(__VA_ARGS__); \
+    case 30256: return fn<3, 256>(__VA_ARGS__); \
+    case 40064: return fn<4, 64>(__VA_ARGS__);  \
+    case 40128: return fn<4, 128>(__VA_ARGS__); \
+    case 40256: return fn<4, 256>(__VA_ARGS__); \
+    default:                                    \
+      switch (bits) {                           \
+        case 1: return fn<1, 0>(__VA_ARGS__);   \
+        case 2: return fn<2, 0>(__VA_ARGS__);   \
+        case 3: return fn<3, 0>(__VA_ARGS__);   \
+        default: return fn<4, 0>(__VA_ARGS__);  \
+      }                                         \
   }
 
 void nuq_dequant_k(const std::uint16_t* scale, const std::uint8_t* codes, int ntok, int d, int bits,

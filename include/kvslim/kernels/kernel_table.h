@@ -79,11 +79,13 @@
 //   s      = f16(sum_c x_c L[code_c] / sum_c L[code_c]^2)   (double sums, then f32, then f16
 //            round to nearest even): the least-squares scale for those codes
 //   x'_c   = f32(s) * L[code_c]
-// Every table encodes with the scalar code (bit-identical codes and scales on every ISA).
-// The levels are read from `levels` on every call (in registers on AVX2 / AVX-512: one
-// VPERMPS per 8 codes for <= 8 levels, two and a blend on code bit 3 for 16; one VPERMPS
-// zmm for 16 on AVX-512). Attention reads the codes directly: q . x'_j = s_j sum_c q_c
-// L[code_jc], and the value sum folds s_j into the softmax weight.
+// Every table encodes with the scalar code (bit-identical codes and scales on every ISA), and
+// nuq_dequant is one float product per value (bit-identical too); nuq_scores / nuq_accum /
+// attend_nuq differ from the scalar table only by summation order, FMA and the vector exp
+// (tests/nuq_test.cpp). The levels are read from `levels` on every call (in registers on
+// AVX2: VPERMILPS for <= 4 levels, VPERMPS for 8, two VPERMPS and a blend on code bit 3 for
+// 16; AVX-512: one VPERMPS zmm). Attention reads the codes directly: q . x'_j = s_j sum_c
+// q_c L[code_jc], and the value sum folds s_j into the softmax weight.
 #pragma once
 
 #include <cstddef>

@@ -328,3 +328,9 @@ template <int B>
 inline VF vlookup(VI codes, const VLevels& t) noexcept {
   return _mm512_permutexvar_ps(codes, t.t);
 }
+// Code indices of 16 full channels (p = row + c*B/8) for vlookup: exact codes (VPERMPS zmm
+// reads 4 bits of each lane).
+template <int B>
+inline VI vcode_idx(const std::uint8_t* p) noexcept {
+  return vcodes_i<B, true>(p, kL);
+}
