@@ -188,16 +188,19 @@ class NuqCodec final : public Codec {
 
  private:
   // The scale the encoder would store, for every row (the scalar encoder: the same on every
-  // table), must be finite in f16.
+  // table), must be finite in f16. |s| <= ||x|| / sqrt(sum_c L[code_c]^2) <= sigma / min |L|
+  // (Cauchy-Schwarz), so only rows with a large RMS are encoded here to find out.
   static void check_scales(const float* x, int ntok, int d, int bits, const float* levels, const char* what) {
+    const double lmin = levels[(1 << bits) / 2];  // the smallest |level| (symmetric table)
     std::array<std::uint8_t, kernels::row_bytes(4096, 4)> codes;
     for (int j = 0; j < ntok; ++j) {
       const float* row = x + static_cast<std::ptrdiff_t>(j) * d;
+      double ss = 0.0;
+      for (int c = 0; c < d; ++c) ss += static_cast<double>(row[c]) * row[c];
+      if (std::sqrt(ss / d) / lmin < 65000.0) continue;
       std::uint16_t s = 0;
       kernels::scalar::kTable.nuq_quant(row, 1, d, bits, levels, &s, codes.data());
       if ((s & 0x7c00u) != 0x7c00u) continue;
-      double ss = 0.0;
-      for (int c = 0; c < d; ++c) ss += static_cast<double>(row[c]) * row[c];
       KVSLIM_FAIL(ErrorCode::kInvalidArgument,
                   "codec 'nuq': {} row {} (RMS {:.6g}) needs a scale beyond the f16 range 65504 at {} bits", what, j,
                   std::sqrt(ss / d), bits);
