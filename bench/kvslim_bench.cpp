@@ -9,8 +9,9 @@
 //       metadata included), bytes_per_second (kv_bytes read per second), bits_per_value.
 //       Google Benchmark appends "/real_time" to every name (wall time is measured, so that
 //       threads:2 is timed correctly). Formats f32 ... kivi2q8, kivi4rot / kivi2rot
-//       (rotate=hadamard), kivi4o1 (outliers=0.01), kivi4pre / f16pre (pre-RoPE keys), and
-//       cq1 / cq2: coupled quantization with random codebooks.
+//       (rotate=hadamard), kivi4o1 (outliers=0.01), kivi4pre / f16pre (pre-RoPE keys),
+//       nuq4 / nuq3 / nuq2 (Gaussian Lloyd-Max levels), and cq1 / cq2: coupled
+//       quantization with random codebooks.
 //   BM_train_codebooks/C:4/B:2/tokens:4096/d:128
 //       train_codebooks for one kv head's keys and values (4096 calibration rows, head_dim 128)
 //   BM_attend/<isa>/<format>/ctx:<tokens>/threads:<n>/kv:1
@@ -61,6 +62,11 @@ const AttendFormat kAttendFormats[] = {
     // Pre-RoPE keys: the cache rotates every key by its position in attention (docs/outliers.md).
     {"kivi4pre", "kivi:kbits=4,vbits=4,residual=0", true},
     {"f16pre", "f16", true},
+    // NUQ (kvslim/policy/nuq.h): per-token f16 scale x Gaussian Lloyd-Max levels, looked up in
+    // registers by the attention kernels (kernel_table.h, "NUQ page layout").
+    {"nuq4", "nuq:kbits=4,vbits=4,residual=0"},
+    {"nuq3", "nuq:kbits=3,vbits=3,residual=0"},
+    {"nuq2", "nuq:kbits=2,vbits=2,residual=0"},
     // Coupled quantization (codebook.h) at the CQ paper's 1 and 2 bits per channel: 8 and 4
     // channels per 8-bit code. Attention runs on the codes through per-query tables
     // (kernel_table.h, "CQ"); the codebooks are random (seeded normal) since its speed does

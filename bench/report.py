@@ -91,7 +91,7 @@ def main():
     if att:
         order = ["scalar", "avx2", "avx512"]
         isas = sorted({k[0] for k in att}, key=lambda i: (order.index(i) if i in order else len(order), i))
-        known = ["f32", "f16", "bf16", "kivi8", "kivi4", "kivi3", "kivi2", "kivi1", "kivi4q8", "kivi2q8", "cq1", "cq2"]
+        known = ["f32", "f16", "bf16", "kivi8", "kivi4", "kivi3", "kivi2", "kivi1", "kivi4q8", "kivi2q8", "nuq4", "nuq3", "nuq2", "cq1", "cq2"]
         fmts = [f for f in known if any(k[1] == f for k in att)]
         fmts += sorted({k[1] for k in att} - set(known))
         ctxs = sorted({k[2] for k in att})

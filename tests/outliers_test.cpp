@@ -154,4 +154,21 @@ TEST(OutliersGenerator, RotatingValuesLowersKiviAttentionError) {
   }
 }
 
+// Gaussian Lloyd-Max levels (nuq) assume near-Gaussian rows, which a Hadamard rotation makes
+// of rows with outlier channels (TurboQuant): the rotation lowers nuq's attention error at
+// least 2x at 3 and 4 bits (measured 2.65x, 3.03x) and 1.8x at 2 bits (measured 1.90x) on
+// the outlier generator. Against KIVI at about equal bits per value (nuq at b+1 bits with its
+// one f16 scale per row, KIVI at b bits with per-page scales) the two are within 10% here;
+// docs/outliers.md has both and the real recordings.
+TEST(OutliersGenerator, RotationMakesGaussianLevelsFit) {
+  const auto A = outlier_layer(384);
+  for (int bits : {2, 3, 4}) {
+    const std::string nuq = "nuq:kbits=" + std::to_string(bits) + ",vbits=" + std::to_string(bits) + ",residual=0";
+    const double plain = test::synthetic_decode(A, nuq, 64).error;
+    const double rot = test::synthetic_decode(A, nuq + ",rotate=hadamard", 64).error;
+    std::printf("nuq %d bits: attention error %.4f, rotated %.4f (%.2fx)\n", bits, plain, rot, plain / rot);
+    EXPECT_LT(rot * (bits == 2 ? 1.8 : 2.0), plain) << bits << " bits";
+  }
+}
+
 }  // namespace

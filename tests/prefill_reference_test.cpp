@@ -85,6 +85,10 @@ const Case kCases[] = {
     {"h2o:budget=40,recent=8 | kivi:kbits=2,vbits=2,group=16,residual=0,outliers=0.1,rotate=hadamard,sinks={s}", 16,
      1e-3, false},
     {"mikv:budget=48,recent=8,lo=(kivi:kbits=2,vbits=2,group=8,outliers=0.02) | f16:sinks={s}", 16, 1e-3, false},
+    // NUQ: per-token f16 scale times Gaussian Lloyd-Max levels; float sums on the codes.
+    {"nuq:kbits=3,vbits=3,group=16,residual=0,sinks={s}", 16, 1e-4, false},
+    {"nuq:kbits=4,vbits=2,group=8,residual=16,sinks={s}", 64, 1e-4, false},
+    {"h2o:budget=40,recent=8 | nuq:kbits=2,vbits=2,group=8,residual=0,sinks={s}", 16, 1e-4, false},
 };
 const int kSinks[] = {0, 1, 4};
 

@@ -8,6 +8,7 @@
 #include "kvslim/cpu/isa.h"
 #include "kvslim/error.h"
 #include "kvslim/policy/codebook.h"
+#include "kvslim/policy/nuq.h"
 #include "kvslim/policy/policy.h"
 #include "kvslim/policy/retrieval.h"
 #include "kvslim/policy/rotation.h"

@@ -1053,3 +1053,198 @@ void attend_kivi_t(const float* q, int nq, const KiviPage& pg, int ntok, int d, 
       [&](const float* p, float* o) { Accum(p, nq, pg.vscale, pg.vzero, pg.vcodes, ntok, d, pg.vbits, pg.vgroup, o); });
 }
 
+
+// --- NUQ (kernel_table.h, "NUQ page layout") ---
+// The codes index a table of 2^B levels held in registers (vlevels / vlookup of the ISA's
+// simd header); a token's f16 scale multiplies its logit once (scores) or folds into its
+// softmax weight (values). The encoder is the scalar table's (bit-identical codes everywhere).
+void nuq_quant_k(const float* x, int ntok, int d, int bits, const float* levels, std::uint16_t* scale,
+                 std::uint8_t* codes) noexcept {
+  scalar::kTable.nuq_quant(x, ntok, d, bits, levels, scale, codes);
+}
+
+template <int B>
+void nuq_dequant_b(const std::uint16_t* scale, const std::uint8_t* codes, int ntok, int d, const float* levels,
+                   float* x) noexcept {
+  const int rb = rowb(d, B);
+  const VLevels lv = vlevels(levels, 1 << B);
+  for (int j = 0; j < ntok; ++j) {
+    const std::uint8_t* row = codes + off(j, rb);
+    float* out = x + off(j, d);
+    const VF s = vset1(h2f(scale[j]));
+    int c = 0;
+    for (; c + kL <= d; c += kL) vstore(out + c, vmul(s, vlookup<B>(vcode_idx<B>(row + c * B / 8), lv)));
+    if (c < d) vstore_n(out + c, vmul(s, vlookup<B>(vcodes_i<B, false>(row + c * B / 8, d - c), lv)), d - c);
+  }
+}
+
+// Scores: kRB rows x kTB tokens of partial dot products q . L[code] (each token's looked-up
+// vector shared by the kRB rows), one transposed reduction per block; then every row is
+// multiplied by the tokens' scales in one vector pass (the scales vary along the row, the
+// reduction's lanes do not follow it).
+template <int B, int D>
+void nuq_scores_g(const float* q, int nq, const std::uint16_t* scale, const std::uint8_t* codes, int ntok, int dd,
+                  const float* levels, float* s) noexcept {
+  const int d = D ? D : dd;
+  const int rb = rowb(d, B), nv = d / kL, tail = d - nv * kL;
+  const VLevels lv = vlevels(levels, 1 << B);
+  for (int r0 = 0; r0 < nq; r0 += kRB) {
+    const int nr = imin(kRB, nq - r0);
+    const float* qr[kRB];
+    for (int r = 0; r < kRB; ++r) qr[r] = q + off(r0 + imin(r, nr - 1), d);  // spare rows repeat the last
+    for (int j0 = 0; j0 < ntok; j0 += kTB) {
+      const int nt = imin(kTB, ntok - j0);
+      const std::uint8_t* kr[kTB];
+      for (int t = 0; t < kTB; ++t) kr[t] = codes + off(j0 + imin(t, nt - 1), rb);
+      VF acc[kL];
+      for (int i = 0; i < kL; ++i) acc[i] = vzero();
+      for (int v = 0; v < nv; ++v) {
+        VF kv[kTB];
+        for (int t = 0; t < kTB; ++t) kv[t] = vlookup<B>(vcode_idx<B>(kr[t] + v * kL * B / 8), lv);
+        for (int r = 0; r < kRB; ++r) {
+          const VF qv = vload(qr[r] + v * kL);
+          for (int t = 0; t < kTB; ++t) acc[r * kTB + t] = vfma(qv, kv[t], acc[r * kTB + t]);
+        }
+      }
+      if (D == 0 && tail) {  // lanes >= tail look up code 0, against query lanes of 0
+        VF kv[kTB];
+        for (int t = 0; t < kTB; ++t) kv[t] = vlookup<B>(vcodes_i<B, false>(kr[t] + nv * kL * B / 8, tail), lv);
+        for (int r = 0; r < kRB; ++r) {
+          const VF qv = vload_n(qr[r] + nv * kL, tail);
+          for (int t = 0; t < kTB; ++t) acc[r * kTB + t] = vfma(qv, kv[t], acc[r * kTB + t]);
+        }
+      }
+      store_block(s + off(r0, ntok) + j0, ntok, vhsum(acc), nr, nt);
+    }
+  }
+  // s[r][j] *= scale_j, kL tokens at a time.
+  for (int j = 0; j < ntok; j += kL) {
+    const int n = imin(kL, ntok - j);
+    const VF sc = n == kL ? vload_h(scale + j) : vload_h_n(scale + j, n);
+    for (int r = 0; r < nq; ++r) {
+      float* sr = s + off(r, ntok) + j;
+      if (n == kL)
+        vstore(sr, vmul(vload(sr), sc));
+      else
+        vstore_n(sr, vmul(vload_n(sr, n), sc), n);
+    }
+  }
+}
+
+// Values: per chunk of kVC tokens every row's weights w = p * scale are formed once; then per
+// column block of up to kCB vectors the token loop looks each code vector up once and adds it
+// into the kRB rows' accumulators with one FMA each.
+template <int B, bool kFull>
+inline void nuq_accum_block(const float (*w)[64], float* const* orow, int nr, const std::uint8_t* codes, int rb,
+                            int tc, const VLevels& lv, int c0, int nc) noexcept {
+  VF acc[kRB][kCB];
+  int nl[kCB];
+  for (int b = 0; b < kCB; ++b) {
+    const int rest = nc - b * kL;
+    nl[b] = kFull ? kL : (rest < 0 ? 0 : imin(rest, kL));
+  }
+  for (int r = 0; r < kRB; ++r)
+    for (int b = 0; b < kCB; ++b) acc[r][b] = kFull ? vload(orow[r] + c0 + b * kL) : vload_n(orow[r] + c0 + b * kL, nl[b]);
+  for (int j = 0; j < tc; ++j) {
+    const std::uint8_t* row = codes + off(j, rb) + c0 * B / 8;
+    VF x[kCB];
+    for (int b = 0; b < kCB; ++b)
+      x[b] = kFull ? vlookup<B>(vcode_idx<B>(row + b * kL * B / 8), lv)
+                   : (nl[b] ? vlookup<B>(vcodes_i<B, false>(row + b * kL * B / 8, nl[b]), lv) : vzero());
+    for (int r = 0; r < kRB; ++r) {
+      const VF wb = vset1(w[r][j]);
+      for (int b = 0; b < kCB; ++b) acc[r][b] = vfma(wb, x[b], acc[r][b]);
+    }
+  }
+  for (int r = 0; r < nr; ++r)
+    for (int b = 0; b < kCB; ++b) {
+      if (kFull)
+        vstore(orow[r] + c0 + b * kL, acc[r][b]);
+      else if (nl[b])
+        vstore_n(orow[r] + c0 + b * kL, acc[r][b], nl[b]);
+    }
+}
+template <int B, int D>
+void nuq_accum_g(const float* p, int nq, const std::uint16_t* scale, const std::uint8_t* codes, int ntok, int dd,
+                 const float* levels, float* o) noexcept {
+  const int d = D ? D : dd;
+  const int rb = rowb(d, B);
+  constexpr int kVC = 64;
+  const VLevels lv = vlevels(levels, 1 << B);
+  alignas(64) float sf[kVC], w[kRB][kVC];
+  for (int j0 = 0; j0 < ntok; j0 += kVC) {
+    const int tc = imin(kVC, ntok - j0);
+    for (int j = 0; j < tc; j += kL) {
+      const int n = imin(kL, tc - j);
+      vstore_n(sf + j, vload_h_n(scale + j0 + j, n), n);
+    }
+    for (int r0 = 0; r0 < nq; r0 += kRB) {
+      const int nr = imin(kRB, nq - r0);
+      float* orow[kRB];
+      for (int r = 0; r < kRB; ++r) {
+        const int rr = r0 + imin(r, nr - 1);  // spare rows repeat the last (never stored)
+        orow[r] = o + off(rr, d);
+        const float* pr = p + off(rr, ntok) + j0;
+        for (int j = 0; j < tc; j += kL) {
+          const int n = imin(kL, tc - j);
+          vstore_n(w[r] + j, vmul(vload_n(pr + j, n), vload_n(sf + j, n)), n);
+        }
+      }
+      const std::uint8_t* cj = codes + off(j0, rb);
+      int c0 = 0;
+      for (; c0 + kCB * kL <= d; c0 += kCB * kL) nuq_accum_block<B, true>(w, orow, nr, cj, rb, tc, lv, c0, kCB * kL);
+      if (c0 < d) nuq_accum_block<B, false>(w, orow, nr, cj, rb, tc, lv, c0, d - c0);
+    }
+  }
+}
+
+// bits 1..4 x head_dim 64/128/256 specialized, any other head_dim generic (key: d <= kMaxD < 10000).
+#define KVSLIM_NUQ_DISPATCH(fn, bits, d, ...)   \
+  switch ((bits) * 10000 + (d)) {               \
+    case 10064: return fn<1, 64>(__VA_ARGS__);  \
+    case 10128: return fn<1, 128>(__VA_ARGS__); \
+    case 10256: return fn<1, 256>(__VA_ARGS__); \
+    case 20064: return fn<2, 64>(__VA_ARGS__);  \
+    case 20128: return fn<2, 128>(__VA_ARGS__); \
+    case 20256: return fn<2, 256>(__VA_ARGS__); \
+    case 30064: return fn<3, 64>(__VA_ARGS__);  \
+    case 30128: return fn<3, 128>(__VA_ARGS__); \
+    case 30256: return fn<3, 256>(__VA_ARGS__); \
+    case 40064: return fn<4, 64>(__VA_ARGS__);  \
+    case 40128: return fn<4, 128>(__VA_ARGS__); \
+    case 40256: return fn<4, 256>(__VA_ARGS__); \
+    default:                                    \
+      switch (bits) {                           \
+        case 1: return fn<1, 0>(__VA_ARGS__);   \
+        case 2: return fn<2, 0>(__VA_ARGS__);   \
+        case 3: return fn<3, 0>(__VA_ARGS__);   \
+        default: return fn<4, 0>(__VA_ARGS__);  \
+      }                                         \
+  }
+
+void nuq_dequant_k(const std::uint16_t* scale, const std::uint8_t* codes, int ntok, int d, int bits,
+                   const float* levels, float* x) noexcept {
+  switch (bits) {
+    case 1: return nuq_dequant_b<1>(scale, codes, ntok, d, levels, x);
+    case 2: return nuq_dequant_b<2>(scale, codes, ntok, d, levels, x);
+    case 3: return nuq_dequant_b<3>(scale, codes, ntok, d, levels, x);
+    default: return nuq_dequant_b<4>(scale, codes, ntok, d, levels, x);
+  }
+}
+void nuq_scores_k(const float* q, int nq, const std::uint16_t* scale, const std::uint8_t* codes, int ntok, int d,
+                  int bits, const float* levels, float* s) noexcept {
+  KVSLIM_NUQ_DISPATCH(nuq_scores_g, bits, d, q, nq, scale, codes, ntok, d, levels, s)
+}
+void nuq_accum_k(const float* p, int nq, const std::uint16_t* scale, const std::uint8_t* codes, int ntok, int d,
+                 int bits, const float* levels, float* o) noexcept {
+  KVSLIM_NUQ_DISPATCH(nuq_accum_g, bits, d, p, nq, scale, codes, ntok, d, levels, o)
+}
+#undef KVSLIM_NUQ_DISPATCH
+
+void attend_nuq_k(const float* q, int nq, const NuqPage& pg, int ntok, int d, const BlockMask& mask,
+                  OnlineState& st) noexcept {
+  fused_block(
+      nq, ntok, mask, st, [&](float* s) { nuq_scores_k(q, nq, pg.kscale, pg.kcodes, ntok, d, pg.kbits, pg.klevels, s); },
+      [&](float* s, float* m, float* l, float* o) { softmax_block_k(s, nq, ntok, m, l, o, d); },
+      [&](const float* p, float* o) { nuq_accum_k(p, nq, pg.vscale, pg.vcodes, ntok, d, pg.vbits, pg.vlevels, o); });
+}

@@ -66,6 +66,26 @@
 //   shape they take, see src/kernels/avx2/kivi_q8-inl.h) for kbits and vbits in {2, 4},
 //   head_dim 64, 128 or 256, vgroup a multiple of 32 and pages of at most 128 tokens; other
 //   pages (1-, 3- and 8-bit codes, other head_dims) run the scalar reference, same semantics.
+//
+// NUQ page layout (docs/formats.md "NUQ page"): per token, keys and values apart,
+//   kscale[ntok], vscale[ntok] (f16), kcodes[ntok][row_bytes(d, kbits)],
+//   vcodes[ntok][row_bytes(d, vbits)]; code rows packed LSB-first like KIVI's.
+// A row x of d floats is stored as one f16 scale s and d indices into a table L of 2^bits
+// ascending levels (bits 1..4; the codec passes the unit-Gaussian Lloyd-Max levels):
+//   sigma  = sqrt(sum_c x_c^2 / d)                    (double, channels in order)
+//   code_c = #{i : mid_i < x_c / sigma}, mid_i = (L[i] + L[i+1]) / 2 (double): the nearest
+//            level, the lower one on a tie; sigma == 0: every code is the level nearest 0
+//            (the lower on a tie) and s = 0
+//   s      = f16(sum_c x_c L[code_c] / sum_c L[code_c]^2)   (double sums, then f32, then f16
+//            round to nearest even): the least-squares scale for those codes
+//   x'_c   = f32(s) * L[code_c]
+// Every table encodes with the scalar code (bit-identical codes and scales on every ISA), and
+// nuq_dequant is one float product per value (bit-identical too); nuq_scores / nuq_accum /
+// attend_nuq differ from the scalar table only by summation order, FMA and the vector exp
+// (tests/nuq_test.cpp). The levels are read from `levels` on every call (in registers on
+// AVX2: VPERMILPS for <= 4 levels, VPERMPS for 8, two VPERMPS and a blend on code bit 3 for
+// 16; AVX-512: one VPERMPS zmm). Attention reads the codes directly: q . x'_j = s_j sum_c
+// q_c L[code_jc], and the value sum folds s_j into the softmax weight.
 #pragma once
 
 #include <cstddef>
@@ -148,6 +168,18 @@ struct CqTables {
   /// attend_cq); cq_finish then adds only what went into `weight`.
   const float* vcen = nullptr;
   int vchannels = 0;
+};
+
+/// One NUQ page, its parts located (layout above; docs/formats.md). klevels / vlevels are the
+/// 2^kbits / 2^vbits ascending levels the codes index.
+struct NuqPage {
+  const std::uint16_t* kscale;  // [ntok] f16
+  const std::uint16_t* vscale;  // [ntok] f16
+  const std::uint8_t* kcodes;   // [ntok][row_bytes(d, kbits)]
+  const std::uint8_t* vcodes;   // [ntok][row_bytes(d, vbits)]
+  const float* klevels;
+  const float* vlevels;
+  int kbits, vbits;
 };
 
 struct KernelTable {
@@ -274,6 +306,24 @@ struct KernelTable {
   // ulp (tests/pre_rope_test.cpp). Channels from 2 * half on are left as they are.
   void (*rope_rows)(float* x, int n, int d, int half, bool interleaved, const float* cb, const float* sb,
                     const float* oc, const float* os, const int* off) noexcept;
+  // --- NUQ (layout and rule above; bits 1..4, levels [2^bits] ascending) ---
+  // Codes and scales of ntok rows x [ntok][d]: scale [ntok] f16 bits, codes [ntok][row_bytes(d,
+  // bits)] (fully written, padding bits 0). Bit-identical on every table.
+  void (*nuq_quant)(const float* x, int ntok, int d, int bits, const float* levels, std::uint16_t* scale,
+                    std::uint8_t* codes) noexcept;
+  // x[j][c] = f32(scale[j]) * levels[code_jc].
+  void (*nuq_dequant)(const std::uint16_t* scale, const std::uint8_t* codes, int ntok, int d, int bits,
+                      const float* levels, float* x) noexcept;
+  // s[r][j] = f32(scale[j]) * sum_c q[r][c] * levels[code_jc], on the codes.
+  void (*nuq_scores)(const float* q, int nq, const std::uint16_t* scale, const std::uint8_t* codes, int ntok, int d,
+                     int bits, const float* levels, float* s) noexcept;
+  // o[r][c] += sum_j (p[r][j] * f32(scale[j])) * levels[code_jc], on the codes.
+  void (*nuq_accum)(const float* p, int nq, const std::uint16_t* scale, const std::uint8_t* codes, int ntok, int d,
+                    int bits, const float* levels, float* o) noexcept;
+  // Fused (same contract as attend_kivi): nuq_scores on the keys, mask_block, softmax_block,
+  // the probs copy, nuq_accum on the values; OnlineState::prefetch issued in bursts.
+  void (*attend_nuq)(const float* q, int nq, const NuqPage& page, int ntok, int d, const BlockMask& mask,
+                     OnlineState& st) noexcept;
 };
 
 /// The table for an ISA, or nullptr if its kernels were not built into this library.

@@ -234,7 +234,13 @@ inline VI vcodes_i(const std::uint8_t* p, int n) noexcept {
     // 8 codes are B bytes (<= 32 bits): lane l takes bits [B*l, B*l + B) (B = 1: one byte,
     // lane l its bit l).
     std::uint32_t w = 0;
-    if (kFull) {
+    if (kFull && B == 3) {
+      // Assembled in registers: a 3-byte memcpy into w goes through the stack, and the 4-byte
+      // reload then misses store forwarding (measured: 3-bit KIVI / NUQ pages 4-5x slower).
+      std::uint16_t lo;
+      __builtin_memcpy(&lo, p, 2);
+      w = lo | static_cast<std::uint32_t>(p[2]) << 16;
+    } else if (kFull) {
       __builtin_memcpy(&w, p, B);
     } else {
       for (int i = 0; i < nbytes; ++i) w |= static_cast<std::uint32_t>(p[i]) << (8 * i);
@@ -403,3 +409,52 @@ inline unsigned vzero_lanes(VF v) noexcept {
   return static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_EQ_OQ)));
 }
 constexpr int kKB = 4;  // channel vectors per block in the key min/max pass (8 accumulators)
+
+// --- NUQ level lookup: a table of up to 16 levels in registers (kernel_table.h, NUQ) ---
+// vlookup<B> reads only the low B bits of each lane's code: VPERMPS picks lane codes[i] & 7
+// of an 8-float table (3 bits); 16 levels take one permute per half and a blend on code bit 3
+// (shifted into the sign bit, which is all BLENDVPS reads); up to 4 levels use the in-lane
+// VPERMILPS (codes[i] & 3) on the table copied into both 128-bit halves (2 levels: twice).
+struct VLevels {
+  __m256 lo, hi, dup;
+};
+inline VLevels vlevels(const float* levels, int n) noexcept {
+  VLevels t;
+  t.lo = n >= 8 ? _mm256_loadu_ps(levels) : vload_n(levels, n);
+  t.hi = n == 16 ? _mm256_loadu_ps(levels + 8) : _mm256_setzero_ps();
+  const __m128 q = n >= 4 ? _mm_loadu_ps(levels) : _mm_setr_ps(levels[0], levels[1], levels[0], levels[1]);
+  t.dup = _mm256_insertf128_ps(_mm256_castps128_ps256(q), q, 1);
+  return t;
+}
+template <int B>
+inline VF vlookup(VI codes, const VLevels& t) noexcept {
+  if constexpr (B <= 2) return _mm256_permutevar_ps(t.dup, codes);
+  const VF lo = _mm256_permutevar8x32_ps(t.lo, codes);
+  if constexpr (B < 4) {
+    return lo;
+  } else {
+    const VF hi = _mm256_permutevar8x32_ps(t.hi, codes);
+    return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(codes, 28)));
+  }
+}
+// Code indices of 8 full channels (p = row + c*B/8) for vlookup: lane i holds code_i in its
+// low B bits, with other bits above them (vlookup ignores those). For 1, 2 and 4 bits each
+// lane takes the byte holding its code into its byte 1 (VPSHUFB of the broadcast row word),
+// and an unsigned 16-bit high multiply by 2^(8 - shift) moves the code down to bit 0: a
+// per-lane shift without VPSRLVD (about 2 cycles per vector on Zen 2, see vcodes2s).
+template <int B>
+inline VI vcode_idx(const std::uint8_t* p) noexcept {
+  if constexpr (B == 1 || B == 2 || B == 4) {
+    std::uint32_t w = 0;
+    __builtin_memcpy(&w, p, B);
+    const __m256i b = _mm256_set1_epi32(static_cast<int>(w));
+    // Lane i: byte (i*B)/8 into byte 1, zeros elsewhere (selector bytes 0x80).
+    constexpr auto sel = [](int i) { return static_cast<int>(0x80800080u | static_cast<unsigned>((i * B) / 8) << 8); };
+    constexpr auto mul = [](int i) { return 1 << (8 - (i * B) % 8); };
+    const __m256i s = _mm256_setr_epi32(sel(0), sel(1), sel(2), sel(3), sel(4), sel(5), sel(6), sel(7));
+    const __m256i m = _mm256_setr_epi32(mul(0), mul(1), mul(2), mul(3), mul(4), mul(5), mul(6), mul(7));
+    return _mm256_mulhi_epu16(_mm256_shuffle_epi8(b, s), m);
+  } else {
+    return vcodes_i<B, true>(p, kL);
+  }
+}

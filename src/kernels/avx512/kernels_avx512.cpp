@@ -564,6 +564,7 @@ extern const KernelTable kTable = {
     attend_kivi_q8_k,
     cq_tables_k, cq_scores_k, cq_accum_k, attend_cq_k, cq_finish_k, cq_encode_k,
     hadamard_rows_k, rope_rows_k,
+    nuq_quant_k, nuq_dequant_k, nuq_scores_k, nuq_accum_k, attend_nuq_k,
 };
 
 }  // namespace kvslim::kernels::avx512

@@ -329,3 +329,20 @@ inline unsigned vzero_lanes(VF v) noexcept {
   return static_cast<unsigned>(_mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_EQ_OQ));
 }
 constexpr int kKB = 8;  // channel vectors per block in the key min/max pass (16 accumulators)
+
+// --- NUQ level lookup: a table of up to 16 levels in one register (kernel_table.h, NUQ) ---
+// VPERMPS zmm picks lane codes[i] & 15: any table of up to 16 levels is one permute.
+struct VLevels {
+  __m512 t;
+};
+inline VLevels vlevels(const float* levels, int n) noexcept { return {_mm512_maskz_loadu_ps(lanes(n), levels)}; }
+template <int B>
+inline VF vlookup(VI codes, const VLevels& t) noexcept {
+  return _mm512_permutexvar_ps(codes, t.t);
+}
+// Code indices of 16 full channels (p = row + c*B/8) for vlookup: exact codes (VPERMPS zmm
+// reads 4 bits of each lane).
+template <int B>
+inline VI vcode_idx(const std::uint8_t* p) noexcept {
+  return vcodes_i<B, true>(p, kL);
+}

@@ -334,6 +334,76 @@ void attend_kivi_q8_ref(const float* q, int nq, const KiviPage& pg, int ntok, in
       });
 }
 
+// --- NUQ (kernel_table.h, "NUQ page layout"): written as the rule reads. The encoder is
+// the one every table runs (the SIMD tables call it), so codes and scales are the same on
+// every ISA: plain double arithmetic in channel order, in a file built without FMA flags.
+void nuq_quant_ref(const float* x, int ntok, int d, int bits, const float* levels, std::uint16_t* scale,
+                   std::uint8_t* codes) noexcept {
+  const int n = 1 << bits, rb = row_bytes(d, bits);
+  double mid[15];
+  for (int i = 0; i + 1 < n; ++i) mid[i] = 0.5 * (static_cast<double>(levels[i]) + static_cast<double>(levels[i + 1]));
+  for (int j = 0; j < ntok; ++j) {
+    const float* xr = x + static_cast<std::ptrdiff_t>(j) * d;
+    std::uint8_t* row = codes + static_cast<std::ptrdiff_t>(j) * rb;
+    for (int i = 0; i < rb; ++i) row[i] = 0;
+    double ss = 0.0;
+    for (int c = 0; c < d; ++c) ss += static_cast<double>(xr[c]) * xr[c];
+    const double sigma = std::sqrt(ss / d);
+    double xl = 0.0, ll = 0.0;
+    for (int c = 0; c < d; ++c) {
+      // The nearest level is the number of midpoints below x / sigma (a tie stays below).
+      const double y = sigma > 0.0 ? xr[c] / sigma : 0.0;
+      unsigned code = 0;
+      while (static_cast<int>(code) + 1 < n && mid[code] < y) ++code;
+      put_code(row, c, bits, code);
+      const double lv = levels[code];
+      xl += xr[c] * lv;
+      ll += lv * lv;
+    }
+    scale[j] = sigma > 0.0 ? f32_to_f16(static_cast<float>(xl / ll)) : std::uint16_t{0};
+  }
+}
+
+void nuq_dequant_ref(const std::uint16_t* scale, const std::uint8_t* codes, int ntok, int d, int bits,
+                     const float* levels, float* x) noexcept {
+  const int rb = row_bytes(d, bits);
+  for (int j = 0; j < ntok; ++j) {
+    const float s = f16_to_f32(scale[j]);
+    for (int c = 0; c < d; ++c) x[j * d + c] = s * levels[get_code(codes + j * rb, c, bits)];
+  }
+}
+
+void nuq_scores_ref(const float* q, int nq, const std::uint16_t* scale, const std::uint8_t* codes, int ntok, int d,
+                    int bits, const float* levels, float* s) noexcept {
+  const int rb = row_bytes(d, bits);
+  for (int r = 0; r < nq; ++r)
+    for (int j = 0; j < ntok; ++j) {
+      float acc = 0.0f;
+      for (int c = 0; c < d; ++c) acc += q[r * d + c] * levels[get_code(codes + j * rb, c, bits)];
+      s[r * ntok + j] = f16_to_f32(scale[j]) * acc;
+    }
+}
+
+void nuq_accum_ref(const float* p, int nq, const std::uint16_t* scale, const std::uint8_t* codes, int ntok, int d,
+                   int bits, const float* levels, float* o) noexcept {
+  const int rb = row_bytes(d, bits);
+  for (int r = 0; r < nq; ++r)
+    for (int j = 0; j < ntok; ++j) {
+      if (p[r * ntok + j] == 0.0f) continue;
+      const float w = p[r * ntok + j] * f16_to_f32(scale[j]);
+      for (int c = 0; c < d; ++c) o[r * d + c] += w * levels[get_code(codes + j * rb, c, bits)];
+    }
+}
+
+void attend_nuq_ref(const float* q, int nq, const NuqPage& pg, int ntok, int d, const BlockMask& mask,
+                    OnlineState& st) noexcept {
+  fused_block(
+      nq, ntok, mask, st,
+      [&](float* s) { nuq_scores_ref(q, nq, pg.kscale, pg.kcodes, ntok, d, pg.kbits, pg.klevels, s); },
+      [&](float* s, float* m, float* l, float* o) { softmax_block_ref(s, nq, ntok, m, l, o, d); },
+      [&](const float* p, float* o) { nuq_accum_ref(p, nq, pg.vscale, pg.vcodes, ntok, d, pg.vbits, pg.vlevels, o); });
+}
+
 #define KVSLIM_CQ_SOFTMAX softmax_block_ref
 #include "kernels/cq-inl.h"
 #undef KVSLIM_CQ_SOFTMAX
@@ -395,6 +465,7 @@ extern const KernelTable kTable = {
     attend_kivi_q8_ref,
     cq_tables_g, cq_scores_g, cq_accum_g, attend_cq_g, cq_finish_g, cq_encode_g,
     hadamard_rows_ref, rope_rows_ref,
+    nuq_quant_ref, nuq_dequant_ref, nuq_scores_ref, nuq_accum_ref, attend_nuq_ref,
 };
 
 }  // namespace kvslim::kernels::scalar
