@@ -28,6 +28,7 @@
 #include "kvslim/cache/recipe.h"
 #include "kvslim/error.h"
 #include "kvslim/policy/codebook.h"
+#include "kvslim/policy/nuq.h"
 #include "kvslim/testing/recordings.h"
 #include "kvslim/testing/replay.h"
 #include "util/json.h"
@@ -58,7 +59,10 @@ void usage(std::FILE* f) {
       "              rel_err_p99, cosine_mean, ratio_seen, kept, codebook_bytes\n"
       "  codebook_bytes (column cb_bytes) is the f32 centroid bytes of the cq codebook files the recipe\n"
       "  names: a fixed per-model cost, not part of bytes or bits_per_value (0 without cq).\n"
-      "Training (--train-codebooks OUT): trains the codebooks of the recipe's cq stages (their\n"
+      "Training (--train-codebooks OUT): trains the codebooks of the recipe's cq stages, or the\n"
+      "  level tables of its nuq stage (per layer, kv head and K/V: 1-D k-means of the rows'\n"
+      "  coordinates over their RMS, rotated first if the stage rotates; use them with\n"
+      "  nuq:...,levels=OUT). For cq: the codebooks (their\n"
       "  channels/bits; one --recipe) on the keys (post-RoPE, as cached) and values of every selected\n"
       "  recording, all of which must come from one model, and writes the codebook file OUT.\n"
       "  --seed S        k-means++ seed, integer >= 0 (default 1)\n"
@@ -202,9 +206,37 @@ void check_writable(const std::string& out) {
     throw RunError{fmt::format("--train-codebooks '{}' cannot be written: {}", out, std::strerror(errno))};
 }
 
+/// True if some chain of the recipe names stage `name`.
+bool has_stage(const std::string& recipe, const char* name) {
+  const kvslim::RecipeSpec spec = kvslim::parse_recipe(recipe);
+  std::vector<const kvslim::ChainSpec*> chains{&spec.base};
+  for (const auto& o : spec.overrides) chains.push_back(&o.chain);
+  for (const auto* c : chains)
+    for (const auto& st : c->stages)
+      if (st.name == name) return true;
+  return false;
+}
+
+/// What --train-codebooks trains for a recipe: the codebooks of its cq stages, or the level
+/// tables of its nuq stage (levels=FILE); checked before anything is loaded.
+bool trains_levels(const std::string& recipe) {
+  const bool cq = has_stage(recipe, "cq"), nuq = has_stage(recipe, "nuq");
+  if (cq && nuq)
+    throw RunError{fmt::format("recipe '{}' has cq and nuq stages: train one file per recipe", recipe)};
+  if (nuq) {
+    kvslim::nuq_recipe_shape(recipe);
+    return true;
+  }
+  kvslim::cq_recipe_shapes(recipe);  // no cq stage or a bad shape: says so
+  return false;
+}
+
 int train(const std::vector<kvslim::testing::Recording>& recs, const std::string& recipe_arg,
           const std::string& recipe, const TrainArgs& a, int max_tokens) {
-  const auto [kshape, vshape] = kvslim::cq_recipe_shapes(recipe);
+  const bool levels = trains_levels(recipe);
+  const kvslim::NuqRecipeShape nshape = levels ? kvslim::nuq_recipe_shape(recipe) : kvslim::NuqRecipeShape{};
+  const auto [kshape, vshape] = levels ? std::pair{kvslim::CodebookShape{1, nshape.kbits}, kvslim::CodebookShape{1, nshape.vbits}}
+                                       : kvslim::cq_recipe_shapes(recipe);
   const auto& r0 = recs.front();
   for (const auto& r : recs)
     if (r.layers != r0.layers || r.kv_heads != r0.kv_heads || r.head_dim != r0.head_dim || r.q_heads != r0.q_heads)
@@ -243,9 +275,20 @@ int train(const std::vector<kvslim::testing::Recording>& recs, const std::string
       const float* wp = a.mass ? w[hi].data() : nullptr;
       cal.set(l, h, {k[hi].data(), v[hi].data(), rows, wp, wp});
     }
-  const kvslim::Codebooks cb = kvslim::train_codebooks(cal, kshape, vshape, a.opt);
+  const kvslim::Codebooks cb = levels ? kvslim::train_levels(cal, nshape.kbits, nshape.vbits, nshape.rotation, a.opt)
+                                      : kvslim::train_codebooks(cal, kshape, vshape, a.opt);
   kvslim::save_codebooks(cb, a.out);
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  if (levels) {
+    fmt::print("trained nuq levels for '{}' -> {}\n", recipe_arg, a.out);
+    fmt::print("  model: {} layers, {} kv heads, head_dim {}; {} recordings, {} rows per (layer, kv head)\n", L, H, d,
+               recs.size(), rows);
+    fmt::print("  key {} levels, value {} levels per (layer, kv head){}; weight {}, seed {}, {:.2f} s\n",
+               1 << nshape.kbits, 1 << nshape.vbits, nshape.rotation.hadamard ? ", rotated rows" : "",
+               a.mass ? "mass (attention-weighted)" : "none", a.opt.seed, secs);
+    fmt::print("  use it with --recipe \"nuq:kbits={},vbits={},levels={}...\"\n", nshape.kbits, nshape.vbits, a.out);
+    return 0;
+  }
   fmt::print("trained codebooks for '{}' -> {}\n", recipe_arg, a.out);
   fmt::print("  model: {} layers, {} kv heads, head_dim {}; {} recordings, {} rows per (layer, kv head)\n", L, H, d,
              recs.size(), rows);
@@ -321,7 +364,7 @@ int main(int argc, char** argv) {
     std::vector<std::string> texts;
     for (const auto& r : recipes) texts.push_back(kvslim::resolve_recipe(r));
     if (training) {
-      kvslim::cq_recipe_shapes(texts[0]);  // no cq stage or a bad shape: fail before loading anything
+      trains_levels(texts[0]);  // no cq or nuq stage, or a bad shape: fail before loading anything
       check_writable(targs.out);
     }
     auto dirs = kvslim::testing::find_recordings(dumps);

@@ -329,8 +329,10 @@ Codebooks parse(const std::string& buf, const std::string& name) {
 void CodebookShape::validate(const char* what) const {
   KVSLIM_CHECK(channels == 1 || channels == 2 || channels == 4 || channels == 8, ErrorCode::kInvalidArgument,
                "{} codebook: channels C={} must be 1, 2, 4 or 8", what, channels);
-  KVSLIM_CHECK(bits == 1 || bits == 2 || bits == 4, ErrorCode::kInvalidArgument,
-               "{} codebook: bits B={} must be 1, 2 or 4", what, bits);
+  // 3 bits only for scalar tables (C = 1: the nuq codec's learned levels); coupled groups
+  // keep whole codes per byte fraction (the cq kernels' code widths).
+  KVSLIM_CHECK(bits == 1 || bits == 2 || bits == 4 || (bits == 3 && channels == 1), ErrorCode::kInvalidArgument,
+               "{} codebook: bits B={} must be 1, 2 or 4 (3 only with channels C=1)", what, bits);
   KVSLIM_CHECK(channels * bits <= 8, ErrorCode::kInvalidArgument,
                "{} codebook: C·B = {}·{} = {} bits per code, at most 8 (256 centroids)", what, channels, bits,
                channels * bits);

@@ -28,7 +28,7 @@ std::string rotation_text(const RotationSpec& r);
 
 BuiltStage make_float_codec(DType dtype, StageParams& p, int head_dim);
 BuiltStage make_kivi_codec(StageParams& p, int head_dim);
-BuiltStage make_nuq_codec(StageParams& p, int head_dim);  // src/policy/nuq_codec.cpp
+BuiltStage make_nuq_codec(StageParams& p, const StageContext& ctx);  // src/policy/nuq_codec.cpp
 BuiltStage make_cq_codec(StageParams& p, const StageContext& ctx);  // src/policy/cq_codec.cpp
 
 // Eviction stages (src/policy/eviction.cpp).

@@ -41,6 +41,9 @@ CqShapes read_shapes(StageParams& p) {
   } catch (const Error& e) {
     KVSLIM_FAIL(e.code(), "recipe stage 'cq': {}", e.what());
   }
+  for (const CodebookShape* sh : {&s.key, &s.value})
+    KVSLIM_CHECK(sh->bits != 3, ErrorCode::kInvalidArgument,
+                 "recipe stage 'cq': bits B=3 must be 1, 2 or 4 (3-bit tables are the nuq codec's levels)");
   return s;
 }
 

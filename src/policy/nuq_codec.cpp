@@ -11,9 +11,13 @@
 #include <limits>
 #include <numbers>
 #include <cstdint>
+#include <string>
+#include <memory>
 #include <vector>
 
 #include "check.h"
+#include "kvslim/cache/recipe.h"
+#include "kvslim/policy/rotation.h"
 #include "kvslim/kernels/kernel_table.h"
 #include "kvslim/policy/nuq.h"
 #include "kvslim/tensor/dtype.h"
@@ -123,6 +127,15 @@ class NuqCodec final : public Codec {
         klevels_(gaussian_levels_f32(kbits).data()),
         vlevels_(gaussian_levels_f32(vbits).data()),
         o_(o) {}
+  // Learned levels of one (layer, kv head), from a level file (sorted here: the encoder
+  // compares against the midpoints of consecutive levels).
+  NuqCodec(int kbits, int vbits, PagingOptions o, std::vector<float> klv, std::vector<float> vlv, std::string file)
+      : kbits_(kbits), vbits_(vbits), o_(o), kown_(std::move(klv)), vown_(std::move(vlv)), file_(std::move(file)) {
+    std::sort(kown_.begin(), kown_.end());
+    std::sort(vown_.begin(), vown_.end());
+    klevels_ = kown_.data();
+    vlevels_ = vown_.data();
+  }
 
   // Offsets of a page of ntok tokens (docs/formats.md). f16 scales first: every part stays
   // 2-byte aligned and the codes need no alignment.
@@ -140,8 +153,8 @@ class NuqCodec final : public Codec {
   }
 
   std::string describe() const override {
-    return fmt::format("nuq:kbits={},vbits={},levels=gaussian,group={},residual={},sinks={}", kbits_, vbits_, o_.group,
-                       o_.residual, o_.sinks) +
+    return fmt::format("nuq:kbits={},vbits={},levels={},group={},residual={},sinks={}", kbits_, vbits_,
+                       file_.empty() ? std::string("gaussian") : file_, o_.group, o_.residual, o_.sinks) +
            rotation_text(o_.rotation);
   }
   int page_tokens() const override { return o_.group; }
@@ -193,7 +206,9 @@ class NuqCodec final : public Codec {
   // table), must be finite in f16. |s| <= ||x|| / sqrt(sum_c L[code_c]^2) <= sigma / min |L|
   // (Cauchy-Schwarz), so only rows with a large RMS are encoded here to find out.
   static void check_scales(const float* x, int ntok, int d, int bits, const float* levels, const char* what) {
-    const double lmin = levels[(1 << bits) / 2];  // the smallest |level| (symmetric table)
+    double lmin = std::numeric_limits<double>::infinity();  // the smallest |level|
+    for (int i = 0; i < (1 << bits); ++i) lmin = std::min(lmin, std::fabs(static_cast<double>(levels[i])));
+    if (!(lmin > 0.0)) lmin = std::numeric_limits<double>::min();  // a level at 0 bounds nothing
     std::array<std::uint8_t, kernels::row_bytes(4096, 4)> codes;
     for (int j = 0; j < ntok; ++j) {
       const float* row = x + static_cast<std::ptrdiff_t>(j) * d;
@@ -214,9 +229,11 @@ class NuqCodec final : public Codec {
   static const std::uint8_t* u8(const std::byte* p) { return reinterpret_cast<const std::uint8_t*>(p); }
 
   int kbits_, vbits_;
-  const float* klevels_;
-  const float* vlevels_;
+  const float* klevels_ = nullptr;
+  const float* vlevels_ = nullptr;
   PagingOptions o_;
+  std::vector<float> kown_, vown_;  // learned levels (else klevels_ point at the Gaussian ones)
+  std::string file_;                // the level file, or empty for levels=gaussian
 };
 
 int read_bits(StageParams& p, const char* key) {
@@ -228,23 +245,117 @@ int read_bits(StageParams& p, const char* key) {
 
 }  // namespace
 
-BuiltStage make_nuq_codec(StageParams& p, int /*head_dim*/) {
+BuiltStage make_nuq_codec(StageParams& p, const StageContext& ctx) {
   const int kbits = read_bits(p, "kbits");
   const int vbits = read_bits(p, "vbits");
   const std::string levels = p.get_string("levels", "gaussian");
-  KVSLIM_CHECK(levels == "gaussian", ErrorCode::kInvalidArgument,
-               "recipe stage 'nuq': levels={} is not supported: only levels=gaussian (the Lloyd-Max levels of a unit "
-               "Gaussian); learned level files (levels=FILE) are not implemented yet",
-               levels);
   PagingOptions o = read_paging(p, PagingOptions{32, 128, 0});
   // Gaussian levels fit rotated rows best: a Hadamard rotation makes a row's coordinates
   // close to Gaussian (TurboQuant), `rotate=hadamard` (docs/outliers.md).
   o.rotation = read_rotation(p);
   p.check_all_used({"kbits", "vbits", "levels", "group", "residual", "sinks", "rotate", "seed", "rotated"});
   BuiltStage b{StageKind::kCodec, nullptr, nullptr, nullptr, nullptr};
-  b.codec = std::make_shared<NuqCodec>(kbits, vbits, o);
+  if (levels == "gaussian") {
+    b.codec = std::make_shared<NuqCodec>(kbits, vbits, o);
+    return b;
+  }
+  // levels=FILE: a level file of train_levels (the codebook file format, head_dim 1), read
+  // once per cache (StageContext::loaded) and checked against the cache's shape and bits.
+  std::shared_ptr<const Codebooks> cb;
+  if (ctx.loaded)
+    for (const auto& [path, c] : *ctx.loaded)
+      if (!path.empty() && path == levels) cb = c;
+  if (!cb) {
+    try {
+      cb = std::make_shared<const Codebooks>(load_codebooks(levels));
+    } catch (const Error& e) {
+      KVSLIM_FAIL(e.code(), "recipe stage 'nuq': levels={}: {} (levels are gaussian or a level file)", levels,
+                  e.what());
+    }
+    if (ctx.loaded) ctx.loaded->emplace_back(levels, cb);
+  }
+  try {
+    check_codebooks_match(*cb, ctx.layers > 0 ? ctx.layers : cb->layers(), ctx.kv_heads > 0 ? ctx.kv_heads : cb->kv_heads(),
+                          1, CodebookShape{1, kbits}, CodebookShape{1, vbits});
+  } catch (const Error& e) {
+    KVSLIM_FAIL(e.code(), "recipe stage 'nuq': levels={} is not a level file for kbits={}, vbits={} and this cache: {}",
+                levels, kbits, vbits, e.what());
+  }
+  const int l = std::max(ctx.layer, 0), h = std::max(ctx.kv_head, 0);
+  const float* kc = cb->centroids(l, h, false, 0);
+  const float* vc = cb->centroids(l, h, true, 0);
+  b.codec = std::make_shared<NuqCodec>(kbits, vbits, o, std::vector<float>(kc, kc + (1 << kbits)),
+                                       std::vector<float>(vc, vc + (1 << vbits)), levels);
+  b.per_head = ctx.layer >= 0;
   return b;
 }
 
 }  // namespace detail
+
+Codebooks train_levels(const CalibrationKV& data, int kbits, int vbits, const RotationSpec& rotation,
+                       const TrainOptions& opt) {
+  for (int b : {kbits, vbits})
+    KVSLIM_CHECK(b >= 1 && b <= 4, ErrorCode::kInvalidArgument, "train_levels: bits {} must be 1, 2, 3 or 4", b);
+  const int L = data.layers(), H = data.kv_heads(), d = data.head_dim();
+  const kernels::KernelTable& kt = kernels::active();
+  std::unique_ptr<HadamardRotation> rot;
+  if (rotation.hadamard) rot = std::make_unique<HadamardRotation>(d, rotation.seed);
+  // Per head: every coordinate over its row's sigma, and the row's weight repeated.
+  std::vector<std::vector<float>> k(static_cast<std::size_t>(L) * H), v(k.size()), kw(k.size()), vw(k.size());
+  CalibrationKV scalars(L, H, 1);
+  std::vector<float> row(static_cast<std::size_t>(d));
+  for (int l = 0; l < L; ++l)
+    for (int h = 0; h < H; ++h) {
+      const CalibrationHead& c = data.head(l, h);
+      const std::size_t hi = static_cast<std::size_t>(l) * H + h;
+      for (int side = 0; side < 2; ++side) {
+        const float* x = side ? c.v : c.k;
+        const float* w = side ? c.v_weight : c.k_weight;
+        std::vector<float>& out = side ? v[hi] : k[hi];
+        std::vector<float>& wout = side ? vw[hi] : kw[hi];
+        out.resize(static_cast<std::size_t>(c.rows) * d);
+        if (w) wout.resize(out.size());
+        for (std::int64_t j = 0; j < c.rows; ++j) {
+          std::copy(x + j * d, x + (j + 1) * d, row.begin());
+          if (rot && (side ? rotation.values : rotation.keys)) rot->forward(kt, row.data(), 1);
+          double ss = 0.0;
+          for (float f : row) ss += static_cast<double>(f) * f;
+          const double sigma = std::sqrt(ss / d);
+          for (int ch = 0; ch < d; ++ch) {
+            out[static_cast<std::size_t>(j) * d + ch] = sigma > 0.0 ? static_cast<float>(row[ch] / sigma) : 0.0f;
+            if (w) wout[static_cast<std::size_t>(j) * d + ch] = w[j];
+          }
+        }
+      }
+      scalars.set(l, h, {k[hi].data(), v[hi].data(), c.rows * d, kw[hi].empty() ? nullptr : kw[hi].data(),
+                         vw[hi].empty() ? nullptr : vw[hi].data()});
+    }
+  return train_codebooks(scalars, CodebookShape{1, kbits}, CodebookShape{1, vbits}, opt);
+}
+
+NuqRecipeShape nuq_recipe_shape(std::string_view recipe) {
+  const RecipeSpec spec = parse_recipe(recipe);
+  std::vector<const ChainSpec*> chains{&spec.base};
+  for (const OverrideSpec& o : spec.overrides) chains.push_back(&o.chain);
+  bool found = false;
+  NuqRecipeShape shape;
+  for (const ChainSpec* c : chains)
+    for (const StageSpec& st : c->stages) {
+      if (st.name != "nuq") continue;
+      StageParams params(st.name, st.params);
+      NuqRecipeShape s;
+      s.kbits = params.get_int("kbits", 3, -1000000, 1000000);
+      s.vbits = params.get_int("vbits", 3, -1000000, 1000000);
+      if (params.has("rotate")) s.rotation = detail::read_rotation(params);
+      KVSLIM_CHECK(!found || (s.kbits == shape.kbits && s.vbits == shape.vbits && s.rotation == shape.rotation),
+                   ErrorCode::kInvalidArgument,
+                   "recipe '{}': its nuq stages use different bits or rotations; one level file holds one shape", recipe);
+      shape = s;
+      found = true;
+    }
+  KVSLIM_CHECK(found, ErrorCode::kInvalidArgument, "recipe '{}' has no nuq stage: there are no levels to train",
+               recipe);
+  return shape;
+}
+
 }  // namespace kvslim

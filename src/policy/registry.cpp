@@ -32,7 +32,7 @@ struct Registry {
     entries["bf16"] = {StageKind::kCodec, with_context([](StageParams& p, int d) { return make_float_codec(DType::kBF16, p, d); })};
     entries["kivi"] = {StageKind::kCodec, with_context(detail::make_kivi_codec)};
     entries["cq"] = {StageKind::kCodec, detail::make_cq_codec};
-    entries["nuq"] = {StageKind::kCodec, with_context(detail::make_nuq_codec)};
+    entries["nuq"] = {StageKind::kCodec, detail::make_nuq_codec};
     entries["h2o"] = {StageKind::kEviction, with_context(detail::make_h2o)};
     entries["streaming"] = {StageKind::kEviction, with_context(detail::make_streaming)};
     entries["l2norm"] = {StageKind::kEviction, with_context(detail::make_l2norm)};

@@ -30,7 +30,7 @@ namespace kvslim {
 /// Channels per group (C) and bits per channel (B) of one codebook; 2^(C·B) centroids.
 struct CodebookShape {
   int channels = 1;  // C in {1, 2, 4, 8}
-  int bits = 1;      // B in {1, 2, 4}, C·B <= 8 (a code fits one byte)
+  int bits = 1;      // B in {1, 2, 4} (or 3 with C = 1: scalar level tables), C·B <= 8
 
   /// Throws Error(kInvalidArgument) naming the bad value when C, B or C·B is out of range.
   /// `what` ("key", "value") prefixes the message.

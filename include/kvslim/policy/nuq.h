@@ -9,6 +9,10 @@
 #pragma once
 
 #include <span>
+#include <string_view>
+
+#include "kvslim/policy/codebook.h"
+#include "kvslim/policy/rotation.h"
 
 namespace kvslim {
 
@@ -22,5 +26,23 @@ std::span<const double> gaussian_levels(int bits);
 std::span<const float> gaussian_levels_f32(int bits);
 /// E[(X - Q(X))^2] for X ~ N(0, 1) and those levels (1 bit: 1 - 2/pi = 0.3634; 4 bits: 0.0095).
 double gaussian_levels_mse(int bits);
+
+/// Learned levels (`nuq:...,levels=FILE`, KVQuant's non-uniform datatype in the nuq codec's
+/// per-row normalization): per (layer, kv head, K/V) a table of 2^bits levels, the weighted
+/// 1-D k-means (train_codebooks: k-means++, seeded) of the calibration rows' coordinates
+/// divided by their row's sigma = ||x|| / sqrt(head_dim), after `rotation` when the recipe
+/// rotates (rows as the codec sees them). Weights are per row (the rows' attention mass, or
+/// none). Stored as Codebooks with head_dim 1 and shapes {C=1, B=kbits} / {C=1, B=vbits}:
+/// the codebook file format (docs/formats.md). Throws as train_codebooks does.
+Codebooks train_levels(const CalibrationKV& data, int kbits, int vbits, const RotationSpec& rotation = {},
+                       const TrainOptions& opt = {});
+
+/// kbits, vbits and rotation of the nuq stage(s) of a recipe (all must agree). Throws
+/// Error(kInvalidArgument) when the recipe has none or they differ.
+struct NuqRecipeShape {
+  int kbits = 3, vbits = 3;
+  RotationSpec rotation;
+};
+NuqRecipeShape nuq_recipe_shape(std::string_view recipe);
 
 }  // namespace kvslim
