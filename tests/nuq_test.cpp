@@ -661,10 +661,11 @@ TEST(NuqCodec, RecipeErrors) {
                      {"recipe stage 'nuq'", "kbits=5 is not a supported bit width (1, 2, 3 or 4)"});
   test::expect_error(build("nuq:vbits=0"), ErrorCode::kInvalidArgument,
                      {"recipe stage 'nuq'", "vbits=0 is not a supported bit width (1, 2, 3 or 4)"});
-  test::expect_error(build("nuq:levels=foo"), ErrorCode::kInvalidArgument,
-                     {"levels=foo", "levels=FILE", "not implemented yet"});
-  test::expect_error(build("nuq:levels=/tmp/levels.bin"), ErrorCode::kInvalidArgument,
-                     {"levels=/tmp/levels.bin", "not implemented yet"});
+  // Anything but gaussian names a level file (tests/nuq_levels_test.cpp): a missing one is
+  // an I/O error naming it.
+  test::expect_error(build("nuq:levels=foo"), ErrorCode::kIo, {"levels=foo", "cannot open", "level file"});
+  test::expect_error(build("nuq:levels=/nonexistent/levels.bin"), ErrorCode::kIo,
+                     {"levels=/nonexistent/levels.bin", "cannot open"});
   test::expect_error(build("nuq:bits=3"), ErrorCode::kRecipe, {"unknown key 'bits'", "kbits", "levels"});
   test::expect_error(build("nuq:rotate=1"), ErrorCode::kInvalidArgument, {"rotate=1", "none or hadamard"});
   test::expect_error(build("nuq:rotated=v"), ErrorCode::kInvalidArgument, {"rotated=", "no rotation"});
