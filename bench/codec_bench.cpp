@@ -33,7 +33,11 @@ const Format kFormats[] = {{"f16", "f16"},
                            {"kivi4", "kivi:kbits=4,vbits=4,residual=0"},
                            {"kivi3", "kivi:kbits=3,vbits=3,residual=0"},
                            {"kivi2", "kivi:kbits=2,vbits=2,residual=0"},
-                           {"kivi1", "kivi:kbits=1,vbits=1,residual=0"}};
+                           {"kivi1", "kivi:kbits=1,vbits=1,residual=0"},
+                           // dense-and-sparse side lists (picking the outliers is the cost)
+                           {"kivi4o1", "kivi:kbits=4,vbits=4,residual=0,outliers=0.01"},
+                           {"nuq4", "nuq:kbits=4,vbits=4,residual=0"},
+                           {"nuq3", "nuq:kbits=3,vbits=3,residual=0"}};
 
 std::shared_ptr<const Codec> codec_of(const Format& f) { return build_pipeline(parse_recipe(f.recipe).base, kD).codec; }
 
