@@ -37,7 +37,7 @@ namespace {
 
 void usage(std::FILE* f) {
   std::fputs(
-      "usage: kvslim-eval --dumps DIR --recipe R [--recipe R2 ...] [--windows LIST] [--chunk N] [--tokens N] [--json]\n"
+      "usage: kvslim-eval --dumps DIR --recipe R [--recipe R2 ...] [--windows LIST] [--chunk N] [--tokens N] [--pre-rope] [--json]\n"
       "       kvslim-eval --dumps DIR --recipe \"cq:...\" --train-codebooks OUT [--windows LIST] [--tokens N]\n"
       "                   [--seed S] [--iterations N] [--weight mass|none]\n"
       "  Replays every recording directory under DIR (each holds meta.json, k.f32, v.f32, q.f32,\n"
@@ -52,6 +52,8 @@ void usage(std::FILE* f) {
       "  comments and line breaks allowed, e.g. what kvslim-llama calibrate writes).\n"
       "  --chunk N   tokens per append/attend, N >= 1 (default 1 = decode; >1 = chunked prefill)\n"
       "  --tokens N  use only the first N >= 1 tokens of each recording (default: all)\n"
+      "  --pre-rope  append the recorded pre-RoPE keys (k_pre.f32) to caches that apply the\n"
+      "              recording's RoPE themselves (CacheConfig::pre_rope_keys)\n"
       "  --windows LIST  use only the recordings whose directory name ends in one of these window\n"
       "              numbers (tsval_w3 is window 3); LIST is comma-separated numbers and ranges A-B\n"
       "              (default: every recording). Train on some windows, evaluate on the others.\n"
@@ -324,6 +326,7 @@ int main(int argc, char** argv) {
       else if (a == "--json") json = true;
       else if (a == "--chunk") opt.chunk = parse_int(a, value(), 1);
       else if (a == "--tokens") opt.max_tokens = parse_int(a, value(), 1);
+      else if (a == "--pre-rope") opt.pre_rope = true;
       else if (a == "--windows") windows = parse_windows(value());
       else if (a == "--train-codebooks") {
         targs.out = value();
@@ -352,7 +355,8 @@ int main(int argc, char** argv) {
     if (train_opts && !training) throw UsageError{"--seed, --iterations and --weight need --train-codebooks OUT"};
     if (training && recipes.size() != 1)
       throw UsageError{fmt::format("--train-codebooks trains one recipe's codebooks, got {} --recipe", recipes.size())};
-    if (training && (json || opt.chunk != 1)) throw UsageError{"--json and --chunk do not apply to --train-codebooks"};
+    if (training && (json || opt.chunk != 1 || opt.pre_rope))
+      throw UsageError{"--json, --chunk and --pre-rope do not apply to --train-codebooks"};
   } catch (const UsageError& e) {
     std::fprintf(stderr, "kvslim-eval: %s\n\n", e.message.c_str());
     usage(stderr);
@@ -406,6 +410,10 @@ int main(int argc, char** argv) {
         cfg.head_dim = head_dim;
         cfg.max_tokens = tokens;
         cfg.recipe = texts[ri];
+        if (opt.pre_rope) {  // the recipe must accept pre-RoPE keys (no cq, no key rotation, ...)
+          cfg.pre_rope_keys = true;
+          cfg.rope = kvslim::RopeSpec{};
+        }
         try {
           const kvslim::KVCache probe(cfg);
         } catch (const kvslim::Error& e) {

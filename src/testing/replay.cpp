@@ -26,6 +26,11 @@ ReplayResult replay(const std::vector<Recording>& recs, const std::string& recip
     cfg.head_dim = r.head_dim;
     cfg.max_tokens = r.tokens;
     cfg.recipe = recipe;
+    if (opt.pre_rope) {
+      KVSLIM_CHECK(!r.k_pre.empty(), ErrorCode::kInvalidArgument, "replay: recording '{}' has no pre-RoPE keys", r.dir);
+      cfg.pre_rope_keys = true;
+      cfg.rope = RopeSpec{r.rope_theta, 0, r.rope == "interleaved", 1.0};
+    }
     KVCache cache(cfg);
     const int T = opt.max_tokens > 0 ? std::min(opt.max_tokens, r.tokens) : r.tokens;
     const std::int64_t d = r.head_dim;
@@ -38,7 +43,7 @@ ReplayResult replay(const std::vector<Recording>& recs, const std::string& recip
         kv.rank = 3;
         kv.shape = {r.kv_heads, n, d, 0};
         kv.strides = {static_cast<std::int64_t>(r.tokens) * d, d, 1, 0};
-        cache.append(l, TensorView<const float>(r.k_head(l, 0) + t0 * d, kv),
+        cache.append(l, TensorView<const float>((opt.pre_rope ? r.k_pre_head(l, 0) : r.k_head(l, 0)) + t0 * d, kv),
                      TensorView<const float>(r.v_head(l, 0) + t0 * d, kv));
         Layout ql = kv;
         ql.shape[0] = r.q_heads;

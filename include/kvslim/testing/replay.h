@@ -18,6 +18,9 @@ namespace kvslim::testing {
 struct ReplayOptions {
   int chunk = 1;          // tokens per append/attend (1 = token-by-token decode)
   int max_tokens = 0;     // stop after this many tokens per recording (0 = all)
+  /// Append the recorded pre-RoPE keys (k_pre.f32) to a cache configured with
+  /// pre_rope_keys and the recording's RoPE (meta.json), instead of the post-RoPE keys.
+  bool pre_rope = false;
 };
 
 struct ReplayResult {
