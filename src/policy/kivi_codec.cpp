@@ -103,25 +103,24 @@ class KiviCodec final : public Codec {
     kt.kivi_dequant_values(u16(page + l.vscale), u16(page + l.vzero), u8(page + l.vcodes), ntok, d, vbits_, vgroup_,
                            v);
     if (outliers_ > 0)
-      for_outliers(page, l, ntok, d, [&](bool key, int j, int c, float delta) { (key ? k : v)[j * d + c] += delta; });
+      for_outliers(kt, page, l, ntok, d, true, true,
+                   [&](bool key, int j, int c, float delta) { (key ? k : v)[j * d + c] += delta; });
   }
   void decode_keys(const kernels::KernelTable& kt, const std::byte* page, int ntok, int d, float* k,
                    float* /*scratch*/) const override {
     const Layout l = layout(ntok, d);
     kt.kivi_dequant_keys(u16(page), u16(page) + d, u8(page + l.kcodes), ntok, d, kbits_, k);
     if (outliers_ > 0)
-      for_outliers(page, l, ntok, d, [&](bool key, int j, int c, float delta) {
-        if (key) k[j * d + c] += delta;
-      });
+      for_outliers(kt, page, l, ntok, d, true, false,
+                   [&](bool, int j, int c, float delta) { k[j * d + c] += delta; });
   }
   void scores(const kernels::KernelTable& kt, const std::byte* page, int ntok, int d, const float* q, int nq,
               float* s) const override {
     const Layout l = layout(ntok, d);
     kt.kivi_scores(q, nq, u16(page), u16(page) + d, u8(page + l.kcodes), ntok, d, kbits_, s);
     if (outliers_ > 0)
-      for_outliers(page, l, ntok, d, [&](bool key, int j, int c, float delta) {
-        if (key)
-          for (int r = 0; r < nq; ++r) s[r * ntok + j] += q[r * d + c] * delta;
+      for_outliers(kt, page, l, ntok, d, true, false, [&](bool, int j, int c, float delta) {
+        for (int r = 0; r < nq; ++r) s[r * ntok + j] += q[r * d + c] * delta;
       });
   }
   void accumulate(const kernels::KernelTable& kt, const std::byte* page, int ntok, int d, const float* p, int nq,
@@ -129,9 +128,8 @@ class KiviCodec final : public Codec {
     const Layout l = layout(ntok, d);
     kt.kivi_accum(p, nq, u16(page + l.vscale), u16(page + l.vzero), u8(page + l.vcodes), ntok, d, vbits_, vgroup_, o);
     if (outliers_ > 0)
-      for_outliers(page, l, ntok, d, [&](bool key, int j, int c, float delta) {
-        if (!key)
-          for (int r = 0; r < nq; ++r) o[r * d + c] += p[r * ntok + j] * delta;
+      for_outliers(kt, page, l, ntok, d, false, true, [&](bool, int j, int c, float delta) {
+        for (int r = 0; r < nq; ++r) o[r * d + c] += p[r * ntok + j] * delta;
       });
   }
   void attend_page(const kernels::KernelTable& kt, const std::byte* page, int ntok, int d, const float* q,
@@ -150,32 +148,48 @@ class KiviCodec final : public Codec {
   }
 
  private:
-  // f(key, token, channel, exact - dequantized) for every side-list entry of the page.
+  // f(key, token, channel, exact - dequantized) for the side-list entries of the page, the
+  // keys' if `keys`, the values' if `values`. The f16 fields are widened with the kernel
+  // table's f16_to_f32 (vector code) into per-thread buffers first: converting them one
+  // at a time in portable code was most of a side-list page's attention time.
   template <class F>
-  void for_outliers(const std::byte* page, const Layout& l, int ntok, int d, F&& f) const {
-    const std::uint16_t* kidx = u16(page + l.kidx);
-    const std::uint16_t* kval = u16(page + l.kval);
-    const std::uint8_t* kc = u8(page + l.kcodes);
-    const int krow = kernels::row_bytes(d, kbits_), vrow = kernels::row_bytes(d, vbits_);
-    for (int e = 0; e < l.nk; ++e) {
-      const int j = kidx[2 * e], c = kidx[2 * e + 1];
-      const float base = static_cast<float>(code_at(kc + j * krow, c, kbits_)) * f16_to_f32(u16(page)[c]) +
-                         f16_to_f32(u16(page)[d + c]);
-      f(true, j, c, f16_to_f32(kval[e]) - base);
-    }
-    const std::uint16_t* vidx = u16(page + l.vidx);
-    const std::uint16_t* vval = u16(page + l.vval);
-    const std::uint16_t* vs = u16(page + l.vscale);
-    const std::uint16_t* vz = u16(page + l.vzero);
-    const std::uint8_t* vc = u8(page + l.vcodes);
+  void for_outliers(const kernels::KernelTable& kt, const std::byte* page, const Layout& l, int ntok, int d, bool keys,
+                    bool values, F&& f) const {
+    thread_local std::vector<float> buf;
     const int ng = d / vgroup_;
-    for (int j = 0; j < ntok; ++j)
-      for (int e = 0; e < l.nv; ++e) {
-        const int c = vidx[j * l.nv + e], g = c / vgroup_;
-        const float base = static_cast<float>(code_at(vc + j * vrow, c, vbits_)) * f16_to_f32(vs[j * ng + g]) +
-                           f16_to_f32(vz[j * ng + g]);
-        f(false, j, c, f16_to_f32(vval[j * l.nv + e]) - base);
+    const std::size_t nvt = static_cast<std::size_t>(ntok) * l.nv, nsz = static_cast<std::size_t>(ntok) * ng;
+    buf.resize(std::max<std::size_t>(2u * d + l.nk, nvt + 2u * nsz));
+    if (keys) {
+      float* ks = buf.data();
+      float* kz = ks + d;
+      float* kv = kz + d;
+      kt.f16_to_f32(u16(page), ks, static_cast<std::size_t>(2 * d));  // kscale then kzero
+      kt.f16_to_f32(u16(page + l.kval), kv, static_cast<std::size_t>(l.nk));
+      const std::uint16_t* kidx = u16(page + l.kidx);
+      const std::uint8_t* kc = u8(page + l.kcodes);
+      const int krow = kernels::row_bytes(d, kbits_);
+      for (int e = 0; e < l.nk; ++e) {
+        const int j = kidx[2 * e], c = kidx[2 * e + 1];
+        f(true, j, c, kv[e] - (static_cast<float>(code_at(kc + j * krow, c, kbits_)) * ks[c] + kz[c]));
       }
+    }
+    if (values) {
+      float* vv = buf.data();
+      float* vs = vv + nvt;
+      float* vz = vs + nsz;
+      kt.f16_to_f32(u16(page + l.vval), vv, nvt);
+      kt.f16_to_f32(u16(page + l.vscale), vs, 2 * nsz);  // vscale then vzero
+      const std::uint16_t* vidx = u16(page + l.vidx);
+      const std::uint8_t* vc = u8(page + l.vcodes);
+      const int vrow = kernels::row_bytes(d, vbits_);
+      for (int j = 0; j < ntok; ++j)
+        for (int e = 0; e < l.nv; ++e) {
+          const int c = vidx[j * l.nv + e], g = c / vgroup_;
+          const float base =
+              static_cast<float>(code_at(vc + j * vrow, c, vbits_)) * vs[j * ng + g] + vz[j * ng + g];
+          f(false, j, c, vv[static_cast<std::size_t>(j) * l.nv + e] - base);
+        }
+    }
   }
   static unsigned code_at(const std::uint8_t* row, int c, int bits) {
     const int bit = c * bits;
