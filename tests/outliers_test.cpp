@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "kvslim/kernels/kernel_table.h"
 #include "kvslim/kvslim.h"
 #include "kvslim/testing/synthetic.h"
 #include "test_support.h"
@@ -110,6 +111,26 @@ TEST(Outliers, PlantedOutliersComeBackExactlyAndLeaveTheScale) {
   for (int j = 0; j < T; ++j) worst = std::max(worst, double(std::fabs(y.k.data()[j * d + 2] - k[j * d + 2])));
   EXPECT_GT(worst, 20.0) << "an unprotected outlier crushes its channel";
   EXPECT_EQ(plain.stats().outlier_bytes, 0);
+}
+
+// Every byte of a KIVI page is written, the alignment pads included (0), with and without a
+// side list: equal rows give equal bytes whatever the buffer held before.
+TEST(Outliers, PadBytesAreZero) {
+  const int d = 8, ntok = 1;  // 3-bit keys: 3 bytes of key codes, so the value scales need a pad
+  std::vector<float> k(d), v(d);
+  for (int c = 0; c < d; ++c) {
+    k[c] = 0.1f * static_cast<float>(c);
+    v[c] = -0.2f * static_cast<float>(c);
+  }
+  for (const char* recipe : {"kivi:kbits=3,vbits=3,vgroup=8", "kivi:kbits=3,vbits=3,vgroup=8,outliers=0.1"}) {
+    const Pipeline p = build_pipeline(parse_recipe(recipe).base, d);
+    const std::size_t n = p.codec->page_bytes(ntok, d);
+    std::vector<std::byte> a(n, std::byte{0xAB}), b(n, std::byte{0x54});
+    p.codec->encode(kernels::active(), k.data(), v.data(), ntok, d, a.data());
+    p.codec->encode(kernels::active(), k.data(), v.data(), ntok, d, b.data());
+    EXPECT_EQ(a, b) << recipe;
+    EXPECT_EQ(a[4 * d + 3], std::byte{0}) << recipe << ": the pad after the key codes";
+  }
 }
 
 TEST(Outliers, RecipeErrors) {

@@ -3,7 +3,7 @@
 // - f32 reproduces the recorded attn_out within 1e-5 relative (mean and p99: float rounding
 //   only); f16 within 2e-3 (f16 has 11 significant bits: ~5e-4 per value);
 // - KIVI attention error is ordered 8 < 4 < 3 < 2 < 1 bits, each under a named ceiling set
-//   with about 2x headroom over the measured value (README in docs/quality.md lists them); the
+//   with about 2x headroom over the measured value (the `cases` table below lists them); the
 //   uniform 1-bit pages (codes = group min/max) are the baseline 1-bit CQ is judged against;
 // - KIVI's observation holds on these real keys: per-channel key quantization beats
 //   per-token at 2 bits (data README: 0.017 vs 0.071 relative MSE on stories260K), while

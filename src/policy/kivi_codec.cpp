@@ -92,6 +92,10 @@ class KiviCodec final : public Codec {
   void encode(const kernels::KernelTable& kt, const float* k, const float* v, int ntok, int d,
               std::byte* page) const override {
     const Layout l = layout(ntok, d);
+    // The byte that aligns the value scales (an odd key-code size) is zero: every byte of a
+    // page is defined, so equal pages are equal bytes (a saved cache, a checksum).
+    const std::size_t kend = l.kcodes + static_cast<std::size_t>(ntok) * kernels::row_bytes(d, kbits_);
+    if (l.vscale > kend) page[kend] = std::byte{0};
     if (outliers_ > 0) return encode_with_outliers(kt, k, v, ntok, d, page, l);
     kt.kivi_quant_keys(k, ntok, d, kbits_, u16(page), u16(page) + d, u8(page + l.kcodes));
     kt.kivi_quant_values(v, ntok, d, vbits_, vgroup_, u16(page + l.vscale), u16(page + l.vzero), u8(page + l.vcodes));
