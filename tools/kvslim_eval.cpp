@@ -138,15 +138,11 @@ int window_number(const std::string& dir) {
 /// Bytes of f32 centroids of every distinct codebooks=FILE a cq stage of the recipe names
 /// (base chain and overrides): the per-model cost that is not in the cache's bytes.
 std::int64_t codebook_bytes(const std::string& recipe) {
-  const kvslim::RecipeSpec spec = kvslim::parse_recipe(recipe);
-  std::vector<const kvslim::ChainSpec*> chains{&spec.base};
-  for (const auto& o : spec.overrides) chains.push_back(&o.chain);
   std::set<std::string> files;
-  for (const auto* c : chains)
-    for (const auto& st : c->stages)
-      if (st.name == "cq")
-        for (const auto& [k, v] : st.params)
-          if (k == "codebooks") files.insert(v);
+  const kvslim::RecipeSpec spec = kvslim::parse_recipe(recipe);  // outlives the stage pointers
+  for (const kvslim::StageSpec* st : spec.stages_named("cq"))
+    for (const auto& [k, v] : st->params)
+      if (k == "codebooks") files.insert(v);
   std::int64_t bytes = 0;
   for (const auto& f : files)
     bytes += static_cast<std::int64_t>(kvslim::load_codebooks(f).data().size() * sizeof(float));
@@ -208,21 +204,11 @@ void check_writable(const std::string& out) {
     throw RunError{fmt::format("--train-codebooks '{}' cannot be written: {}", out, std::strerror(errno))};
 }
 
-/// True if some chain of the recipe names stage `name`.
-bool has_stage(const std::string& recipe, const char* name) {
-  const kvslim::RecipeSpec spec = kvslim::parse_recipe(recipe);
-  std::vector<const kvslim::ChainSpec*> chains{&spec.base};
-  for (const auto& o : spec.overrides) chains.push_back(&o.chain);
-  for (const auto* c : chains)
-    for (const auto& st : c->stages)
-      if (st.name == name) return true;
-  return false;
-}
-
 /// What --train-codebooks trains for a recipe: the codebooks of its cq stages, or the level
 /// tables of its nuq stage (levels=FILE); checked before anything is loaded.
 bool trains_levels(const std::string& recipe) {
-  const bool cq = has_stage(recipe, "cq"), nuq = has_stage(recipe, "nuq");
+  const kvslim::RecipeSpec spec = kvslim::parse_recipe(recipe);
+  const bool cq = !spec.stages_named("cq").empty(), nuq = !spec.stages_named("nuq").empty();
   if (cq && nuq)
     throw RunError{fmt::format("recipe '{}' has cq and nuq stages: train one file per recipe", recipe)};
   if (nuq) {

@@ -300,6 +300,17 @@ const ChainSpec& RecipeSpec::chain_for(int layer, int kv_head) const noexcept {
   return base;
 }
 
+std::vector<const StageSpec*> RecipeSpec::stages_named(std::string_view name) const {
+  std::vector<const StageSpec*> out;
+  auto take = [&](const ChainSpec& c) {
+    for (const StageSpec& st : c.stages)
+      if (st.name == name) out.push_back(&st);
+  };
+  take(base);
+  for (const OverrideSpec& o : overrides) take(o.chain);
+  return out;
+}
+
 RecipeSpec parse_recipe(std::string_view text) {
   const Source src = scan(text);
   KVSLIM_CHECK(!trim(src.clean).empty(), ErrorCode::kRecipe, "recipe is empty{} (try \"f32\")",

@@ -1,10 +1,13 @@
 // Internal: built-in codecs and their factories.
 #pragma once
 
+#include "kvslim/policy/codebook.h"
 #include "kvslim/policy/policy.h"
 #include "kvslim/tensor/dtype.h"
 
+#include <memory>
 #include <string>
+#include <string_view>
 
 namespace kvslim::detail {
 
@@ -40,6 +43,12 @@ BuiltStage make_random(StageParams& p, int head_dim);
 BuiltStage make_razor(StageParams& p, int head_dim);
 BuiltStage make_mikv(StageParams& p, const StageContext& ctx);
 BuiltStage make_zipcache(StageParams& p, int head_dim);
+
+/// Codebooks (cq) or level tables (nuq) read from `path`, once per cache: through
+/// ctx.loaded, where the cache keeps them and counts their bytes. A read error keeps its code
+/// and becomes "<what><path>: <error><hint>".
+std::shared_ptr<const Codebooks> codebook_file(const std::string& path, const StageContext& ctx, std::string_view what,
+                                               std::string_view hint);
 
 /// Throws Error(kInvalidArgument) if any |x| > 65504 (not representable in f16).
 void check_f16_range(const char* codec, const float* x, int ntok, int d, const char* what);

@@ -203,7 +203,10 @@ class CqCodec final : public Codec {
   const float* vcen_ = nullptr;
 };
 
-std::shared_ptr<const Codebooks> codebooks_from_file(const std::string& path, const StageContext& ctx) {
+}  // namespace
+
+std::shared_ptr<const Codebooks> codebook_file(const std::string& path, const StageContext& ctx, std::string_view what,
+                                               std::string_view hint) {
   if (ctx.loaded)
     for (const auto& [p, cb] : *ctx.loaded)
       if (!p.empty() && p == path) return cb;
@@ -211,13 +214,11 @@ std::shared_ptr<const Codebooks> codebooks_from_file(const std::string& path, co
   try {
     cb = std::make_shared<const Codebooks>(load_codebooks(path));
   } catch (const Error& e) {
-    KVSLIM_FAIL(e.code(), "recipe stage 'cq': codebooks={}: {}", path, e.what());
+    KVSLIM_FAIL(e.code(), "{}{}: {}{}", what, path, e.what(), hint);
   }
   if (ctx.loaded) ctx.loaded->emplace_back(path, cb);
   return cb;
 }
-
-}  // namespace
 
 BuiltStage make_cq_codec(StageParams& p, const StageContext& ctx) {
   const int d = ctx.head_dim;
@@ -230,7 +231,7 @@ BuiltStage make_cq_codec(StageParams& p, const StageContext& ctx) {
   // would be coded against centroids of another basis.
   const std::string file = p.get_string("codebooks", "");
   p.check_all_used(kKeys);
-  std::shared_ptr<const Codebooks> cb = file.empty() ? ctx.codebooks : codebooks_from_file(file, ctx);
+  std::shared_ptr<const Codebooks> cb = file.empty() ? ctx.codebooks : codebook_file(file, ctx, "recipe stage 'cq': codebooks=", "");
   if (cb && file.empty() && ctx.loaded &&
       std::none_of(ctx.loaded->begin(), ctx.loaded->end(), [&](const auto& e) { return e.second == cb; }))
     ctx.loaded->emplace_back("", cb);  // recorded so the cache can report its bytes
@@ -258,23 +259,19 @@ BuiltStage make_cq_codec(StageParams& p, const StageContext& ctx) {
 
 std::pair<CodebookShape, CodebookShape> cq_recipe_shapes(std::string_view recipe) {
   const RecipeSpec spec = parse_recipe(recipe);
-  std::vector<const ChainSpec*> chains{&spec.base};
-  for (const OverrideSpec& o : spec.overrides) chains.push_back(&o.chain);
   bool found = false;
   detail::CqShapes shapes;
-  for (const ChainSpec* c : chains)
-    for (const StageSpec& st : c->stages) {
-      if (st.name != "cq") continue;
-      StageParams params(st.name, st.params);
-      const detail::CqShapes s = detail::read_shapes(params);
-      KVSLIM_CHECK(!found || (s.key == shapes.key && s.value == shapes.value), ErrorCode::kInvalidArgument,
-                   "recipe '{}': its cq stages use different codebook shapes (K C={} B={}, V C={} B={} vs K C={} "
-                   "B={}, V C={} B={}); one codebook file holds one shape",
-                   recipe, shapes.key.channels, shapes.key.bits, shapes.value.channels, shapes.value.bits,
-                   s.key.channels, s.key.bits, s.value.channels, s.value.bits);
-      shapes = s;
-      found = true;
-    }
+  for (const StageSpec* st : spec.stages_named("cq")) {
+    StageParams params(st->name, st->params);
+    const detail::CqShapes s = detail::read_shapes(params);
+    KVSLIM_CHECK(!found || (s.key == shapes.key && s.value == shapes.value), ErrorCode::kInvalidArgument,
+                 "recipe '{}': its cq stages use different codebook shapes (K C={} B={}, V C={} B={} vs K C={} "
+                 "B={}, V C={} B={}); one codebook file holds one shape",
+                 recipe, shapes.key.channels, shapes.key.bits, shapes.value.channels, shapes.value.bits,
+                 s.key.channels, s.key.bits, s.value.channels, s.value.bits);
+    shapes = s;
+    found = true;
+  }
   KVSLIM_CHECK(found, ErrorCode::kInvalidArgument, "recipe '{}' has no cq stage: there are no codebooks to train",
                recipe);
   return {shapes.key, shapes.value};

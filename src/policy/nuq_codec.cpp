@@ -261,19 +261,8 @@ BuiltStage make_nuq_codec(StageParams& p, const StageContext& ctx) {
   }
   // levels=FILE: a level file of train_levels (the codebook file format, head_dim 1), read
   // once per cache (StageContext::loaded) and checked against the cache's shape and bits.
-  std::shared_ptr<const Codebooks> cb;
-  if (ctx.loaded)
-    for (const auto& [path, c] : *ctx.loaded)
-      if (!path.empty() && path == levels) cb = c;
-  if (!cb) {
-    try {
-      cb = std::make_shared<const Codebooks>(load_codebooks(levels));
-    } catch (const Error& e) {
-      KVSLIM_FAIL(e.code(), "recipe stage 'nuq': levels={}: {} (levels are gaussian or a level file)", levels,
-                  e.what());
-    }
-    if (ctx.loaded) ctx.loaded->emplace_back(levels, cb);
-  }
+  const std::shared_ptr<const Codebooks> cb =
+      codebook_file(levels, ctx, "recipe stage 'nuq': levels=", " (levels are gaussian or a level file)");
   try {
     check_codebooks_match(*cb, ctx.layers > 0 ? ctx.layers : cb->layers(), ctx.kv_heads > 0 ? ctx.kv_heads : cb->kv_heads(),
                           1, CodebookShape{1, kbits}, CodebookShape{1, vbits});
@@ -335,24 +324,20 @@ Codebooks train_levels(const CalibrationKV& data, int kbits, int vbits, const Ro
 
 NuqRecipeShape nuq_recipe_shape(std::string_view recipe) {
   const RecipeSpec spec = parse_recipe(recipe);
-  std::vector<const ChainSpec*> chains{&spec.base};
-  for (const OverrideSpec& o : spec.overrides) chains.push_back(&o.chain);
   bool found = false;
   NuqRecipeShape shape;
-  for (const ChainSpec* c : chains)
-    for (const StageSpec& st : c->stages) {
-      if (st.name != "nuq") continue;
-      StageParams params(st.name, st.params);
-      NuqRecipeShape s;
-      s.kbits = params.get_int("kbits", 3, -1000000, 1000000);
-      s.vbits = params.get_int("vbits", 3, -1000000, 1000000);
-      if (params.has("rotate")) s.rotation = detail::read_rotation(params);
-      KVSLIM_CHECK(!found || (s.kbits == shape.kbits && s.vbits == shape.vbits && s.rotation == shape.rotation),
-                   ErrorCode::kInvalidArgument,
-                   "recipe '{}': its nuq stages use different bits or rotations; one level file holds one shape", recipe);
-      shape = s;
-      found = true;
-    }
+  for (const StageSpec* st : spec.stages_named("nuq")) {
+    StageParams params(st->name, st->params);
+    NuqRecipeShape s;  // read as the codec reads them, so bad values get its messages
+    s.kbits = detail::read_bits(params, "kbits");
+    s.vbits = detail::read_bits(params, "vbits");
+    s.rotation = detail::read_rotation(params);
+    KVSLIM_CHECK(!found || (s.kbits == shape.kbits && s.vbits == shape.vbits && s.rotation == shape.rotation),
+                 ErrorCode::kInvalidArgument,
+                 "recipe '{}': its nuq stages use different bits or rotations; one level file holds one shape", recipe);
+    shape = s;
+    found = true;
+  }
   KVSLIM_CHECK(found, ErrorCode::kInvalidArgument, "recipe '{}' has no nuq stage: there are no levels to train",
                recipe);
   return shape;

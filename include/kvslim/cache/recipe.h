@@ -61,6 +61,9 @@ struct RecipeSpec {
   std::vector<OverrideSpec> overrides;
   /// The chain in force for (layer, kv_head): the last matching override, else base.
   const ChainSpec& chain_for(int layer, int kv_head) const noexcept;
+  /// Every stage called `name`, in the base chain and then the overrides, in order (pointers
+  /// into this spec: keep it alive while using them).
+  std::vector<const StageSpec*> stages_named(std::string_view name) const;
 };
 
 /// Parse a recipe (syntax only; stage names and keys are checked by build_pipeline).
