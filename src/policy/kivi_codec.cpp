@@ -102,28 +102,25 @@ class KiviCodec final : public Codec {
   }
   void decode(const kernels::KernelTable& kt, const std::byte* page, int ntok, int d, float* k,
               float* v) const override {
+    decode_keys(kt, page, ntok, d, k, v);
     const Layout l = layout(ntok, d);
-    kt.kivi_dequant_keys(u16(page), u16(page) + d, u8(page + l.kcodes), ntok, d, kbits_, k);
     kt.kivi_dequant_values(u16(page + l.vscale), u16(page + l.vzero), u8(page + l.vcodes), ntok, d, vbits_, vgroup_,
                            v);
-    if (outliers_ > 0)
-      for_outliers(kt, page, l, ntok, d, true, true,
-                   [&](bool key, int j, int c, float delta) { (key ? k : v)[j * d + c] += delta; });
+    if (outliers_ > 0) for_outliers(kt, page, l, ntok, d, true, [&](int j, int c, float delta) { v[j * d + c] += delta; });
   }
   void decode_keys(const kernels::KernelTable& kt, const std::byte* page, int ntok, int d, float* k,
                    float* /*scratch*/) const override {
     const Layout l = layout(ntok, d);
     kt.kivi_dequant_keys(u16(page), u16(page) + d, u8(page + l.kcodes), ntok, d, kbits_, k);
     if (outliers_ > 0)
-      for_outliers(kt, page, l, ntok, d, true, false,
-                   [&](bool, int j, int c, float delta) { k[j * d + c] += delta; });
+      for_outliers(kt, page, l, ntok, d, false, [&](int j, int c, float delta) { k[j * d + c] += delta; });
   }
   void scores(const kernels::KernelTable& kt, const std::byte* page, int ntok, int d, const float* q, int nq,
               float* s) const override {
     const Layout l = layout(ntok, d);
     kt.kivi_scores(q, nq, u16(page), u16(page) + d, u8(page + l.kcodes), ntok, d, kbits_, s);
     if (outliers_ > 0)
-      for_outliers(kt, page, l, ntok, d, true, false, [&](bool, int j, int c, float delta) {
+      for_outliers(kt, page, l, ntok, d, false, [&](int j, int c, float delta) {
         for (int r = 0; r < nq; ++r) s[r * ntok + j] += q[r * d + c] * delta;
       });
   }
@@ -132,7 +129,7 @@ class KiviCodec final : public Codec {
     const Layout l = layout(ntok, d);
     kt.kivi_accum(p, nq, u16(page + l.vscale), u16(page + l.vzero), u8(page + l.vcodes), ntok, d, vbits_, vgroup_, o);
     if (outliers_ > 0)
-      for_outliers(kt, page, l, ntok, d, false, true, [&](bool, int j, int c, float delta) {
+      for_outliers(kt, page, l, ntok, d, true, [&](int j, int c, float delta) {
         for (int r = 0; r < nq; ++r) o[r * d + c] += p[r * ntok + j] * delta;
       });
   }
@@ -152,18 +149,18 @@ class KiviCodec final : public Codec {
   }
 
  private:
-  // f(key, token, channel, exact - dequantized) for the side-list entries of the page, the
-  // keys' if `keys`, the values' if `values`. The f16 fields are widened with the kernel
+  // f(token, channel, exact - dequantized) for the side-list entries of the page: the keys',
+  // or the values' if `values`. The f16 fields are widened with the kernel
   // table's f16_to_f32 (vector code) into per-thread buffers first: converting them one
   // at a time in portable code was most of a side-list page's attention time.
   template <class F>
-  void for_outliers(const kernels::KernelTable& kt, const std::byte* page, const Layout& l, int ntok, int d, bool keys,
+  void for_outliers(const kernels::KernelTable& kt, const std::byte* page, const Layout& l, int ntok, int d,
                     bool values, F&& f) const {
     thread_local std::vector<float> buf;
     const int ng = d / vgroup_;
     const std::size_t nvt = static_cast<std::size_t>(ntok) * l.nv, nsz = static_cast<std::size_t>(ntok) * ng;
     buf.resize(std::max<std::size_t>(2u * d + l.nk, nvt + 2u * nsz));
-    if (keys) {
+    if (!values) {
       float* ks = buf.data();
       float* kz = ks + d;
       float* kv = kz + d;
@@ -174,10 +171,9 @@ class KiviCodec final : public Codec {
       const int krow = kernels::row_bytes(d, kbits_);
       for (int e = 0; e < l.nk; ++e) {
         const int j = kidx[2 * e], c = kidx[2 * e + 1];
-        f(true, j, c, kv[e] - (static_cast<float>(code_at(kc + j * krow, c, kbits_)) * ks[c] + kz[c]));
+        f(j, c, kv[e] - (static_cast<float>(code_at(kc + j * krow, c, kbits_)) * ks[c] + kz[c]));
       }
-    }
-    if (values) {
+    } else {
       float* vv = buf.data();
       float* vs = vv + nvt;
       float* vz = vs + nsz;
@@ -191,7 +187,7 @@ class KiviCodec final : public Codec {
           const int c = vidx[j * l.nv + e], g = c / vgroup_;
           const float base =
               static_cast<float>(code_at(vc + j * vrow, c, vbits_)) * vs[j * ng + g] + vz[j * ng + g];
-          f(false, j, c, vv[static_cast<std::size_t>(j) * l.nv + e] - base);
+          f(j, c, vv[static_cast<std::size_t>(j) * l.nv + e] - base);
         }
     }
   }
@@ -279,7 +275,8 @@ class KiviCodec final : public Codec {
       // Every entry of the channel an outlier: nothing to protect, the slot keeps its value.
       if (mn <= mx) kk[order[e]] = std::clamp(static_cast<float>(cmean[c]), mn, mx);
     }
-    // Values: per token, distance from the token's mean; parked per value group.
+    // Values: per token, distance from the token's mean; each outlier parked at its value
+    // group's mean, clamped to the group's other entries (only groups that hold one).
     std::uint16_t* vidx = u16(page + l.vidx);
     std::uint16_t* vval = u16(page + l.vval);
     std::vector<int> ch(static_cast<std::size_t>(l.nv));
@@ -298,17 +295,15 @@ class KiviCodec final : public Codec {
         vidx[j * l.nv + e] = static_cast<std::uint16_t>(ch[e]);
         vval[j * l.nv + e] = f32_to_f16(x[ch[e]]);
       }
-      for (int g0 = 0; g0 < d; g0 += vgroup_) {
+      for (int e = 0; e < l.nv; ++e) {
+        const int g0 = ch[e] / vgroup_ * vgroup_;
         float mn = INFINITY, mx = -INFINITY;
         double gm = 0.0;
         for (int c = g0; c < g0 + vgroup_; ++c) {
           gm += x[c];
           if (!vt[c]) mn = std::min(mn, x[c]), mx = std::max(mx, x[c]);
         }
-        if (mn > mx) continue;
-        const float park = std::clamp(static_cast<float>(gm / vgroup_), mn, mx);
-        for (int c = g0; c < g0 + vgroup_; ++c)
-          if (vt[c]) vv[static_cast<std::size_t>(j) * d + c] = park;
+        if (mn <= mx) vv[static_cast<std::size_t>(j) * d + ch[e]] = std::clamp(static_cast<float>(gm / vgroup_), mn, mx);
       }
     }
     kt.kivi_quant_keys(kk.data(), ntok, d, kbits_, u16(page), u16(page) + d, u8(page + l.kcodes));
