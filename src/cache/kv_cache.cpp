@@ -384,19 +384,25 @@ void KVCache::append(int layer, TensorView<const float> k, TensorView<const floa
                  "strictly increase",
                  layer, pos[i], i, n, prev);
   }
-  // A rotated head stores R k and R v (kvslim/policy/rotation.h): the codec checks the rows it
-  // will encode. `rk`/`rv` hold one head's rotated rows at a time.
+  // A rotated head stores R k and R v (kvslim/policy/rotation.h), rotated once here into
+  // rk/rv ([kv_heads][n][head_dim], rows of unrotated heads unused): the codec checks the rows
+  // it will encode, and the append below reads the same rows.
+  const std::size_t hn = static_cast<std::size_t>(n) * c.head_dim;
   std::vector<float> rk, rv;
-  auto rotated = [&](int h, std::int64_t first, std::int64_t count) {
-    rk.resize(static_cast<std::size_t>(count) * c.head_dim);
+  auto rotates = [&](int h) { return m.rot_k(layer, h) || m.rot_v(layer, h); };
+  for (int h = 0; h < c.kv_heads; ++h) {
+    if (!rotates(h)) continue;
+    rk.resize(static_cast<std::size_t>(c.kv_heads) * hn);
     rv.resize(rk.size());
-    for (std::int64_t i = 0; i < count; ++i) {
-      std::memcpy(rk.data() + i * c.head_dim, k.row(h, first + i), static_cast<std::size_t>(c.head_dim) * 4);
-      std::memcpy(rv.data() + i * c.head_dim, v.row(h, first + i), static_cast<std::size_t>(c.head_dim) * 4);
+    float* kh = rk.data() + h * hn;
+    float* vh = rv.data() + h * hn;
+    for (std::int64_t i = 0; i < n; ++i) {
+      std::memcpy(kh + i * c.head_dim, k.row(h, i), static_cast<std::size_t>(c.head_dim) * 4);
+      std::memcpy(vh + i * c.head_dim, v.row(h, i), static_cast<std::size_t>(c.head_dim) * 4);
     }
-    if (const HadamardRotation* r = m.rot_k(layer, h)) r->forward(*m.kt, rk.data(), static_cast<int>(count));
-    if (const HadamardRotation* r = m.rot_v(layer, h)) r->forward(*m.kt, rv.data(), static_cast<int>(count));
-  };
+    if (const HadamardRotation* r = m.rot_k(layer, h)) r->forward(*m.kt, kh, static_cast<int>(n));
+    if (const HadamardRotation* r = m.rot_v(layer, h)) r->forward(*m.kt, vh, static_cast<int>(n));
+  }
   for (int h = 0; h < c.kv_heads; ++h) {
     const TokenStore& s = m.at(layer, h);
     KVSLIM_CHECK(s.size() + n <= c.max_tokens, ErrorCode::kCapacity,
@@ -413,18 +419,15 @@ void KVCache::append(int layer, TensorView<const float> k, TensorView<const floa
                        "append to layer {}: value of kv head {}, token {}, channel {} is {}", layer, h, i, ch,
                        vr[ch]);
         }
-      if (m.rot_k(layer, h) || m.rot_v(layer, h)) {
-        rotated(h, i, 1);
-        s.codec().check_rows(rk.data(), rv.data(), 1, c.head_dim);
-      } else {
+      if (rotates(h))
+        s.codec().check_rows(rk.data() + h * hn + i * c.head_dim, rv.data() + h * hn + i * c.head_dim, 1, c.head_dim);
+      else
         s.codec().check_rows(kr, vr, 1, c.head_dim);
-      }
     }
   }
   for (int h = 0; h < c.kv_heads; ++h) {
-    if (m.rot_k(layer, h) || m.rot_v(layer, h)) {
-      rotated(h, 0, n);
-      m.at(layer, h).append(*m.kt, rk.data(), c.head_dim, rv.data(), c.head_dim, n, pos.data());
+    if (rotates(h)) {
+      m.at(layer, h).append(*m.kt, rk.data() + h * hn, c.head_dim, rv.data() + h * hn, c.head_dim, n, pos.data());
     } else {
       m.at(layer, h).append(*m.kt, k.row(h, 0), k.stride(1), v.row(h, 0), v.stride(1), n, pos.data());
     }
