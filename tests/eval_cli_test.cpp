@@ -224,6 +224,24 @@ TEST(EvalCliTrain, MistakesAreNamed) {
   const RunResult nocb = run({"--dumps", test::shared_path(kDumps), "--recipe", "cq:channels=4,bits=2"});
   EXPECT_EQ(nocb.status, 1) << nocb.out;
   EXPECT_TRUE(has(nocb.out, "--train-codebooks")) << nocb.out;
+  // Level tables (nuq): one shape per file, and not together with cq codebooks.
+  const RunResult both = run({"--dumps", test::shared_path(kDumps), "--recipe",
+                              "cq:channels=4,bits=2 ; [layers=1] nuq:kbits=3,vbits=3", "--train-codebooks", out});
+  EXPECT_EQ(both.status, 1) << both.out;
+  EXPECT_TRUE(has(both.out, "has cq and nuq stages")) << both.out;
+  const RunResult mixed = run({"--dumps", test::shared_path(kDumps), "--recipe",
+                               "nuq:kbits=2,vbits=2 ; [layers=1] nuq:kbits=3,vbits=3", "--train-codebooks", out});
+  EXPECT_EQ(mixed.status, 1) << mixed.out;
+  EXPECT_TRUE(has(mixed.out, "nuq stages use different bits or rotations")) << mixed.out;
+  const RunResult nuq5 = run({"--dumps", test::shared_path(kDumps), "--recipe", "nuq:kbits=5", "--train-codebooks", out});
+  EXPECT_EQ(nuq5.status, 1) << nuq5.out;
+  EXPECT_TRUE(has(nuq5.out, "kbits=5 is not a supported bit width")) << nuq5.out;
+  EXPECT_FALSE(test::exists(out));
+  // --pre-rope checks every recipe against pre-RoPE keys before replaying.
+  const RunResult prerope = run({"--dumps", test::shared_path(kDumps), "--recipe", "kivi:kbits=2,vbits=2,rotate=hadamard",
+                                 "--pre-rope"});
+  EXPECT_EQ(prerope.status, 1) << prerope.out;
+  EXPECT_TRUE(has(prerope.out, "does not commute with RoPE")) << prerope.out;
 }
 
 TEST(EvalCliTrain, UsageMistakes) {
@@ -238,6 +256,7 @@ TEST(EvalCliTrain, UsageMistakes) {
       {{"--windows", "2-1"}, "--windows expects window numbers"},
       {{"--windows", "1,,2"}, "--windows expects window numbers"},
       {{"--train-codebooks", "x", "--json"}, "do not apply"},
+      {{"--train-codebooks", "x", "--pre-rope"}, "--pre-rope do not apply"},
   };
   for (const auto& c : cases) {
     std::vector<std::string> args = {"--dumps", "/nonexistent", "--recipe", "cq:channels=4,bits=2"};

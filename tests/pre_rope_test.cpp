@@ -328,6 +328,13 @@ TEST(PreRope, Errors) {
   test::expect_error(make(c), ErrorCode::kInvalidArgument, {"rotate=hadamard", "RoPE", "rotated=v"});
   c.recipe = "razor:sinks=2,window=8 | f16";
   test::expect_error(make(c), ErrorCode::kInvalidArgument, {"compensation"});
+  // cq codebooks are trained on post-RoPE keys: as the codec and as a demotion tier.
+  c.codebooks = std::make_shared<const Codebooks>(1, 1, 16, CodebookShape{4, 2}, CodebookShape{4, 2});
+  c.recipe = "cq:channels=4,bits=2";
+  test::expect_error(make(c), ErrorCode::kInvalidArgument, {"pre-RoPE keys cannot use 'cq:", "post-RoPE keys"});
+  c.recipe = "mikv:budget=16,lo=(cq:channels=4,bits=2) | f16";
+  test::expect_error(make(c), ErrorCode::kInvalidArgument, {"pre-RoPE keys cannot use 'cq:", "post-RoPE keys"});
+  c.codebooks = nullptr;
   c.recipe = "kivi:kbits=2,vbits=2,rotate=hadamard,rotated=v";
   KVCache ok(c);  // values-only rotation commutes with RoPE on the keys
   EXPECT_EQ(ok.config().pre_rope_keys, true);

@@ -307,8 +307,9 @@ KVCache::KVCache(const CacheConfig& config) : impl_(std::make_unique<Impl>()) {
         // different positions, which has no position to rotate by; a Hadamard rotation of the
         // keys does not commute with RoPE.
         for (const Codec* cd : {p.codec.get(), lo})
-          KVSLIM_CHECK(!cd || cd->describe().rfind("cq:", 0) != 0, ErrorCode::kInvalidArgument,
-                       "recipe '{}': pre-RoPE keys cannot use '{}' (its codebooks are trained on post-RoPE keys)",
+          KVSLIM_CHECK(!cd || cd->takes_pre_rope_keys(), ErrorCode::kInvalidArgument,
+                       "recipe '{}': pre-RoPE keys cannot use '{}' (it is calibrated on post-RoPE keys, as cq's "
+                       "codebooks are)",
                        detail::clip_recipe(p.text), cd->describe());
         KVSLIM_CHECK(!p.eviction || p.eviction->action() != EvictAction::kCompensate, ErrorCode::kInvalidArgument,
                      "recipe '{}': pre-RoPE keys cannot be folded into a compensation token ('{}': its mean key has no "

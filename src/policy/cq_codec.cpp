@@ -84,6 +84,7 @@ class CqCodec final : public Codec {
   int page_tokens() const override { return o_.group; }
   int residual() const override { return o_.residual; }
   int sinks() const override { return o_.sinks; }
+  bool takes_pre_rope_keys() const override { return false; }  // codebooks of post-RoPE keys
   std::size_t page_bytes(int ntok, int /*d*/) const override {
     return static_cast<std::size_t>(ntok) * static_cast<std::size_t>(krow_ + vrow_);
   }

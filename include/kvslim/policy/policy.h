@@ -127,6 +127,9 @@ class Codec {
   /// the store, query rows before attention and the output back (kvslim/policy/rotation.h),
   /// so every method above sees rotated rows only.
   virtual RotationSpec rotation() const { return {}; }
+  /// False if the codec cannot hold pre-RoPE keys (CacheConfig::pre_rope_keys): its data
+  /// was calibrated on post-RoPE keys (cq's codebooks). Default true.
+  virtual bool takes_pre_rope_keys() const { return true; }
   /// Bytes of a page of ntok tokens that hold exactly kept outliers (a dense-and-sparse side
   /// list; part of page_bytes()). Reported apart by stats(). Default 0.
   virtual std::size_t outlier_bytes(int ntok, int head_dim) const {
