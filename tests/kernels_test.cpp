@@ -285,6 +285,34 @@ TEST_P(Kernels, ScoresAndAccumulationOnCodes) {
         }
 }
 
+// Softmax weights far below 1 (a chunk of tokens 180 logits under the running max leaves
+// 1e-37 after exp) and queries of tiny magnitude: the integer paths scale by max / 32767,
+// whose inverse overflows there (0 * inf = NaN took a whole output row on AVX-512 VNNI).
+// Outputs stay finite and equal the reference within f32 rounding of the untouched o.
+TEST_P(Kernels, TinyWeightsAndQueriesStayFinite) {
+  for (int bits : kBits)
+    for (int d : {64, 128}) {
+      const int ntok = 32, nq = 4, vg = 32, ng = d / vg, rb = kernels::row_bytes(d, bits);
+      const auto k = randn(static_cast<std::size_t>(ntok) * d, 11u + bits, 40.0f, -3.0f);
+      std::vector<std::uint16_t> ks(d), kz(d), vs(static_cast<std::size_t>(ntok) * ng), vz(vs.size());
+      std::vector<std::uint8_t> kc(static_cast<std::size_t>(ntok) * rb), vc(kc.size());
+      ref().kivi_quant_keys(k.data(), ntok, d, bits, ks.data(), kz.data(), kc.data());
+      ref().kivi_quant_values(k.data(), ntok, d, bits, vg, vs.data(), vz.data(), vc.data());
+      for (float tiny : {6.8e-38f, 1e-35f, 1e-31f}) {
+        std::vector<float> p(static_cast<std::size_t>(nq) * ntok, 0.0f);
+        for (int r = 0; r < nq; ++r) p[r * ntok + (5 * r + 3) % ntok] = tiny;
+        std::vector<float> o(static_cast<std::size_t>(nq) * d, 0.5f);
+        kt().kivi_accum(p.data(), nq, vs.data(), vz.data(), vc.data(), ntok, d, bits, vg, o.data());
+        for (std::size_t i = 0; i < o.size(); ++i)
+          ASSERT_NEAR(o[i], 0.5f, 1e-6f) << "bits " << bits << " d " << d << " p " << tiny << " entry " << i;
+        std::vector<float> q(static_cast<std::size_t>(nq) * d, tiny), s(static_cast<std::size_t>(nq) * ntok);
+        kt().kivi_scores(q.data(), nq, ks.data(), kz.data(), kc.data(), ntok, d, bits, s.data());
+        for (std::size_t i = 0; i < s.size(); ++i)
+          ASSERT_NEAR(s[i], 0.0f, 1e-20f) << "bits " << bits << " d " << d << " q " << tiny << " logit " << i;
+      }
+    }
+}
+
 TEST_P(Kernels, DenseScoresAndAccumulation) {
   for (int d : kDims)
     for (int ntok : kTokens)

@@ -117,6 +117,10 @@ struct WeightShuffle {
 template <int P>
 constexpr WeightShuffle<P> kWeightShuffle{};
 
+// A maximum |q| or weight at or below this gets an inverse step of 0 (as kQ8Tiny in the
+// scalar table and kTiny in the AVX2 q8 kernels): 32767 / x overflows below about 1e-34.
+constexpr float kTinyMax = 0x1p-100f;
+
 struct RowWeights {
   float S, bias;
   bool ok;
@@ -139,7 +143,9 @@ inline RowWeights prepare_query_row(const float* q, const float* sf, const float
   const float am = _mm512_reduce_max_ps(amax);
   RowWeights rw{am / 32512.0f, _mm512_reduce_add_ps(b), nan == 0 && am < __builtin_inff()};
   if (!rw.ok) return rw;  // non-finite query or scale: caller takes the float path
-  const __m512 inv = _mm512_set1_ps(am > 0.0f ? 32512.0f / am : 0.0f);
+  // Below kTinyMax the inverse step would overflow to inf (and 0 * inf = NaN): such a row
+  // contributes less than f32 rounding of any logit, and its int16 codes are all 0.
+  const __m512 inv = _mm512_set1_ps(am > kTinyMax ? 32512.0f / am : 0.0f);
   const __m512i perm = _mm512_load_si512(kWeightShuffle<P>.idx);
   const __m512i sel = _mm512_broadcast_i32x4(_mm_setr_epi8(1, 3, 5, 7, 9, 11, 13, 15, 0, 2, 4, 6, 8, 10, 12, 14));
   const __m512i flip = _mm512_broadcast_i32x4(_mm_setr_epi32(0, 0, static_cast<int>(0x80808080u), static_cast<int>(0x80808080u)));
@@ -428,7 +434,9 @@ void accum_chunk(const float* p, int nq, const std::uint16_t* scale, const std::
         const float pmax = _mm512_reduce_max_ps(_mm512_range_ps(pv[0], pv[1], 0x0B));
         const float wmax = pmax * sm;
         S[r] = _mm512_set1_ps(wmax / 32767.0f);
-        const __m512 k = _mm512_set1_ps(wmax > 0.0f ? 32767.0f / wmax : 0.0f);
+        // The running max has weight 1, so a chunk whose largest weight is below kTinyMax
+        // adds less than f32 rounding to o; its inverse step would overflow (0 * inf = NaN).
+        const __m512 k = _mm512_set1_ps(wmax > kTinyMax ? 32767.0f / wmax : 0.0f);
         pv[0] = _mm512_mul_ps(pv[0], k);
         pv[1] = _mm512_mul_ps(pv[1], k);
         __m512 zacc = _mm512_setzero_ps();
