@@ -291,10 +291,14 @@ KVCache::KVCache(const CacheConfig& config) : impl_(std::make_unique<Impl>()) {
         KVSLIM_CHECK(p->codec->sinks() <= c.max_tokens, ErrorCode::kCapacity,
                      "recipe '{}': sinks={} is larger than the cache capacity max_tokens {}",
                      detail::clip_recipe(chain.text()), p->codec->sinks(), c.max_tokens);
-        KVSLIM_CHECK(!p->merge, ErrorCode::kRecipe,
-                     "recipe '{}': merge stages parse and build, but the token store does not run them yet "
-                     "(see docs/architecture.md)",
-                     detail::clip_recipe(chain.text()));
+        if (p->merge && p->merge->fixed_budget() > 0)
+          KVSLIM_CHECK(p->merge->fixed_budget() <= c.max_tokens, ErrorCode::kCapacity,
+                       "recipe '{}': merge budget {} of '{}' is larger than the cache capacity max_tokens {}",
+                       detail::clip_recipe(chain.text()), p->merge->fixed_budget(), p->merge->describe(),
+                       c.max_tokens);
+        KVSLIM_CHECK(!p->merge || !p->merge->cross_layer(), ErrorCode::kRecipe,
+                     "recipe '{}': cross-layer merge stage '{}' is not run by this cache yet (docs/merging.md)",
+                     detail::clip_recipe(chain.text()), p->merge->describe());
         const bool shared = !p->per_head;
         m.pipelines.push_back(std::move(p));
         built_from.push_back(shared ? &chain : nullptr);
@@ -315,6 +319,10 @@ KVCache::KVCache(const CacheConfig& config) : impl_(std::make_unique<Impl>()) {
                      "recipe '{}': pre-RoPE keys cannot be folded into a compensation token ('{}': its mean key has no "
                      "position)",
                      detail::clip_recipe(p.text), p.eviction->describe());
+        KVSLIM_CHECK(!p.merge, ErrorCode::kInvalidArgument,
+                     "recipe '{}': pre-RoPE keys cannot be merged ('{}': a merged key averages keys of different "
+                     "positions, which have no one position to rotate by)",
+                     detail::clip_recipe(p.text), p.merge ? p.merge->describe() : "");
         KVSLIM_CHECK(!m.rot.back().keys, ErrorCode::kInvalidArgument,
                      "recipe '{}': rotate=hadamard rotates the keys, which does not commute with RoPE on pre-RoPE keys "
                      "(use rotated=v)",

@@ -379,6 +379,8 @@ Pipeline build_pipeline(const ChainSpec& chain, const StageContext& ctx) {
   // the canonical text re-parses to the same pipeline).
   if (p.eviction && p.scorers.empty())
     if (auto sc = p.eviction->implied_scorer()) p.scorers.push_back(std::move(sc));
+  if (p.merge && p.scorers.empty())
+    if (auto sc = p.merge->implied_scorer()) p.scorers.push_back(std::move(sc));
   return p;
 }
 

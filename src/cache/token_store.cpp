@@ -248,6 +248,7 @@ void TokenStore::flush(const kernels::KernelTable& kt) {
         if (!victims_.empty()) drop(kt, victims_);
       }
     }
+    if (pipeline_->merge && !pipeline_->merge->cross_layer()) pipeline_->merge->merge(kt, *this);
   }
   seal_pages(kt);
 }
@@ -542,6 +543,24 @@ void TokenStore::for_rows(const kernels::KernelTable& kt, const std::vector<std:
     const std::size_t r = static_cast<std::size_t>(idx[x] - (ord - window_));
     f(win_k_.data() + r * ud, win_v_.data() + r * ud);
   }
+}
+
+void TokenStore::rows(const kernels::KernelTable& kt, std::span<const std::int64_t> idx, float* k, float* v) const {
+  if (idx.empty()) return;
+  for (std::size_t i = 1; i < idx.size(); ++i)
+    KVSLIM_CHECK(idx[i - 1] < idx[i], ErrorCode::kInvalidArgument,
+                 "rows: token indices must be strictly increasing ({} then {})", idx[i - 1], idx[i]);
+  KVSLIM_CHECK(idx.front() >= 0 && idx.back() < ordinary(), ErrorCode::kOutOfRange,
+               "rows: token index {} is not an ordinary token (range [0, {}))",
+               idx.front() < 0 ? idx.front() : idx.back(), ordinary());
+  const std::vector<std::int64_t> sorted(idx.begin(), idx.end());
+  const std::size_t ud = static_cast<std::size_t>(d_);
+  std::size_t r = 0;
+  for_rows(kt, sorted, [&](const float* kr, const float* vr) {
+    std::memcpy(k + r * ud, kr, ud * sizeof(float));
+    std::memcpy(v + r * ud, vr, ud * sizeof(float));
+    ++r;
+  });
 }
 
 namespace {

@@ -41,6 +41,7 @@ struct Registry {
     entries["razor"] = {StageKind::kEviction, with_context(detail::make_razor)};
     entries["mikv"] = {StageKind::kEviction, detail::make_mikv};
     entries["zipcache"] = {StageKind::kScorer, with_context(detail::make_zipcache)};
+    entries["kvmerger"] = {StageKind::kMerge, with_context(detail::make_kvmerger)};
   }
 };
 

@@ -165,6 +165,11 @@ class TokenStore {
   /// Tokens folded into the compensation token since construction or reset().
   std::int64_t compensated() const noexcept { return comp_n_; }
 
+  /// Keys and values of ordinary tokens idx (strictly increasing, < ordinary()), decoded as
+  /// materialize() would, into k, v [idx.size()][d]. Each sealed page touched is decoded once.
+  /// Throws Error(kOutOfRange) / Error(kInvalidArgument) for bad indices.
+  void rows(const kernels::KernelTable& kt, std::span<const std::int64_t> idx, float* k, float* v) const;
+
   /// Decode every token into k, v: [size()][d]; log_weights (may be null): [size()], 0 for
   /// ordinary tokens and ln(w) for specials.
   void materialize(const kernels::KernelTable& kt, float* k, float* v, float* log_weights) const;

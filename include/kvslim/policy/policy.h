@@ -205,11 +205,21 @@ class MergePolicy {
   virtual std::string describe() const = 0;
   /// True if merge_layers() is the entry point rather than merge().
   virtual bool cross_layer() const = 0;
-  /// Within-head merging, called after eviction at each append.
-  virtual void merge(TokenStore& store) const = 0;
+  /// Within-head merging, called once per append after its queries attended and after the
+  /// chain's eviction stage (TokenStore::flush), before sealing.
+  virtual void merge(const kernels::KernelTable& kt, TokenStore& store) const = 0;
   /// Cross-layer merging of `upper` (layer l) with `lower` (layer l-1), called once both
-  /// layers have appended the same tokens.
-  virtual void merge_layers(TokenStore& lower, TokenStore& upper) const = 0;
+  /// layers have appended the same tokens. Default: nothing (within-head policies).
+  virtual void merge_layers(const kernels::KernelTable& kt, TokenStore& lower, TokenStore& upper) const {
+    (void)kt;
+    (void)lower;
+    (void)upper;
+  }
+  /// The scorer merge() reads (KVMerger's pivot: accumulated attention), added to the
+  /// pipeline when the chain names no scorer and its eviction stage implies none.
+  virtual std::shared_ptr<const Scorer> implied_scorer() const { return nullptr; }
+  /// An absolute token budget the policy holds (checked against CacheConfig::max_tokens), or 0.
+  virtual std::int64_t fixed_budget() const { return 0; }
 };
 
 /// Stage kinds, in chain order.
