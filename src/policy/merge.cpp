@@ -26,10 +26,15 @@ double dot(const float* a, const float* b, int d) {
   return s;
 }
 
-// A merging set: candidates [first, first + len) (offsets into the candidate list).
-struct Run {
-  std::int64_t first, len;
-  double mean;  // mean adjacent cosine inside the run
+// One entry of the merge step: an ordinary candidate or an earlier merged state, in position
+// order.
+struct Entry {
+  std::int64_t index;     // logical index in the store
+  std::int64_t position;  // a merged state sits at its pivot's position
+  const float* k;
+  const float* v;
+  double count;  // tokens it stands for (1, or a merged state's weight)
+  float importance;
 };
 
 }  // namespace
@@ -40,121 +45,127 @@ void KVMerger::merge(const kernels::KernelTable& kt, TokenStore& store) const {
   const int d = store.head_dim();
   const std::size_t ud = static_cast<std::size_t>(d);
   const Evictable range = evictable(store, o_.budget.recent);
-  const std::int64_t n = range.end - range.first;
-  std::vector<std::int64_t> victims;
-  if (n >= 2) {
-    std::vector<std::int64_t> cand(static_cast<std::size_t>(n));
-    std::iota(cand.begin(), cand.end(), range.first);
-    std::vector<float> k(static_cast<std::size_t>(n) * ud), v(k.size());
-    store.rows(kt, cand, k.data(), v.data());
-    std::vector<double> norm(static_cast<std::size_t>(n)), cosv(static_cast<std::size_t>(n), 0.0);
-    for (std::int64_t i = 0; i < n; ++i) norm[i] = std::sqrt(dot(&k[i * ud], &k[i * ud], d));
-    // cosv[i]: cosine of candidate i with candidate i - 1 (a zero key is parallel to nothing).
-    for (std::int64_t i = 1; i < n; ++i)
-      if (norm[i] > 0.0 && norm[i - 1] > 0.0)
-        cosv[i] = dot(&k[i * ud], &k[(i - 1) * ud], d) / (norm[i] * norm[i - 1]);
-    std::vector<Run> runs;
-    for (std::int64_t i = 1; i < n;) {
-      if (cosv[i] < o_.threshold) {
-        ++i;
-        continue;
-      }
-      Run r{i - 1, 1, 0.0};
-      double sum = 0.0;
-      for (; i < n && cosv[i] >= o_.threshold; ++i, ++r.len) sum += cosv[i];
-      r.mean = sum / static_cast<double>(r.len - 1);
-      runs.push_back(r);
-    }
-    // Closed runs first (the candidate after them breaks the run), the most similar first; the
-    // run that reaches the recent window may still grow and goes last, so that runs are merged
-    // whole instead of pair by pair as their tokens leave the window.
-    std::stable_sort(runs.begin(), runs.end(), [n](const Run& a, const Run& b) {
-      const bool ao = a.first + a.len == n, bo = b.first + b.len == n;
-      return ao != bo ? bo : a.mean > b.mean;
-    });
+  const auto imp = store.importance();
+  const std::vector<std::int64_t> pos = store.positions();
+  auto importance = [&](std::int64_t j) { return imp.empty() ? 0.0f : imp[static_cast<std::size_t>(j)]; };
 
-    const auto imp = store.importance();
-    const std::vector<std::int64_t> pos = store.positions();
-    std::vector<double> mk(ud), mv(ud);
-    struct State {
-      std::vector<float> k, v;
-      float weight, importance;
-      std::int64_t position;
-    };
-    std::vector<State> states;
-    for (const Run& run : runs) {
-      if (excess <= 0) break;
-      const std::int64_t first = run.first, len = run.len;
-      // Pivot: the most attended (ties: the older).
-      std::int64_t p = first;
-      if (!imp.empty())
-        for (std::int64_t i = first + 1; i < first + len; ++i)
-          if (imp[cand[i]] > imp[cand[p]]) p = i;
-      if (o_.keep_pivot) {
-        for (std::int64_t i = first; i < first + len; ++i)
-          if (i != p) victims.push_back(cand[i]);
-        excess -= len - 1;
-        continue;
-      }
-      const float* kp = &k[p * ud];
-      const double scale = 2.0 * o_.sigma * o_.sigma * std::max(norm[p] * norm[p], 1e-300);
-      std::fill(mk.begin(), mk.end(), 0.0);
-      std::fill(mv.begin(), mv.end(), 0.0);
-      double gsum = 0.0, isum = 0.0;
-      for (std::int64_t i = first; i < first + len; ++i) {
-        const float* ki = &k[i * ud];
-        const float* vi = &v[i * ud];
-        double dist = 0.0;
-        for (int c = 0; c < d; ++c) {
-          const double x = static_cast<double>(ki[c]) - kp[c];
-          dist += x * x;
-        }
-        const double g = std::exp(-dist / scale);
-        gsum += g;
-        for (std::size_t c = 0; c < ud; ++c) {
-          mk[c] += g * ki[c];
-          mv[c] += g * vi[c];
-        }
-        if (!imp.empty()) isum += imp[cand[i]];
-        victims.push_back(cand[i]);
-      }
-      State st{std::vector<float>(ud), std::vector<float>(ud), static_cast<float>(len), static_cast<float>(isum),
-               pos[static_cast<std::size_t>(cand[p])]};
-      for (std::size_t c = 0; c < ud; ++c) {
-        st.k[c] = static_cast<float>(mk[c] / gsum);
-        st.v[c] = static_cast<float>(mv[c] / gsum);
-      }
-      states.push_back(std::move(st));
-      excess -= len - 1;
-    }
-    // The states join the specials (after every ordinary token, so the victims' indices hold).
-    for (const State& st : states) {
-      store.add_special(st.k.data(), st.v.data(), st.weight, st.position);
-      auto im = store.importance();
-      if (!im.empty()) im[im.size() - 1] = st.importance;
-    }
-    if (!victims.empty()) store.drop(kt, victims);
+  // Entries: the candidates (decoded once per step), and the merged states, which may absorb
+  // their neighbours again, so a run leaving the recent window token by token still ends up in
+  // one state. Never the compensation token of a razor stage.
+  std::vector<std::int64_t> cand;
+  for (std::int64_t j = range.first; j < range.end; ++j) cand.push_back(j);
+  std::vector<float> ck(cand.size() * ud), cv(ck.size());
+  store.rows(kt, cand, ck.data(), cv.data());
+  std::vector<Entry> e;
+  e.reserve(cand.size() + static_cast<std::size_t>(store.specials()));
+  for (std::size_t i = 0; i < cand.size(); ++i)
+    e.push_back({cand[i], pos[static_cast<std::size_t>(cand[i])], &ck[i * ud], &cv[i * ud], 1.0, importance(cand[i])});
+  for (std::int64_t s = 0; s < store.specials(); ++s) {
+    const std::int64_t j = store.specials_first() + s;
+    if (j == store.compensation_index()) continue;
+    e.push_back({j, pos[static_cast<std::size_t>(j)], store.special_key(s), store.special_value(s),
+                 std::round(std::exp(static_cast<double>(store.special_log_weight(s)))), importance(j)});
   }
+  std::stable_sort(e.begin(), e.end(), [](const Entry& a, const Entry& b) { return a.position < b.position; });
+  const std::size_t n = e.size();
+
+  // Edges between neighbours whose key cosine passes the threshold; the `excess` most similar
+  // are taken (ties: the older edge). Each taken edge joins two neighbours, so the head loses
+  // exactly one entry per edge and ends at its budget when there are enough edges.
+  std::vector<double> norm(n);
+  for (std::size_t i = 0; i < n; ++i) norm[i] = std::sqrt(dot(e[i].k, e[i].k, d));
+  std::vector<std::pair<double, std::size_t>> edges;  // (cosine, i): entries i - 1 and i
+  for (std::size_t i = 1; i < n; ++i) {
+    if (norm[i] == 0.0 || norm[i - 1] == 0.0) continue;  // a zero key is parallel to nothing
+    const double c = dot(e[i].k, e[i - 1].k, d) / (norm[i] * norm[i - 1]);
+    if (c >= o_.threshold) edges.emplace_back(c, i);
+  }
+  const std::size_t take = std::min(edges.size(), static_cast<std::size_t>(excess));
+  std::partial_sort(edges.begin(), edges.begin() + static_cast<std::ptrdiff_t>(take), edges.end(),
+                    [](const auto& a, const auto& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); });
+  std::vector<char> joined(n, 0);  // joined[i]: entry i is in one set with entry i - 1
+  for (std::size_t t = 0; t < take; ++t) joined[edges[t].second] = 1;
+  excess -= static_cast<std::int64_t>(take);
+
+  std::vector<std::int64_t> victims;
+  struct State {
+    std::vector<float> k, v;
+    float weight, importance;
+    std::int64_t position;
+  };
+  std::vector<State> states;
+  std::vector<double> mk(ud), mv(ud);
+  for (std::size_t a = 0; a < n;) {
+    std::size_t b = a + 1;
+    while (b < n && joined[b]) ++b;
+    if (b - a >= 2) {  // the merging set [a, b)
+      std::size_t p = a;  // pivot: the most attended (ties: the older)
+      for (std::size_t i = a + 1; i < b; ++i)
+        if (e[i].importance > e[p].importance) p = i;
+      if (o_.keep_pivot) {
+        for (std::size_t i = a; i < b; ++i)
+          if (i != p) victims.push_back(e[i].index);
+      } else {
+        const double scale = 2.0 * o_.sigma * o_.sigma * std::max(norm[p] * norm[p], 1e-300);
+        std::fill(mk.begin(), mk.end(), 0.0);
+        std::fill(mv.begin(), mv.end(), 0.0);
+        double gsum = 0.0, count = 0.0, isum = 0.0;
+        for (std::size_t i = a; i < b; ++i) {
+          double dist = 0.0;
+          for (int c = 0; c < d; ++c) {
+            const double x = static_cast<double>(e[i].k[c]) - e[p].k[c];
+            dist += x * x;
+          }
+          // A merged state stands for `count` tokens near its key: it enters with that
+          // multiplicity, so merging in steps gives the weights merging at once would.
+          const double g = e[i].count * std::exp(-dist / scale);
+          gsum += g;
+          for (std::size_t c = 0; c < ud; ++c) {
+            mk[c] += g * e[i].k[c];
+            mv[c] += g * e[i].v[c];
+          }
+          count += e[i].count;
+          isum += e[i].importance;
+          victims.push_back(e[i].index);
+        }
+        State st{std::vector<float>(ud), std::vector<float>(ud), static_cast<float>(count), static_cast<float>(isum),
+                 e[p].position};
+        for (std::size_t c = 0; c < ud; ++c) {
+          st.k[c] = static_cast<float>(mk[c] / gsum);
+          st.v[c] = static_cast<float>(mv[c] / gsum);
+        }
+        states.push_back(std::move(st));
+      }
+    }
+    a = b;
+  }
+  // The new states join the specials (after every index a victim has, so those hold).
+  for (const State& st : states) {
+    store.add_special(st.k.data(), st.v.data(), st.weight, st.position);
+    auto im = store.importance();
+    if (!im.empty()) im[im.size() - 1] = st.importance;
+  }
+  if (!victims.empty()) store.drop(kt, victims);
   if (excess <= 0) return;
+
   // Merging could not remove enough: the lowest-importance candidates leave, then the
-  // lowest-importance merged states (never the compensation token of a razor stage).
+  // lowest-importance merged states (ties: the older).
   victims.clear();
   const Evictable left = evictable(store, o_.budget.recent);
-  const auto imp = store.importance();
-  std::vector<std::int64_t> cand;
-  for (std::int64_t j = left.first; j < left.end; ++j) cand.push_back(j);
-  std::vector<std::int64_t> merged;
+  const auto imp2 = store.importance();
+  std::vector<std::int64_t> ord, merged;
+  for (std::int64_t j = left.first; j < left.end; ++j) ord.push_back(j);
   for (std::int64_t j = store.specials_first(); j < store.size(); ++j)
     if (j != store.compensation_index()) merged.push_back(j);
   auto less = [&](std::int64_t a, std::int64_t b) {
-    return imp.empty() ? a < b : (imp[a] < imp[b] || (imp[a] == imp[b] && a < b));
+    return imp2.empty() ? a < b : (imp2[a] < imp2[b] || (imp2[a] == imp2[b] && a < b));
   };
-  for (std::vector<std::int64_t>* list : {&cand, &merged}) {
-    const std::int64_t take = std::min<std::int64_t>(excess, static_cast<std::int64_t>(list->size()));
-    if (take <= 0) continue;
-    std::partial_sort(list->begin(), list->begin() + take, list->end(), less);
-    victims.insert(victims.end(), list->begin(), list->begin() + take);
-    excess -= take;
+  for (std::vector<std::int64_t>* list : {&ord, &merged}) {
+    const std::int64_t k = std::min<std::int64_t>(excess, static_cast<std::int64_t>(list->size()));
+    if (k <= 0) continue;
+    std::partial_sort(list->begin(), list->begin() + k, list->end(), less);
+    victims.insert(victims.end(), list->begin(), list->begin() + k);
+    excess -= k;
   }
   if (!victims.empty()) store.drop(kt, victims);
 }

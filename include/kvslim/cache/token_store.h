@@ -101,6 +101,11 @@ class TokenStore {
   std::int64_t ordinary() const noexcept { return sinks_ + sealed_live_ + window_; }
   std::int64_t window_count() const noexcept { return window_; }
   std::int64_t specials() const noexcept { return static_cast<std::int64_t>(special_w_.size()); }
+  /// Special token s (0 <= s < specials(), logical index specials_first() + s): key and value
+  /// rows of d floats, and ln of its weight.
+  const float* special_key(std::int64_t s) const noexcept { return special_k_.data() + s * d_; }
+  const float* special_value(std::int64_t s) const noexcept { return special_v_.data() + s * d_; }
+  float special_log_weight(std::int64_t s) const noexcept { return special_w_[static_cast<std::size_t>(s)]; }
   /// Tokens in the demoted segment (index ordinary() .. ordinary() + demoted()), and how many of
   /// them are encoded in pages of the demotion codec (the rest wait in f32 for a full page).
   std::int64_t demoted() const noexcept { return lo_live_ + lo_stage_; }

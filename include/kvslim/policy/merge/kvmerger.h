@@ -9,25 +9,25 @@
 //   kvmerger:ratio=r[,...]
 //
 // After every append has attended (TokenStore::flush, after the chain's eviction stage), a
-// head holding more than its budget is brought back to it:
-//   1. Candidates are the ordinary tokens after the codec sinks and before the newest R
-//      (merged states and the recent window are never merged). "Adjacent" means adjacent
-//      among the tokens the head still holds.
-//   2. Merging sets are maximal runs of candidates whose key cosine with the previous
-//      candidate is >= T. Sets are merged whole, one after another until the head is within
-//      its budget (so it may end below it, by at most the last set's size - 2): first the
-//      closed runs (the candidate after them breaks the run) in order of their mean adjacent
-//      cosine (the most similar first; ties: the older), then the run that reaches the recent
-//      window. A run still growing out of the window goes last so that a run is merged once,
-//      whole, rather than pair by pair as its tokens leave the window.
-//   3. Each set keeps one state: pivot p = the largest importance (ties: the older token),
-//      weights g_i = exp(-|k_i - k_p|^2 / (2 S^2 |k_p|^2)) normalized to sum 1 (the distance is
-//      relative to the pivot's norm, so S means the same on every model), k = sum g_i k_i,
-//      v = sum g_i v_i (in double), weight n, position and importance: the pivot's position
-//      and the set's summed importance. keep=pivot is the ablation: the pivot is kept as it
-//      is (weight 1) and the others dropped, i.e. the same tokens leave without being merged.
-//   4. If merging cannot remove enough (no runs left), the lowest-importance candidates are
-//      evicted, and after them the lowest-importance merged states (ties: the older).
+// head holding E tokens more than its budget is brought back to it:
+//   1. Entries are the ordinary tokens after the codec sinks and before the newest R, and
+//      the merged states made earlier (each at its pivot's position), in position order.
+//      "Adjacent" means adjacent in that order. The recent window is never merged.
+//   2. Merging sets are runs of adjacent entries whose key cosine is >= T, as in the paper,
+//      joined edge by edge: the E most similar adjacent pairs (cosine >= T; ties: the older
+//      pair) are taken, and each maximal chain of taken pairs is one set. Each taken pair
+//      removes one entry, so the head ends exactly at its budget when there are E such
+//      pairs. A merged state can absorb its neighbours at later steps, so a run that leaves
+//      the recent window token by token still becomes one state.
+//   3. Each set keeps one state: pivot p = the largest importance (ties: the older entry),
+//      weights g_i = n_i exp(-|k_i - k_p|^2 / (2 S^2 |k_p|^2)) normalized to sum 1, where n_i
+//      is what entry i stands for (1, or a merged state's weight; the distance is relative to
+//      the pivot's norm, so S means the same on every model); k = sum g_i k_i, v = sum g_i
+//      v_i (in double); weight sum n_i; position: the pivot's; importance: the set's sum.
+//      keep=pivot is the ablation: the pivot is kept as it is (weight 1) and the others
+//      dropped, i.e. the same tokens leave without being merged.
+//   4. If fewer than E pairs pass T, the rest of the excess is evicted: the lowest-importance
+//      ordinary entries first, then the lowest-importance merged states (ties: the older).
 // Merged states are stored in f32 as special tokens (with any codec: they are few).
 #pragma once
 
