@@ -10,6 +10,10 @@
 // codebook_bytes = the f32 centroids (not counted in bits_per_value), --windows selects
 // recordings, and every mistake (recordings of two models, no cq stage, an unwritable OUT, a
 // window that is not there, training options without training) exits with a message naming it.
+//
+// --layer-similarity (adjacent-layer cosines): one JSON entry per adjacent layer pair, in range
+// and equal to the library's layer_similarity; the options it does not take, a bad
+// --threshold and recordings of two models are named.
 #include <gtest/gtest.h>
 
 #include <nlohmann/json.hpp>
@@ -24,12 +28,15 @@
 #include <vector>
 
 #include "kvslim/policy/codebook.h"
+#include "kvslim/testing/recordings.h"
+#include "kvslim/testing/similarity.h"
 #include "test_support.h"
 
 namespace kvslim {
 namespace {
 
 constexpr const char* kDumps = "data/dumps/stories260K";
+constexpr const char* kWindow0 = "data/dumps/stories260K/tsval_w0";
 
 using test::RunResult;
 
@@ -265,6 +272,92 @@ TEST(EvalCliTrain, UsageMistakes) {
     EXPECT_EQ(r.status, 2) << r.out;
     EXPECT_TRUE(has(r.out, c.message)) << r.out;
   }
+}
+
+// --layer-similarity (adjacent-layer cosines for MiniCache): one JSON object with one entry
+// per adjacent layer pair, the library's numbers; mistakes are usage errors naming the value.
+TEST(EvalCliSimilarity, OneEntryPerAdjacentLayerPair) {
+  KVSLIM_REQUIRE_SHARED(kDumps);
+  const std::string dir = test::shared_path(kDumps);
+  const RunResult r = run({"--dumps", dir, "--layer-similarity", "--windows", "0", "--threshold", "0.8", "--json"},
+                          " 2>/dev/null");
+  ASSERT_EQ(r.status, 0) << r.out;
+  const nlohmann::json o = nlohmann::json::parse(r.out);
+  EXPECT_EQ(o.size(), 3u) << r.out;
+  EXPECT_EQ(o.at("model_dir"), dir);
+  EXPECT_EQ(o.at("threshold").get<double>(), 0.8);
+  // stories260K: 5 layers, 4 kv heads, 512 tokens per window.
+  const nlohmann::json& pairs = o.at("layer_similarity");
+  ASSERT_EQ(pairs.size(), 4u) << r.out;
+  const auto lib = testing::layer_similarity(testing::load_recording(test::shared_path(kWindow0)), 0.8);
+  for (std::size_t i = 0; i < pairs.size(); ++i) {
+    const nlohmann::json& p = pairs[i];
+    EXPECT_EQ(p.size(), 7u) << p;
+    EXPECT_EQ(p.at("lower").get<int>(), static_cast<int>(i)) << p;
+    EXPECT_EQ(p.at("upper").get<int>(), static_cast<int>(i) + 1) << p;
+    EXPECT_EQ(p.at("pairs").get<std::int64_t>(), 4 * 512) << p;
+    for (const char* key : {"k_cos", "v_cos"}) {
+      EXPECT_GE(p.at(key).get<double>(), -1.0) << key << ": " << p;
+      EXPECT_LE(p.at(key).get<double>(), 1.0) << key << ": " << p;
+    }
+    for (const char* key : {"k_below", "v_below"}) {
+      EXPECT_GE(p.at(key).get<double>(), 0.0) << key << ": " << p;
+      EXPECT_LE(p.at(key).get<double>(), 1.0) << key << ": " << p;
+    }
+    // Printed with 8 decimals.
+    EXPECT_NEAR(p.at("k_cos").get<double>(), lib[i].k_cos, 1e-8) << p;
+    EXPECT_NEAR(p.at("v_below").get<double>(), lib[i].v_below, 1e-8) << p;
+  }
+  // Default threshold 0.5; the table has one row per pair, labelled l-1→l.
+  const RunResult d = run({"--dumps", dir, "--layer-similarity", "--windows", "0", "--json"}, " 2>/dev/null");
+  ASSERT_EQ(d.status, 0) << d.out;
+  EXPECT_EQ(nlohmann::json::parse(d.out).at("threshold").get<double>(), 0.5);
+  const RunResult t = run({"--dumps", dir, "--layer-similarity", "--windows", "0-1"}, " 2>/dev/null");
+  ASSERT_EQ(t.status, 0) << t.out;
+  EXPECT_TRUE(has(t.out, "2 recordings under")) << t.out;
+  EXPECT_TRUE(has(t.out, "K<0.5") && has(t.out, "V<0.5")) << t.out;
+  for (const char* label : {"\n0\u21921 ", "\n3\u21924 "}) EXPECT_TRUE(has(t.out, label)) << label << t.out;
+  EXPECT_FALSE(has(t.out, "4\u21925")) << t.out;
+}
+
+TEST(EvalCliSimilarity, RecordingsOfTwoModelsAreNamed) {
+  KVSLIM_REQUIRE_SHARED(kDumps);
+  const RunResult r = run({"--dumps", test::shared_path("data/dumps"), "--layer-similarity", "--windows", "0"});
+  EXPECT_EQ(r.status, 1) << r.out;
+  EXPECT_TRUE(has(r.out, "--layer-similarity needs recordings of one model")) << r.out;
+  EXPECT_TRUE(has(r.out, "stories260K/tsval_w0") && has(r.out, "tinystories656K/tsval_w0")) << r.out;
+}
+
+TEST(EvalCliSimilarity, UsageMistakes) {
+  const struct {
+    std::vector<std::string> args;
+    const char* message;
+  } cases[] = {
+      {{"--recipe", "f32"}, "--layer-similarity does not take --recipe:"},
+      {{"--chunk", "4"}, "--layer-similarity does not take --chunk:"},
+      {{"--pre-rope"}, "--layer-similarity does not take --pre-rope:"},
+      {{"--train-codebooks", "x.kvcb"}, "--layer-similarity does not take --train-codebooks:"},
+      {{"--tokens", "8"}, "--layer-similarity does not take --tokens:"},
+      {{"--recipe", "f32", "--chunk", "2", "--recipe", "f16"}, "does not take --recipe, --chunk:"},
+      {{"--threshold", "1.5"}, "--threshold expects a cosine in [-1, 1], got '1.5'"},
+      {{"--threshold", "-1.01"}, "--threshold expects a cosine in [-1, 1], got '-1.01'"},
+      {{"--threshold", "abc"}, "--threshold expects a cosine in [-1, 1], got 'abc'"},
+      {{"--threshold", "0.5x"}, "--threshold expects a cosine in [-1, 1], got '0.5x'"},
+      {{"--threshold", "nan"}, "--threshold expects a cosine in [-1, 1], got 'nan'"},
+      {{"--threshold", ""}, "--threshold expects a cosine in [-1, 1], got ''"},
+      {{"--threshold"}, "--threshold needs a value"},
+  };
+  for (const auto& c : cases) {
+    std::vector<std::string> args = {"--dumps", "/nonexistent", "--layer-similarity"};
+    args.insert(args.end(), c.args.begin(), c.args.end());
+    const RunResult r = run(args);
+    EXPECT_EQ(r.status, 2) << r.out;
+    EXPECT_TRUE(has(r.out, c.message)) << r.out;
+  }
+  // --threshold belongs to --layer-similarity.
+  const RunResult r = run({"--dumps", "/nonexistent", "--recipe", "f32", "--threshold", "0.5"});
+  EXPECT_EQ(r.status, 2) << r.out;
+  EXPECT_TRUE(has(r.out, "--threshold needs --layer-similarity")) << r.out;
 }
 
 TEST(EvalCli, WindowsSelectsRecordings) {

@@ -6,8 +6,10 @@
 //               --train-codebooks s260k.kvcb --windows 0,1
 //   kvslim-eval --dumps ../shared/data/dumps/stories260K --windows 2,3
 //               --recipe "cq:channels=4,bits=2,codebooks=s260k.kvcb"
+//   kvslim-eval --dumps ../shared/data/dumps/stories260K --layer-similarity --threshold 0.8
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <charconv>
 #include <chrono>
@@ -31,6 +33,7 @@
 #include "kvslim/policy/nuq.h"
 #include "kvslim/testing/recordings.h"
 #include "kvslim/testing/replay.h"
+#include "kvslim/testing/similarity.h"
 #include "util/json.h"
 
 namespace {
@@ -40,6 +43,7 @@ void usage(std::FILE* f) {
       "usage: kvslim-eval --dumps DIR --recipe R [--recipe R2 ...] [--windows LIST] [--chunk N] [--tokens N] [--pre-rope] [--json]\n"
       "       kvslim-eval --dumps DIR --recipe \"cq:...\" --train-codebooks OUT [--windows LIST] [--tokens N]\n"
       "                   [--seed S] [--iterations N] [--weight mass|none]\n"
+      "       kvslim-eval --dumps DIR --layer-similarity [--threshold C] [--windows LIST] [--json]\n"
       "  Replays every recording directory under DIR (each holds meta.json, k.f32, v.f32, q.f32,\n"
       "  attn_out.f32) token by token through a KVCache per recipe: append k, v then attend q.\n"
       "  Reports bits per value (all metadata included), bytes at the end of each recording (summed),\n"
@@ -72,6 +76,16 @@ void usage(std::FILE* f) {
       "  --weight W      mass (default): each row weighted by the attention mass its token received\n"
       "                  from the recorded queries, summed over the GQA group; none: every row weighs 1\n"
       "  Then evaluate with --recipe \"cq:...,codebooks=OUT\" (and --windows for held-out windows).\n"
+      "Adjacent-layer similarity (--layer-similarity; MiniCache's cross-layer merging): for every layer\n"
+      "  pair l-1 -> l, the cosine of the two layers' states of one kv head and token, pooled over kv heads,\n"
+      "  tokens and the selected recordings (all of one model; keys post-RoPE, as cached: RoPE rotates\n"
+      "  both layers alike at one position, so their cosine is the pre-RoPE one): mean cosine of K and\n"
+      "  of V, the fraction of pairs with cosine below the threshold (the tokens MiniCache would retain\n"
+      "  unmerged), and the pairs counted. Replays and trains nothing: not with --recipe, --chunk,\n"
+      "  --tokens, --pre-rope or training options.\n"
+      "  --threshold C   cosine in [-1, 1] (default 0.5)\n"
+      "  --json          one JSON object: model_dir, threshold, layer_similarity (one entry per pair:\n"
+      "                  lower, upper, k_cos, v_cos, k_below, v_below, pairs)\n"
       "  Exit status: 0 success, 1 error (I/O, bad recipe, bad recording), 2 bad command line.\n",
       f);
 }
@@ -94,6 +108,16 @@ std::uint64_t parse_u64(std::string_view opt, std::string_view v) {
   const auto [p, ec] = std::from_chars(v.data(), v.data() + v.size(), x);
   if (v.empty() || ec != std::errc() || p != v.data() + v.size())
     throw UsageError{fmt::format("{} expects an integer >= 0, got '{}'", opt, v)};
+  return x;
+}
+
+/// A cosine in [-1, 1] (--threshold).
+double parse_cosine(std::string_view opt, std::string_view v) {
+  double x = 0.0;
+  const auto [p, ec] = std::from_chars(v.data(), v.data() + v.size(), x);
+  // The range test also rejects "nan" and "inf", which from_chars accepts.
+  if (v.empty() || ec != std::errc() || p != v.data() + v.size() || !(x >= -1.0 && x <= 1.0))
+    throw UsageError{fmt::format("{} expects a cosine in [-1, 1], got '{}'", opt, v)};
   return x;
 }
 
@@ -219,20 +243,27 @@ bool trains_levels(const std::string& recipe) {
   return false;
 }
 
+/// Modes that pool recordings (training, --layer-similarity) need them all from one model;
+/// `flag` names the mode in the message.
+void check_one_model(const std::vector<kvslim::testing::Recording>& recs, std::string_view flag) {
+  const auto& r0 = recs.front();
+  for (const auto& r : recs)
+    if (r.layers != r0.layers || r.kv_heads != r0.kv_heads || r.head_dim != r0.head_dim || r.q_heads != r0.q_heads)
+      throw RunError{fmt::format(
+          "{} needs recordings of one model: '{}' has {} layers, {}/{} heads, head_dim {} but '{}' has "
+          "{} layers, {}/{} heads, head_dim {} (point --dumps at one model's directory or pick --windows)",
+          flag, r0.dir, r0.layers, r0.q_heads, r0.kv_heads, r0.head_dim, r.dir, r.layers, r.q_heads, r.kv_heads,
+          r.head_dim)};
+}
+
 int train(const std::vector<kvslim::testing::Recording>& recs, const std::string& recipe_arg,
           const std::string& recipe, const TrainArgs& a, int max_tokens) {
   const bool levels = trains_levels(recipe);
   const kvslim::NuqRecipeShape nshape = levels ? kvslim::nuq_recipe_shape(recipe) : kvslim::NuqRecipeShape{};
   const auto [kshape, vshape] = levels ? std::pair{kvslim::CodebookShape{1, nshape.kbits}, kvslim::CodebookShape{1, nshape.vbits}}
                                        : kvslim::cq_recipe_shapes(recipe);
+  check_one_model(recs, "--train-codebooks");
   const auto& r0 = recs.front();
-  for (const auto& r : recs)
-    if (r.layers != r0.layers || r.kv_heads != r0.kv_heads || r.head_dim != r0.head_dim || r.q_heads != r0.q_heads)
-      throw RunError{fmt::format(
-          "--train-codebooks needs recordings of one model: '{}' has {} layers, {}/{} heads, head_dim {} but '{}' has "
-          "{} layers, {}/{} heads, head_dim {} (point --dumps at one model's directory or pick --windows)",
-          r0.dir, r0.layers, r0.q_heads, r0.kv_heads, r0.head_dim, r.dir, r.layers, r.q_heads, r.kv_heads,
-          r.head_dim)};
   const int L = r0.layers, H = r0.kv_heads, d = r0.head_dim;
   const auto t0 = std::chrono::steady_clock::now();
   // Rows of every selected recording, concatenated per (layer, kv head).
@@ -289,6 +320,32 @@ int train(const std::vector<kvslim::testing::Recording>& recs, const std::string
   return 0;
 }
 
+/// --layer-similarity: the table (or one JSON object) of adjacent-layer cosines.
+int layer_similarity(const std::vector<kvslim::testing::Recording>& recs, const std::string& dumps, double threshold,
+                     bool json) {
+  check_one_model(recs, "--layer-similarity");
+  const auto pairs = kvslim::testing::layer_similarity(recs, threshold);
+  if (json) {
+    std::string rows;
+    for (const auto& p : pairs)
+      rows += fmt::format("{}{{\"lower\": {}, \"upper\": {}, \"k_cos\": {:.8f}, \"v_cos\": {:.8f}, "
+                          "\"k_below\": {:.8f}, \"v_below\": {:.8f}, \"pairs\": {}}}",
+                          rows.empty() ? "" : ", ", p.lower, p.upper, p.k_cos, p.v_cos, p.k_below, p.v_below, p.pairs);
+    fmt::print("{{\"model_dir\": {}, \"threshold\": {}, \"layer_similarity\": [{}]}}\n", kvslim::json::quote(dumps),
+               threshold, rows);
+    return 0;
+  }
+  const auto& r0 = recs.front();
+  fmt::print("{} recordings under {} ({} layers, {} kv heads, head_dim {}); threshold {}\n", recs.size(), dumps,
+             r0.layers, r0.kv_heads, r0.head_dim, threshold);
+  const std::string kb = fmt::format("K<{}", threshold), vb = fmt::format("V<{}", threshold);
+  fmt::print("{:<6} {:>9} {:>9} {:>8} {:>8} {:>9}\n", "pair", "cos_K", "cos_V", kb, vb, "pairs");
+  for (const auto& p : pairs)
+    fmt::print("{:<6} {:>9.4f} {:>9.4f} {:>7.2f}% {:>7.2f}% {:>9}\n", fmt::format("{}\u2192{}", p.lower, p.upper),
+               p.k_cos, p.v_cos, 100.0 * p.k_below, 100.0 * p.v_below, p.pairs);
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -300,6 +357,12 @@ int main(int argc, char** argv) {
   bool training = false;
   bool train_opts = false;
   TrainArgs targs;
+  bool similarity = false;
+  double threshold = 0.5;
+  bool threshold_given = false;
+  // Options of the replay and training modes, as given: --layer-similarity names them when
+  // it rejects them.
+  std::vector<std::string> replay_opts;
   try {
     for (int i = 1; i < argc; ++i) {
       const std::string a = argv[i];
@@ -307,6 +370,9 @@ int main(int argc, char** argv) {
         if (i + 1 >= argc) throw UsageError{fmt::format("{} needs a value", a)};
         return argv[++i];
       };
+      if (a == "--recipe" || a == "--chunk" || a == "--tokens" || a == "--pre-rope" || a == "--train-codebooks" ||
+          a == "--seed" || a == "--iterations" || a == "--weight")
+        if (std::find(replay_opts.begin(), replay_opts.end(), a) == replay_opts.end()) replay_opts.push_back(a);
       if (a == "--dumps") dumps = value();
       else if (a == "--recipe") recipes.push_back(value());
       else if (a == "--json") json = true;
@@ -314,7 +380,11 @@ int main(int argc, char** argv) {
       else if (a == "--tokens") opt.max_tokens = parse_int(a, value(), 1);
       else if (a == "--pre-rope") opt.pre_rope = true;
       else if (a == "--windows") windows = parse_windows(value());
-      else if (a == "--train-codebooks") {
+      else if (a == "--layer-similarity") similarity = true;
+      else if (a == "--threshold") {
+        threshold = parse_cosine(a, value());
+        threshold_given = true;
+      } else if (a == "--train-codebooks") {
         targs.out = value();
         if (targs.out.empty()) throw UsageError{"--train-codebooks needs a non-empty path"};
         training = true;
@@ -335,7 +405,15 @@ int main(int argc, char** argv) {
       } else throw UsageError{fmt::format("unknown argument '{}'", a)};
     }
     if (dumps.empty()) throw UsageError{"--dumps DIR is required"};
-    if (recipes.empty()) throw UsageError{"at least one --recipe is required"};
+    if (threshold_given && !similarity) throw UsageError{"--threshold needs --layer-similarity"};
+    if (similarity && !replay_opts.empty()) {
+      std::string names;
+      for (const auto& o : replay_opts) names += (names.empty() ? "" : ", ") + o;
+      throw UsageError{fmt::format(
+          "--layer-similarity does not take {}: it reads the recorded states, it replays and trains nothing", names)};
+    }
+    // Past this point --layer-similarity has no --recipe and no training options.
+    if (!similarity && recipes.empty()) throw UsageError{"at least one --recipe is required"};
     for (const auto& r : recipes)
       if (r.empty()) throw UsageError{"--recipe needs a non-empty recipe"};
     if (train_opts && !training) throw UsageError{"--seed, --iterations and --weight need --train-codebooks OUT"};
@@ -381,6 +459,7 @@ int main(int argc, char** argv) {
     std::vector<kvslim::testing::Recording> recs;
     for (const auto& d : dirs) recs.push_back(kvslim::testing::load_recording(d));
     if (training) return train(recs, recipes[0], texts[0], targs, opt.max_tokens);
+    if (similarity) return layer_similarity(recs, dumps, threshold, json);
     // Build a cache of every recipe for every distinct recording shape before replaying
     // anything, so that a typo in the last recipe fails now and not after the first rows.
     std::set<std::tuple<int, int, int, int, int>> shapes;
