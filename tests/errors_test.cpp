@@ -161,8 +161,10 @@ TEST(Errors, RecipeErrorsReachTheConstructor) {
   }
   EXPECT_NO_THROW({ KVCache c(CacheConfig{1, 1, 1, 8, 10, "kivi:kbits=1,vbits=1"}); });
   EXPECT_NO_THROW({ KVCache c(CacheConfig{1, 1, 1, 8, 10, "kivi:kbits=1,vbits=4"}); });
+  expect_error([] { KVCache c(CacheConfig{1, 1, 1, 8, 10, "ems:bits=2 | f16"}); }, ErrorCode::kRecipe,
+               {"recipe stage 'ems' is reserved but not implemented yet"});
   expect_error([] { KVCache c(CacheConfig{1, 1, 1, 8, 10, "minicache:bits=2 | f16"}); }, ErrorCode::kRecipe,
-               {"recipe stage 'minicache' is reserved but not implemented yet"});
+               {"recipe stage 'minicache': unknown key 'bits'"});
   expect_error([] { KVCache c(CacheConfig{1, 1, 1, 8, 10, "cq:bits=2"}); }, ErrorCode::kInvalidArgument,
                {"recipe stage 'cq' needs codebooks", "CacheConfig::codebooks"});
   expect_error([] { KVCache c(CacheConfig{1, 1, 1, 8, 10, "cq:channels=4,bits=4"}); }, ErrorCode::kInvalidArgument,

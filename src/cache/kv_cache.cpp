@@ -296,9 +296,6 @@ KVCache::KVCache(const CacheConfig& config) : impl_(std::make_unique<Impl>()) {
                        "recipe '{}': merge budget {} of '{}' is larger than the cache capacity max_tokens {}",
                        detail::clip_recipe(chain.text()), p->merge->fixed_budget(), p->merge->describe(),
                        c.max_tokens);
-        KVSLIM_CHECK(!p->merge || !p->merge->cross_layer(), ErrorCode::kRecipe,
-                     "recipe '{}': cross-layer merge stage '{}' is not run by this cache yet (docs/merging.md)",
-                     detail::clip_recipe(chain.text()), p->merge->describe());
         const bool shared = !p->per_head;
         m.pipelines.push_back(std::move(p));
         built_from.push_back(shared ? &chain : nullptr);
@@ -331,6 +328,33 @@ KVCache::KVCache(const CacheConfig& config) : impl_(std::make_unique<Impl>()) {
       TokenStore* s = alloc.allocate(1);
       new (s) TokenStore(c.head_dim, m.pipelines[idx].get());
       m.stores.push_back(s);
+    }
+  // MiniCache: a layer whose chain has a cross-layer merge stage seals its pages together with
+  // the same kv head of the layer below (kvslim/policy/merge/minicache.h).
+  for (int l = 0; l < c.layers; ++l)
+    for (int h = 0; h < c.kv_heads; ++h) {
+      TokenStore& up = m.at(l, h);
+      const Pipeline& pu = up.pipeline();
+      if (!pu.merge || !pu.merge->cross_layer()) continue;
+      const std::string name = pu.merge->describe();
+      KVSLIM_CHECK(l > 0, ErrorCode::kInvalidArgument,
+                   "recipe '{}': '{}' on layer 0 has no layer below to merge with (it merges layer l with l-1)",
+                   detail::clip_recipe(c.recipe), name);
+      const Pipeline& pl = m.at(l - 1, h).pipeline();
+      KVSLIM_CHECK(pl.codec->describe() == pu.codec->describe(), ErrorCode::kInvalidArgument,
+                   "recipe '{}': '{}' on layer {} kv head {} needs layer {} to store its pages the same way, but its "
+                   "codec is '{}' and layer {}'s is '{}'",
+                   detail::clip_recipe(c.recipe), name, l, h, l - 1, pl.codec->describe(), l, pu.codec->describe());
+      KVSLIM_CHECK(!pl.merge, ErrorCode::kInvalidArgument,
+                   "recipe '{}': '{}' on layer {} cannot merge with layer {}, which has a merge stage of its own "
+                   "('{}'; a layer merges with one neighbour: name every other layer, e.g. [layers=1,3,5])",
+                   detail::clip_recipe(c.recipe), name, l, l - 1, pl.merge->describe());
+      for (const Pipeline* p : {&pl, &pu})
+        KVSLIM_CHECK(!p->eviction, ErrorCode::kInvalidArgument,
+                     "recipe '{}': '{}' on layer {} cannot be combined with eviction ('{}' on layer {}): merged pages "
+                     "hold two layers' tokens and cannot drop one",
+                     detail::clip_recipe(c.recipe), name, l, p->eviction->describe(), p == &pl ? l - 1 : l);
+      up.pair_with_lower(&m.at(l - 1, h), &m.shared);
     }
   if (c.rope) {
     // The offset table spans the largest block attention hands the rotation (kDenseBlock = 64

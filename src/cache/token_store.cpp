@@ -8,6 +8,7 @@
 #include "cache/rope.h"
 #include "check.h"
 #include "kvslim/kernels/kernel_table.h"
+#include "kvslim/policy/merge/minicache.h"
 #include "kvslim/policy/policy.h"
 
 namespace kvslim {
@@ -222,7 +223,7 @@ void TokenStore::grow_window(std::int64_t rows) {
 
 TokenStore::Page TokenStore::make_page(int ntok, const Codec& codec) {
   Page p{Bytes(round16(codec.page_bytes(ntok, d_)), std::byte{0}, TrackedAllocator<std::byte>(&counter_)),
-         Words(TrackedAllocator<std::uint64_t>(&counter_)), ntok, ntok};
+         Words(TrackedAllocator<std::uint64_t>(&counter_)), ntok, ntok, nullptr};
   return p;
 }
 
@@ -250,11 +251,13 @@ void TokenStore::flush(const kernels::KernelTable& kt) {
     }
     if (pipeline_->merge && !pipeline_->merge->cross_layer()) pipeline_->merge->merge(kt, *this);
   }
+  if (lower_ && pair_ok_) pipeline_->merge->merge_layers(kt, *lower_, *this);
   seal_pages(kt);
 }
 
 // Seal every complete page that is not needed for the residual window.
 void TokenStore::seal_pages(const kernels::KernelTable& kt) {
+  if (held_) return;  // a MiniCache lower layer: its upper layer seals both (seal_merged)
   const std::int64_t g = page_tokens_;
   std::int64_t sealed = 0;
   while (window_ - sealed - g >= residual_) {
@@ -265,7 +268,12 @@ void TokenStore::seal_pages(const kernels::KernelTable& kt) {
     sealed_live_ += g;
     sealed += g;
   }
+  pop_window(sealed);
+}
+
+void TokenStore::pop_window(std::int64_t sealed) {
   if (sealed == 0) return;
+  const std::int64_t g = page_tokens_;
   const std::size_t off = static_cast<std::size_t>(sealed * d_);
   const std::size_t keep = static_cast<std::size_t>((window_ - sealed) * d_);
   std::memmove(win_k_.data(), win_k_.data() + off, keep * sizeof(float));
@@ -283,9 +291,120 @@ void TokenStore::seal_pages(const kernels::KernelTable& kt) {
   }
 }
 
+void TokenStore::pair_with_lower(TokenStore* lower, ByteCounter* shared) {
+  if (lower_) lower_->held_ = lower_->has_upper_ = false;
+  lower_ = lower;
+  shared_counter_ = shared;
+  pair_ok_ = lower != nullptr;
+  if (lower) lower->held_ = lower->has_upper_ = true;
+}
+
+void TokenStore::seal_merged(const kernels::KernelTable& kt, const MiniCache& mc) {
+  if (!lower_ || !pair_ok_) return;
+  TokenStore& lo = *lower_;
+  const std::int64_t g = page_tokens_;
+  if (window_ - g < residual_) return;
+  const Codec& codec = *pipeline_->codec;
+  // Both windows must hold the same tokens: the same segments before them and the same
+  // positions. Otherwise the pair is dissolved and each layer seals on its own.
+  const std::vector<std::int64_t> pu = positions(), pl = lo.positions();
+  auto dissolve = [&] {
+    pair_ok_ = false;
+    lo.held_ = false;
+  };
+  if (lo.sinks_ != sinks_ || lo.sealed_live_ != sealed_live_ || lo.window_ < window_ || lo.specials() != 0 ||
+      specials() != 0) {
+    dissolve();
+    return;
+  }
+  const std::size_t first = static_cast<std::size_t>(sinks_ + sealed_live_);
+  for (std::int64_t j = 0; j < window_; ++j)
+    if (pu[first + static_cast<std::size_t>(j)] != pl[first + static_cast<std::size_t>(j)]) {
+      dissolve();
+      return;
+    }
+  const std::size_t ud = static_cast<std::size_t>(d_), n = static_cast<std::size_t>(g) * ud;
+  std::vector<float> dk(n), dv(n), qk(n), qv(n);
+  std::vector<int> ret;
+  std::int64_t sealed = 0;
+  while (window_ - sealed - g >= residual_) {
+    const std::size_t off = static_cast<std::size_t>(sealed) * ud;
+    const float* k0 = lo.win_k_.data() + off;
+    const float* v0 = lo.win_v_.data() + off;
+    const float* k1 = win_k_.data() + off;
+    const float* v1 = win_v_.data() + off;
+    mc.merge_rows(k0, v0, k1, v1, static_cast<int>(g), d_, dk.data(), dv.data(), ret);
+    auto dir = std::allocate_shared<Bytes>(TrackedAllocator<Bytes>(shared_counter_),
+                                           round16(codec.page_bytes(static_cast<int>(g), d_)), std::byte{0},
+                                           TrackedAllocator<std::byte>(shared_counter_));
+    codec.encode(kt, dk.data(), dv.data(), static_cast<int>(g), d_, dir->data());
+    // The directions as stored (quantized by the codec): a layer's magnitude is its norm over
+    // the stored direction's, so that restoring gives the original norm exactly.
+    codec.decode(kt, dir->data(), static_cast<int>(g), d_, qk.data(), qv.data());
+    for (TokenStore* st : {&lo, this}) {
+      const float* k = st == this ? k1 : k0;
+      const float* v = st == this ? v1 : v0;
+      auto part = std::allocate_shared<MergedPart>(TrackedAllocator<MergedPart>(&st->counter_), &st->counter_);
+      part->dir = dir;
+      part->mag.resize(static_cast<std::size_t>(2 * g));
+      for (std::int64_t j = 0; j < g; ++j) {
+        const std::size_t o = static_cast<std::size_t>(j) * ud;
+        auto norm = [&](const float* x) {
+          double a = 0.0;
+          for (std::size_t c = 0; c < ud; ++c) a += static_cast<double>(x[o + c]) * x[o + c];
+          return std::sqrt(a);
+        };
+        const double sk = norm(qk.data()), sv = norm(qv.data());
+        part->mag[static_cast<std::size_t>(j)] = sk > 0.0 ? static_cast<float>(norm(k) / sk) : 0.0f;
+        part->mag[static_cast<std::size_t>(g + j)] = sv > 0.0 ? static_cast<float>(norm(v) / sv) : 0.0f;
+      }
+      part->slot.assign(ret.begin(), ret.end());
+      part->ret.resize(ret.size() * 2 * ud);
+      for (std::size_t i = 0; i < ret.size(); ++i) {
+        const std::size_t o = static_cast<std::size_t>(ret[i]) * ud;
+        std::memcpy(part->ret.data() + 2 * i * ud, k + o, ud * sizeof(float));
+        std::memcpy(part->ret.data() + (2 * i + 1) * ud, v + o, ud * sizeof(float));
+      }
+      Page pg{Bytes(TrackedAllocator<std::byte>(&st->counter_)), Words(TrackedAllocator<std::uint64_t>(&st->counter_)),
+              static_cast<int>(g), static_cast<int>(g), std::move(part)};
+      st->pages_.push_back(std::move(pg));
+      st->sealed_live_ += g;
+      ++st->merged_pages_;
+      st->retained_ += static_cast<std::int64_t>(ret.size());
+    }
+    sealed += g;
+  }
+  pop_window(sealed);
+  lo.pop_window(sealed);
+}
+
+void TokenStore::decode_page(const kernels::KernelTable& kt, const Page& p, const Codec& codec, float* k,
+                             float* v) const {
+  if (!p.merged) {
+    codec.decode(kt, p.data.data(), p.ntok, d_, k, v);
+    return;
+  }
+  const MergedPart& mp = *p.merged;
+  codec.decode(kt, mp.dir->data(), p.ntok, d_, k, v);
+  const std::size_t ud = static_cast<std::size_t>(d_);
+  for (int j = 0; j < p.ntok; ++j) {
+    const float mk = mp.mag[static_cast<std::size_t>(j)], mv = mp.mag[static_cast<std::size_t>(p.ntok + j)];
+    for (std::size_t c = 0; c < ud; ++c) {
+      k[j * ud + c] *= mk;
+      v[j * ud + c] *= mv;
+    }
+  }
+  for (std::size_t i = 0; i < mp.slot.size(); ++i) {
+    const std::size_t o = static_cast<std::size_t>(mp.slot[i]) * ud;
+    std::memcpy(k + o, mp.ret.data() + 2 * i * ud, ud * sizeof(float));
+    std::memcpy(v + o, mp.ret.data() + (2 * i + 1) * ud, ud * sizeof(float));
+  }
+}
+
 std::int64_t TokenStore::outlier_bytes() const noexcept {
   std::int64_t n = 0;
-  for (const Page& pg : pages_) n += static_cast<std::int64_t>(codec().outlier_bytes(pg.ntok, d_));
+  for (const Page& pg : pages_)
+    if (!pg.merged) n += static_cast<std::int64_t>(codec().outlier_bytes(pg.ntok, d_));
   if (lo_)
     for (const Page& pg : lo_->pages) n += static_cast<std::int64_t>(lo_codec_->outlier_bytes(pg.ntok, d_));
   return n;
@@ -338,6 +457,11 @@ void TokenStore::drop(const kernels::KernelTable& kt, std::span<const std::int64
   KVSLIM_CHECK(idx.front() >= 0 && idx.back() < total, ErrorCode::kOutOfRange,
                "drop: token index {} is out of range [0, {})", idx.front() < 0 ? idx.front() : idx.back(), total);
   const std::int64_t ord = ordinary();
+  KVSLIM_CHECK(merged_pages_ == 0 || idx.front() >= sinks_ + sealed_live_ ||
+                   *std::lower_bound(idx.begin(), idx.end(), sinks_) >= sinks_ + sealed_live_,
+               ErrorCode::kInvalidState,
+               "drop: token index {} is in a sealed page merged across layers (minicache), which cannot drop tokens",
+               *std::lower_bound(idx.begin(), idx.end(), sinks_));
 
   // The latest append's queries are the last ordinary tokens; if any of them leaves, only the
   // suffix after the last one dropped can still attend (KVCache checks n <= last_append_).
@@ -528,7 +652,7 @@ void TokenStore::for_rows(const kernels::KernelTable& kt, const std::vector<std:
     }
     pk.resize(static_cast<std::size_t>(p.ntok) * ud);
     pv.resize(pk.size());
-    pipeline_->codec->decode(kt, p.data.data(), p.ntok, d_, pk.data(), pv.data());
+    decode_page(kt, p, *pipeline_->codec, pk.data(), pv.data());
     for (int j = 0, live = 0; j < p.ntok && x < idx.size() && idx[x] < base + p.live; ++j) {
       if (p.is_dead(j)) continue;
       if (idx[x] == base + live) {
@@ -697,13 +821,13 @@ void TokenStore::materialize(const kernels::KernelTable& kt, float* k, float* v,
   auto pages = [&](const PageList& list, const Codec& codec) {
     for (const Page& p : list) {
       if (p.live == p.ntok) {
-        codec.decode(kt, p.data.data(), p.ntok, d_, k + row * d, v + row * d);
+        decode_page(kt, p, codec, k + row * d, v + row * d);
         row += static_cast<std::size_t>(p.ntok);
         continue;
       }
       pk.resize(static_cast<std::size_t>(p.ntok) * d);
       pv.resize(pk.size());
-      codec.decode(kt, p.data.data(), p.ntok, d_, pk.data(), pv.data());
+      decode_page(kt, p, codec, pk.data(), pv.data());
       for (int s = 0; s < p.ntok; ++s)
         if (!p.is_dead(s)) copy_rows(pk.data() + s * d, pv.data() + s * d, 1);
     }
@@ -848,6 +972,41 @@ void TokenStore::attend_blocks(const kernels::KernelTable& kt, const float* q, i
     c.accumulate(kt, pg.data.data(), n, d, st.s, nq, st.o);
   };
 
+  // A MiniCache page: logits on the shared directions' codes times this layer's key
+  // magnitudes, the softmax weights times its value magnitudes into the value sum on the codes;
+  // retained slots with their original rows.
+  auto merged_page = [&](const Codec& c, const Page& pg, const kernels::BlockMask& mask) {
+    const TokenStore::MergedPart& mp = *pg.merged;
+    const int n = pg.ntok;
+    const std::byte* b = mp.dir->data();
+    const std::size_t un = static_cast<std::size_t>(n);
+    c.scores(kt, b, n, d, q, nq, st.s);
+    for (int r = 0; r < nq; ++r)
+      for (int j = 0; j < n; ++j) st.s[r * un + j] *= mp.mag[static_cast<std::size_t>(j)];
+    ws.merged_p.resize(static_cast<std::size_t>(nq) * (un + 1));
+    float* col = ws.merged_p.data() + static_cast<std::size_t>(nq) * un;  // one slot's rows
+    for (std::size_t i = 0; i < mp.slot.size(); ++i) {
+      kt.scores_f32(q, nq, mp.ret.data() + 2 * i * d, 1, d, col);
+      for (int r = 0; r < nq; ++r) st.s[r * un + static_cast<std::size_t>(mp.slot[i])] = col[r];
+    }
+    kt.mask_block(st.s, nq, n, mask);
+    kt.softmax_block(st.s, nq, n, st.m, st.l, st.o, d);
+    if (st.probs)
+      for (int r = 0; r < nq; ++r) std::copy(st.s + r * un, st.s + (r + 1) * un, st.probs + r * st.probs_stride);
+    float* pw = ws.merged_p.data();
+    for (int r = 0; r < nq; ++r)
+      for (int j = 0; j < n; ++j) pw[r * un + j] = st.s[r * un + j] * mp.mag[un + static_cast<std::size_t>(j)];
+    for (std::size_t i = 0; i < mp.slot.size(); ++i) {
+      const std::size_t j = static_cast<std::size_t>(mp.slot[i]);
+      for (int r = 0; r < nq; ++r) {
+        col[r] = st.s[r * un + j];
+        pw[r * un + j] = 0.0f;
+      }
+      kt.accum_f32(col, nq, mp.ret.data() + (2 * i + 1) * d, 1, d, st.o);
+    }
+    c.accumulate(kt, b, n, d, pw, nq, st.o);
+  };
+
   if (range.head) dense(sink_k_.data(), sink_v_.data(), sinks_, nullptr, false);
   // Query-side state, once per call and codec (aligned to 64 bytes inside a workspace buffer).
   auto prepare = [&](const Codec& codec, std::vector<std::byte>& buf) -> std::byte* {
@@ -869,13 +1028,15 @@ void TokenStore::attend_blocks(const kernels::KernelTable& kt, const float* q, i
   for (std::size_t i = range.page_begin; i < npages; ++i) {
     const Page& pg = pages_[i];
     if (i + kPrefetchAhead < npages) {
-      const Bytes& next = pages_[i + kPrefetchAhead].data;
+      const Bytes& next = pages_[i + kPrefetchAhead].bytes();
       st.prefetch = next.data();
       st.prefetch_bytes = next.size();
     }
     const std::uint64_t* dead = pg.dead.empty() ? nullptr : pg.dead.data();
     run_block(pg.ntok, pg.live, dead, nullptr, false, [&](const kernels::BlockMask& mask) {
-      if (rope_)
+      if (pg.merged)
+        merged_page(codec, pg, mask);
+      else if (rope_)
         rope_page(codec, pg, mask);
       else
         codec.attend_page(kt, pg.data.data(), pg.ntok, d, q, prepared, nq, mask, st);
@@ -970,6 +1131,9 @@ void TokenStore::reset() {
   seen_ = 0;
   evict_pending_ = false;
   repacked_pages_ = 0;
+  merged_pages_ = retained_ = 0;
+  pair_ok_ = lower_ != nullptr;
+  held_ = has_upper_;
 }
 
 }  // namespace kvslim

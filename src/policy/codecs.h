@@ -45,6 +45,7 @@ BuiltStage make_mikv(StageParams& p, const StageContext& ctx);
 BuiltStage make_zipcache(StageParams& p, int head_dim);
 // Merge stages (src/policy/merge.cpp).
 BuiltStage make_kvmerger(StageParams& p, int head_dim);
+BuiltStage make_minicache(StageParams& p, int head_dim);
 
 /// Codebooks (cq) or level tables (nuq) read from `path`, once per cache: through
 /// ctx.loaded, where the cache keeps them and counts their bytes. A read error keeps its code

@@ -7,6 +7,7 @@
 #include "kvslim/cache/token_store.h"
 #include "kvslim/policy/eviction/h2o.h"
 #include "kvslim/policy/merge/kvmerger.h"
+#include "kvslim/policy/merge/minicache.h"
 #include "policy/codecs.h"
 
 namespace kvslim {
@@ -170,7 +171,81 @@ void KVMerger::merge(const kernels::KernelTable& kt, TokenStore& store) const {
   if (!victims.empty()) store.drop(kt, victims);
 }
 
+// ---- MiniCache ----
+
+std::string MiniCache::describe() const {
+  std::string s = fmt::format("minicache:t={},retain={}", o_.t, o_.retain);
+  if (o_.threshold >= -1.0) s += fmt::format(",threshold={}", o_.threshold);
+  return s;
+}
+
+void MiniCache::merge_layers(const kernels::KernelTable& kt, TokenStore& lower, TokenStore& upper) const {
+  (void)lower;  // the upper store holds the pairing
+  upper.seal_merged(kt, *this);
+}
+
+namespace {
+// SLERP of the directions of a and b at t into out (unit, or zero if both are zero); returns
+// the cosine of a and b (0 if either is zero).
+double slerp(const float* a, const float* b, int d, double t, float* out) {
+  const double na = std::sqrt(dot(a, a, d)), nb = std::sqrt(dot(b, b, d));
+  if (na == 0.0 || nb == 0.0) {
+    const float* x = na == 0.0 ? b : a;
+    const double nx = na == 0.0 ? nb : na;
+    for (int c = 0; c < d; ++c) out[c] = nx == 0.0 ? 0.0f : static_cast<float>(x[c] / nx);
+    return 0.0;
+  }
+  const double cosv = std::clamp(dot(a, b, d) / (na * nb), -1.0, 1.0);
+  const double omega = std::acos(cosv), so = std::sin(omega);
+  // Nearly parallel: SLERP tends to the normalized linear interpolation.
+  const double wa = so < 1e-6 ? 1.0 - t : std::sin((1.0 - t) * omega) / so;
+  const double wb = so < 1e-6 ? t : std::sin(t * omega) / so;
+  double n2 = 0.0;
+  std::vector<double> u(static_cast<std::size_t>(d));
+  for (int c = 0; c < d; ++c) {
+    u[c] = wa * a[c] / na + wb * b[c] / nb;
+    n2 += u[c] * u[c];
+  }
+  // Antiparallel vectors have no SLERP (every great circle qualifies): keep a's direction.
+  const double nu = std::sqrt(n2);
+  for (int c = 0; c < d; ++c) out[c] = nu > 1e-12 ? static_cast<float>(u[c] / nu) : static_cast<float>(a[c] / na);
+  return cosv;
+}
+}  // namespace
+
+void MiniCache::merge_rows(const float* k0, const float* v0, const float* k1, const float* v1, int ntok, int d,
+                           float* dk, float* dv, std::vector<int>& retained) const {
+  const std::size_t ud = static_cast<std::size_t>(d);
+  std::vector<std::pair<double, int>> sim(static_cast<std::size_t>(ntok));
+  for (int j = 0; j < ntok; ++j) {
+    const std::size_t o = static_cast<std::size_t>(j) * ud;
+    const double ck = slerp(k0 + o, k1 + o, d, o_.t, dk + o);
+    const double cv = slerp(v0 + o, v1 + o, d, o_.t, dv + o);
+    sim[static_cast<std::size_t>(j)] = {std::min(ck, cv), j};
+  }
+  const int nret = std::min(ntok, static_cast<int>(std::floor(o_.retain * ntok + 0.5)));
+  std::vector<std::pair<double, int>> order = sim;
+  std::stable_sort(order.begin(), order.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+  std::vector<char> keep(static_cast<std::size_t>(ntok), 0);
+  for (int i = 0; i < nret; ++i) keep[static_cast<std::size_t>(order[static_cast<std::size_t>(i)].second)] = 1;
+  if (o_.threshold >= -1.0)
+    for (const auto& [c, j] : sim)
+      if (c < o_.threshold) keep[static_cast<std::size_t>(j)] = 1;
+  retained.clear();
+  for (int j = 0; j < ntok; ++j)
+    if (keep[static_cast<std::size_t>(j)]) retained.push_back(j);
+}
+
 namespace detail {
+
+BuiltStage make_minicache(StageParams& p, int) {
+  MiniCache::Options o;
+  o.t = p.get_double("t", 0.6, 0.0, 1.0);
+  o.retain = p.get_double("retain", 0.05, 0.0, 1.0);
+  if (p.has("threshold")) o.threshold = p.get_double("threshold", 0.0, -1.0, 1.0);
+  p.check_all_used({"t", "retain", "threshold"});
+  return BuiltStage{StageKind::kMerge, nullptr, nullptr, std::make_shared<MiniCache>(o), nullptr};
+}
 
 BuiltStage make_kvmerger(StageParams& p, int) {
   KVMerger::Options o;

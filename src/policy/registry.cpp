@@ -42,6 +42,7 @@ struct Registry {
     entries["mikv"] = {StageKind::kEviction, detail::make_mikv};
     entries["zipcache"] = {StageKind::kScorer, with_context(detail::make_zipcache)};
     entries["kvmerger"] = {StageKind::kMerge, with_context(detail::make_kvmerger)};
+    entries["minicache"] = {StageKind::kMerge, with_context(detail::make_minicache)};
   }
 };
 

@@ -43,6 +43,7 @@ class RopeTable;
 namespace kernels {
 struct KernelTable;
 }
+class MiniCache;
 
 /// Scratch buffers for attention, reused across calls (one per thread).
 struct AttendWorkspace {
@@ -68,6 +69,7 @@ struct AttendWorkspace {
   // Pre-RoPE keys (TokenStore::set_rope): one block's keys rotated, its values decoded, the
   // positions of every token, the angles.
   std::vector<float> rope_k, rope_v;
+  std::vector<float> merged_p;  // MiniCache pages: softmax weights times value magnitudes
   std::vector<std::int64_t> rope_pos, rope_slot_pos;
   std::shared_ptr<void> rope_state;  // detail::RopeTable::State
   std::int64_t slots = 0;  // physical slots covered by probs rows
@@ -208,8 +210,25 @@ class TokenStore {
   /// received from the rows whose query index (r % nquery) >= first_query.
   void collect_mass(AttendWorkspace& ws, int nq, int nquery, int first_query, float* mass) const;
 
-  /// Drop everything; keep the pipeline.
+  /// Drop everything; keep the pipeline (and a MiniCache pairing).
   void reset();
+
+  /// MiniCache (cross-layer merging): this store (layer l) seals its pages together with
+  /// `lower` (layer l-1, same kv head, same codec): each pair of pages becomes one page of
+  /// shared unit directions, counted in `shared` (KVCache's shared bytes: both layers
+  /// reference it), plus per-layer magnitudes and the retained tokens' originals. The lower
+  /// store's own sealing then waits for this one's. KVCache sets this up; pass null to undo.
+  void pair_with_lower(TokenStore* lower, ByteCounter* shared);
+  /// Called by MiniCache::merge_layers from this store's flush(): seals every complete page
+  /// beyond the residual that both windows hold (the same tokens at the same positions). If
+  /// the two ever disagree (different positions, or the lower layer behind), the pair is
+  /// dissolved until reset() and both seal on their own.
+  void seal_merged(const kernels::KernelTable& kt, const MiniCache& mc);
+  /// Sealed pages that hold merged (MiniCache) tokens, and of their slots, the retained ones.
+  std::int64_t merged_pages() const noexcept { return merged_pages_; }
+  std::int64_t retained_tokens() const noexcept { return retained_; }
+  /// True while this store's sealing waits for its MiniCache upper layer.
+  bool held_for_merge() const noexcept { return held_; }
 
  private:
   using Bytes = std::vector<std::byte, TrackedAllocator<std::byte>>;
@@ -250,13 +269,28 @@ class TokenStore {
   };
   using Floats = std::vector<float, TrackedAllocator<float>>;
   using Words = std::vector<std::uint64_t, TrackedAllocator<std::uint64_t>>;
+  /// A MiniCache page's own part: the shared unit directions (the codec's page format,
+  /// referenced by both layers' pages), this layer's magnitudes [2][ntok] (keys, then values:
+  /// the original norm divided by the stored direction's, so a restored row has exactly the
+  /// original norm), and the retained slots' original rows [nret][2][d] (key, value).
+  struct MergedPart {
+    std::shared_ptr<const Bytes> dir;
+    Floats mag;
+    Floats ret;
+    std::vector<std::int32_t, TrackedAllocator<std::int32_t>> slot;
+    explicit MergedPart(ByteCounter* c)
+        : mag(TrackedAllocator<float>(c)), ret(TrackedAllocator<float>(c)), slot(TrackedAllocator<std::int32_t>(c)) {}
+  };
   /// A sealed page: ntok slots encoded by the codec; `dead` has one bit per slot (set =
-  /// dropped), empty while every slot is live.
+  /// dropped), empty while every slot is live. `merged` is set for a MiniCache page (`data`
+  /// is then empty).
   struct Page {
     Bytes data;
     Words dead;
     int ntok = 0;
     int live = 0;
+    std::shared_ptr<const MergedPart> merged;
+    const Bytes& bytes() const noexcept { return merged ? *merged->dir : data; }
     bool is_dead(int j) const noexcept {
       return !dead.empty() && ((dead[static_cast<std::size_t>(j) >> 6] >> (j & 63)) & 1u);
     }
@@ -270,6 +304,10 @@ class TokenStore {
   using PageList = std::vector<Page, TrackedAllocator<Page>>;
   void repack(const kernels::KernelTable& kt, PageList& pages, const Codec& codec);
   Page make_page(int ntok, const Codec& codec);
+  /// A sealed page's rows, decoded (and for a MiniCache page restored) into k, v [ntok][d].
+  void decode_page(const kernels::KernelTable& kt, const Page& p, const Codec& codec, float* k, float* v) const;
+  /// Removes the first n rows of the window (sealed into a page).
+  void pop_window(std::int64_t n);
   /// Calls f(k, v) with the decoded rows of ordinary tokens idx (sorted, unique, < ordinary()).
   template <class F>
   void for_rows(const kernels::KernelTable& kt, const std::vector<std::int64_t>& idx, F&& f) const;
@@ -300,6 +338,13 @@ class TokenStore {
   std::int64_t repacked_pages_ = 0;
   const Codec* lo_codec_;  // the demotion codec, or null
   const detail::RopeTable* rope_ = nullptr;  // pre-RoPE keys: attention rotates them
+  // MiniCache pairing: this store's lower layer and the counter of the directions both share;
+  // pair_ok_ until dissolved (reset() restores it); held_: this store is a lower layer whose
+  // sealing waits (has_upper_: it was paired at all).
+  TokenStore* lower_ = nullptr;
+  ByteCounter* shared_counter_ = nullptr;
+  bool pair_ok_ = false, held_ = false, has_upper_ = false;
+  std::int64_t merged_pages_ = 0, retained_ = 0;
   /// The demoted segment's containers, allocated only for a pipeline that demotes (every
   /// store's own size counts in stats()).
   struct Demoted {
