@@ -26,12 +26,7 @@ using kvslim::test::expect_error;
 
 namespace {
 
-std::vector<float> random_rows(std::mt19937& rng, int n, int d) {
-  std::normal_distribution<float> nd(0.0f, 1.0f);
-  std::vector<float> x(static_cast<std::size_t>(n) * d);
-  for (float& f : x) f = nd(rng);
-  return x;
-}
+using kvslim::test::random_rows;
 
 void append_rows(KVCache& c, const std::vector<float>& k, const std::vector<float>& v, int first, int n, int d) {
   c.append(0, TensorView<const float>(k.data() + static_cast<std::size_t>(first) * d, {1, n, d}),

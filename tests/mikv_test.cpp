@@ -34,12 +34,7 @@ using kvslim::test::expect_error;
 namespace {
 
 
-std::vector<float> random_rows(std::mt19937& rng, std::size_t n) {
-  std::normal_distribution<float> nd(0.0f, 1.0f);
-  std::vector<float> x(n);
-  for (float& f : x) f = nd(rng);
-  return x;
-}
+std::vector<float> random_rows(std::mt19937& rng, std::size_t n) { return test::random_rows(rng, static_cast<int>(n), 1); }
 
 }  // namespace
 

@@ -33,12 +33,7 @@ using kvslim::test::expect_error;
 namespace {
 
 
-std::vector<float> random_rows(std::mt19937& rng, int n, int d) {
-  std::normal_distribution<float> nd(0.0f, 1.0f);
-  std::vector<float> x(static_cast<std::size_t>(n) * d);
-  for (float& f : x) f = nd(rng);
-  return x;
-}
+using kvslim::test::random_rows;
 
 // One layer, kv_heads heads, rows [kv_heads][n][d] contiguous.
 void append_rows(KVCache& c, const float* k, const float* v, int kv_heads, int n, int d) {

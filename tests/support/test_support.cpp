@@ -101,6 +101,13 @@ std::string at_file(const std::string& path) {
   return s;
 }
 
+std::vector<float> random_rows(std::mt19937& rng, int n, int d) {
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::vector<float> x(static_cast<std::size_t>(n) * d);
+  for (float& f : x) f = nd(rng);
+  return x;
+}
+
 void expect_error(const std::function<void()>& f, ErrorCode code, const std::vector<std::string>& parts) {
   try {
     f();

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -48,6 +49,9 @@ namespace kvslim::test {
 /// row stride `stride`; probs (optional) receives the ntok probabilities.
 void ref_attention(const float* q, const float* k, const float* v, long ntok, int d, long stride, double scale,
                    float* out, double* probs = nullptr, const float* log_w = nullptr);
+
+/// n * d standard normal floats from rng (n rows of d).
+std::vector<float> random_rows(std::mt19937& rng, int n, int d);
 
 /// f() must throw kvslim::Error with `code` and a message containing every one of `parts`.
 void expect_error(const std::function<void()>& f, ErrorCode code, const std::vector<std::string>& parts);
