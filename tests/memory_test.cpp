@@ -67,7 +67,10 @@ std::vector<float> random_rows(std::size_t n, unsigned seed) {
 
 TEST(Memory, StatsEqualHeapGrowthExactly) {
   for (const char* recipe : {"f32", "f16", "kivi:kbits=2,vbits=2,group=32,residual=64",
-                             "kivi:kbits=3,vbits=4,group=16,residual=0,sinks=2 ; [layers=1] bf16"}) {
+                             "kivi:kbits=3,vbits=4,group=16,residual=0,sinks=2 ; [layers=1] bf16",
+                             "kvmerger:budget=64,recent=16,threshold=0 | f16",
+                             "kivi:kbits=4,vbits=4,group=16,residual=8 ; [layers=1] minicache:retain=0.1 | "
+                             "kivi:kbits=4,vbits=4,group=16,residual=8"}) {
     const int L = 2, H = 2, d = 24, T = 310;
     const auto data = random_rows(static_cast<std::size_t>(H) * T * d, 1);
     KVCache cache(CacheConfig{L, 4, H, d, 1000, recipe});
