@@ -127,6 +127,19 @@ TEST(MiniCache, RetainedExactMagnitudesExactDirectionsAreTheSlerp) {
   }
 }
 
+TEST(MiniCache, ThresholdRetainsThePairsBelowIt) {
+  const Layers L = make_layers(5);
+  for (const auto& [mc, want] : std::vector<std::pair<std::string, std::size_t>>{
+           {"minicache:retain=0", 0}, {"minicache:retain=0,threshold=0", L.planted.size()},
+           {"minicache:retain=0,threshold=1", static_cast<std::size_t>(kT)}}) {
+    KVCache c(CacheConfig{2, 1, 1, kD, 128, recipe("f32:group=16", mc)});
+    append(c, 0, L.k0.data(), L.v0.data(), kT, kD);
+    append(c, 1, L.k1.data(), L.v1.data(), kT, kD);
+    c.flush();
+    EXPECT_EQ(c.store(1, 0).retained_tokens(), static_cast<std::int64_t>(want)) << mc;
+  }
+}
+
 TEST(MiniCache, BytesFallByWhatTheFormatPredicts) {
   const int d = 64;
   const Layers L = make_layers(2, d);
