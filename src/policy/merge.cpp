@@ -67,7 +67,9 @@ void KVMerger::merge(const kernels::KernelTable& kt, TokenStore& store) const {
     e.push_back({j, pos[static_cast<std::size_t>(j)], store.special_key(s), store.special_value(s),
                  std::round(std::exp(static_cast<double>(store.special_log_weight(s)))), importance(j)});
   }
-  std::stable_sort(e.begin(), e.end(), [](const Entry& a, const Entry& b) { return a.position < b.position; });
+  // Positions are unique among the kept tokens (a merged state takes its pivot's), so the
+  // order is total.
+  std::sort(e.begin(), e.end(), [](const Entry& a, const Entry& b) { return a.position < b.position; });
   const std::size_t n = e.size();
 
   // Edges between neighbours whose key cosine passes the threshold; the `excess` most similar
@@ -225,7 +227,7 @@ void MiniCache::merge_rows(const float* k0, const float* v0, const float* k1, co
   }
   const int nret = std::min(ntok, static_cast<int>(std::floor(o_.retain * ntok + 0.5)));
   std::vector<std::pair<double, int>> order = sim;
-  std::stable_sort(order.begin(), order.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+  std::sort(order.begin(), order.end());  // by similarity, ties: the older token
   std::vector<char> keep(static_cast<std::size_t>(ntok), 0);
   for (int i = 0; i < nret; ++i) keep[static_cast<std::size_t>(order[static_cast<std::size_t>(i)].second)] = 1;
   if (o_.threshold >= -1.0)
