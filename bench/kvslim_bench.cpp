@@ -151,10 +151,13 @@ void BM_attend(benchmark::State& state, Isa isa, AttendFormat f, int ctx, int th
   state.counters["bits_per_value"] = st.bits_per_value;
 }
 
-void BM_evict(benchmark::State& state, Isa isa, AttendFormat f, int ctx) {
+// policy: the stage before the codec that holds the 4096-token budget (h2o, or kvmerger: its
+// merge step decodes the candidates' keys every step; on these random keys no adjacent pair
+// reaches its threshold, so every step also falls back to eviction: the worst case).
+void BM_evict(benchmark::State& state, Isa isa, AttendFormat f, int ctx, const char* policy) {
   constexpr int kQH = 32, kKVH = 8, kD = 128, kChunk = 1024, kBudget = 4096;
   set_active_isa(isa);
-  CacheConfig cfg{1, kQH, kKVH, kD, 2 * kBudget, std::string("h2o:budget=4096,recent=512 | ") + f.recipe};
+  CacheConfig cfg{1, kQH, kKVH, kD, 2 * kBudget, std::string(policy) + " | " + f.recipe};
   KVCache cache(cfg);
   std::vector<float> k(static_cast<std::size_t>(kKVH) * kChunk * kD), v(k.size()), q(static_cast<std::size_t>(kQH) * kD),
       out(q.size());
@@ -187,6 +190,42 @@ void BM_evict(benchmark::State& state, Isa isa, AttendFormat f, int ctx) {
   state.counters["slots_per_token"] = static_cast<double>(s0.page_slots()) / static_cast<double>(std::max<std::int64_t>(1, s0.sealed_tokens()));
   state.counters["pages"] = static_cast<double>(s0.page_count());
   state.counters["ratio_seen"] = st.ratio_seen;
+}
+
+// Layer 1 of a 2-layer cache with `[layers=1] minicache:retain=R | codec` (32/8 heads,
+// head_dim 128): one decode step's attention over ctx merged tokens.
+void BM_attend_minicache(benchmark::State& state, Isa isa, AttendFormat f, int ctx, const char* retain) {
+  constexpr int kQH = 32, kKVH = 8, kD = 128, kChunk = 1024;
+  set_active_isa(isa);
+  KVCache cache(CacheConfig{2, kQH, kKVH, kD, ctx + 1,
+                            std::string(f.recipe) + " ; [layers=1] minicache:retain=" + retain + " | " + f.recipe});
+  std::vector<float> k(static_cast<std::size_t>(kKVH) * kChunk * kD), v(k.size()), k1(k.size()),
+      q(static_cast<std::size_t>(kQH) * kD), out(q.size());
+  fill_random(k.data(), k.size(), 1);
+  fill_random(v.data(), v.size(), 2);
+  fill_random(k1.data(), k1.size(), 4);
+  for (std::size_t i = 0; i < k.size(); ++i) k1[i] = k[i] + 0.3f * k1[i];  // layer 1 near layer 0
+  fill_random(q.data(), q.size(), 3);
+  for (int t = 0; t <= ctx; t += kChunk) {
+    const int n = std::min(kChunk, ctx + 1 - t);
+    Layout l;
+    l.rank = 3;
+    l.shape = {kKVH, n, kD, 0};
+    l.strides = {static_cast<std::int64_t>(kChunk) * kD, kD, 1, 0};
+    cache.append(0, TensorView<const float>(k.data(), l), TensorView<const float>(v.data(), l));
+    cache.append(1, TensorView<const float>(k1.data(), l), TensorView<const float>(v.data(), l));
+  }
+  cache.flush();
+  const TensorView<const float> qv(q.data(), {kQH, 1, kD});
+  const TensorView<float> ov(out.data(), {kQH, 1, kD});
+  for (auto _ : state) {
+    cache.attend(1, qv, ov);
+    benchmark::DoNotOptimize(out.data());
+    benchmark::ClobberMemory();
+  }
+  const CacheStats st = cache.stats();
+  state.counters["kv_bytes"] = static_cast<double>(st.layer_bytes(1) + st.shared_bytes / 2);
+  state.counters["merged_pages"] = static_cast<double>(cache.store(1, 0).merged_pages());
 }
 
 // Codebook training (train_codebooks): one (layer, kv head), 4096 calibration tokens, head_dim
@@ -248,7 +287,23 @@ void register_attend() {
     for (const AttendFormat& f : kAttendFormats) {
       if (std::string(f.name) != "f16" && std::string(f.name) != "kivi4" && std::string(f.name) != "kivi2") continue;
       const std::string name = std::string("BM_evict/") + isa_name(isa) + "/" + f.name + "/h2o:4096/ctx:65536";
-      register_ms(name, BM_evict, isa, f, 65536);
+      register_ms(name, BM_evict, isa, f, 65536, "h2o:budget=4096,recent=512");
+      if (std::string(f.name) == "kivi2") continue;
+      register_ms(std::string("BM_evict/") + isa_name(isa) + "/" + f.name + "/kvmerger:4096/ctx:65536", BM_evict, isa,
+                  f, 65536, "kvmerger:budget=4096,recent=512,threshold=0.9");
+    }
+  }
+  // MiniCache: attention of layer 1, whose pages are merged with layer 0's, against the same
+  // codec unmerged (BM_attend of that format, one layer).
+  for (Isa isa : available_isas()) {
+    if (isa == Isa::kScalar) continue;
+    for (const AttendFormat& f : kAttendFormats) {
+      if (std::string(f.name) != "f16" && std::string(f.name) != "kivi4") continue;
+      for (int ctx : {16384, 65536})
+        for (const char* retain : {"0", "0.05"})
+          register_ms(std::string("BM_attend_minicache/") + isa_name(isa) + "/" + f.name + "/retain:" + retain +
+                          "/ctx:" + std::to_string(ctx),
+                      BM_attend_minicache, isa, f, ctx, retain);
     }
   }
 }

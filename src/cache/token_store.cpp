@@ -362,8 +362,8 @@ void TokenStore::seal_merged(const kernels::KernelTable& kt, const MiniCache& mc
       part->ret.resize(ret.size() * 2 * ud);
       for (std::size_t i = 0; i < ret.size(); ++i) {
         const std::size_t o = static_cast<std::size_t>(ret[i]) * ud;
-        std::memcpy(part->ret.data() + 2 * i * ud, k + o, ud * sizeof(float));
-        std::memcpy(part->ret.data() + (2 * i + 1) * ud, v + o, ud * sizeof(float));
+        std::memcpy(part->ret.data() + i * ud, k + o, ud * sizeof(float));
+        std::memcpy(part->ret.data() + (ret.size() + i) * ud, v + o, ud * sizeof(float));
       }
       Page pg{Bytes(TrackedAllocator<std::byte>(&st->counter_)), Words(TrackedAllocator<std::uint64_t>(&st->counter_)),
               static_cast<int>(g), static_cast<int>(g), std::move(part)};
@@ -396,8 +396,8 @@ void TokenStore::decode_page(const kernels::KernelTable& kt, const Page& p, cons
   }
   for (std::size_t i = 0; i < mp.slot.size(); ++i) {
     const std::size_t o = static_cast<std::size_t>(mp.slot[i]) * ud;
-    std::memcpy(k + o, mp.ret.data() + 2 * i * ud, ud * sizeof(float));
-    std::memcpy(v + o, mp.ret.data() + (2 * i + 1) * ud, ud * sizeof(float));
+    std::memcpy(k + o, mp.ret.data() + i * ud, ud * sizeof(float));
+    std::memcpy(v + o, mp.ret.data() + (mp.slot.size() + i) * ud, ud * sizeof(float));
   }
 }
 
@@ -983,11 +983,14 @@ void TokenStore::attend_blocks(const kernels::KernelTable& kt, const float* q, i
     c.scores(kt, b, n, d, q, nq, st.s);
     for (int r = 0; r < nq; ++r)
       for (int j = 0; j < n; ++j) st.s[r * un + j] *= mp.mag[static_cast<std::size_t>(j)];
-    ws.merged_p.resize(static_cast<std::size_t>(nq) * (un + 1));
-    float* col = ws.merged_p.data() + static_cast<std::size_t>(nq) * un;  // one slot's rows
-    for (std::size_t i = 0; i < mp.slot.size(); ++i) {
-      kt.scores_f32(q, nq, mp.ret.data() + 2 * i * d, 1, d, col);
-      for (int r = 0; r < nq; ++r) st.s[r * un + static_cast<std::size_t>(mp.slot[i])] = col[r];
+    // The retained slots' own rows: their keys [r][d], then their values [r][d], in one call each.
+    const std::size_t nr = mp.slot.size();
+    ws.merged_p.resize(static_cast<std::size_t>(nq) * (un + nr));
+    float* col = ws.merged_p.data() + static_cast<std::size_t>(nq) * un;  // [nq][nr]
+    if (nr) {
+      kt.scores_f32(q, nq, mp.ret.data(), static_cast<int>(nr), d, col);
+      for (int r = 0; r < nq; ++r)
+        for (std::size_t i = 0; i < nr; ++i) st.s[r * un + static_cast<std::size_t>(mp.slot[i])] = col[r * nr + i];
     }
     kt.mask_block(st.s, nq, n, mask);
     kt.softmax_block(st.s, nq, n, st.m, st.l, st.o, d);
@@ -996,13 +999,14 @@ void TokenStore::attend_blocks(const kernels::KernelTable& kt, const float* q, i
     float* pw = ws.merged_p.data();
     for (int r = 0; r < nq; ++r)
       for (int j = 0; j < n; ++j) pw[r * un + j] = st.s[r * un + j] * mp.mag[un + static_cast<std::size_t>(j)];
-    for (std::size_t i = 0; i < mp.slot.size(); ++i) {
-      const std::size_t j = static_cast<std::size_t>(mp.slot[i]);
-      for (int r = 0; r < nq; ++r) {
-        col[r] = st.s[r * un + j];
-        pw[r * un + j] = 0.0f;
-      }
-      kt.accum_f32(col, nq, mp.ret.data() + (2 * i + 1) * d, 1, d, st.o);
+    if (nr) {
+      for (int r = 0; r < nq; ++r)
+        for (std::size_t i = 0; i < nr; ++i) {
+          const std::size_t j = static_cast<std::size_t>(mp.slot[i]);
+          col[r * nr + i] = st.s[r * un + j];
+          pw[r * un + j] = 0.0f;
+        }
+      kt.accum_f32(col, nq, mp.ret.data() + nr * d, static_cast<int>(nr), d, st.o);
     }
     c.accumulate(kt, b, n, d, pw, nq, st.o);
   };

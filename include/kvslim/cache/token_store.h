@@ -272,7 +272,7 @@ class TokenStore {
   /// A MiniCache page's own part: the shared unit directions (the codec's page format,
   /// referenced by both layers' pages), this layer's magnitudes [2][ntok] (keys, then values:
   /// the original norm divided by the stored direction's, so a restored row has exactly the
-  /// original norm), and the retained slots' original rows [nret][2][d] (key, value).
+  /// original norm), and the retained slots' original rows [2][nret][d] (keys, then values).
   struct MergedPart {
     std::shared_ptr<const Bytes> dir;
     Floats mag;
