@@ -979,6 +979,12 @@ void TokenStore::attend_blocks(const kernels::KernelTable& kt, const float* q, i
     const TokenStore::MergedPart& mp = *pg.merged;
     const int n = pg.ntok;
     const std::byte* b = mp.dir->data();
+    // The codec's unfused calls issue no prefetch of the page kPrefetchAhead on (the fused
+    // kernels do, OnlineState::prefetch): without it every merged page waited on its misses.
+    if (st.prefetch) {
+      const char* pf = static_cast<const char*>(st.prefetch);
+      for (std::size_t o = 0; o < st.prefetch_bytes; o += 64) __builtin_prefetch(pf + o, 0, 3);
+    }
     const std::size_t un = static_cast<std::size_t>(n);
     c.scores(kt, b, n, d, q, nq, st.s);
     for (int r = 0; r < nq; ++r)
@@ -1032,9 +1038,18 @@ void TokenStore::attend_blocks(const kernels::KernelTable& kt, const float* q, i
   for (std::size_t i = range.page_begin; i < npages; ++i) {
     const Page& pg = pages_[i];
     if (i + kPrefetchAhead < npages) {
-      const Bytes& next = pages_[i + kPrefetchAhead].bytes();
+      const Page& ahead = pages_[i + kPrefetchAhead];
+      const Bytes& next = ahead.bytes();
       st.prefetch = next.data();
       st.prefetch_bytes = next.size();
+      if (ahead.merged) {  // a MiniCache page's own magnitudes and retained rows live apart
+        auto fetch = [](const Floats& f) {
+          const char* x = reinterpret_cast<const char*>(f.data());
+          for (std::size_t o = 0; o < f.size() * sizeof(float); o += 64) __builtin_prefetch(x + o, 0, 3);
+        };
+        fetch(ahead.merged->mag);
+        fetch(ahead.merged->ret);
+      }
     }
     const std::uint64_t* dead = pg.dead.empty() ? nullptr : pg.dead.data();
     run_block(pg.ntok, pg.live, dead, nullptr, false, [&](const kernels::BlockMask& mask) {
