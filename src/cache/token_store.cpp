@@ -981,10 +981,14 @@ void TokenStore::attend_blocks(const kernels::KernelTable& kt, const float* q, i
     const std::byte* b = mp.dir->data();
     // The codec's unfused calls issue no prefetch of the page kPrefetchAhead on (the fused
     // kernels do, OnlineState::prefetch): without it every merged page waited on its misses.
-    if (st.prefetch) {
-      const char* pf = static_cast<const char*>(st.prefetch);
-      for (std::size_t o = 0; o < st.prefetch_bytes; o += 64) __builtin_prefetch(pf + o, 0, 3);
-    }
+    // In two bursts, before the scores and before the value sum: a page's lines at once would
+    // queue on the L1 fill buffers with no arithmetic to overlap.
+    const char* pf = static_cast<const char*>(st.prefetch);
+    const std::size_t half = (st.prefetch_bytes / 2 + 63) & ~std::size_t{63};
+    auto prefetch = [&](std::size_t from, std::size_t to) {
+      for (std::size_t o = from; pf && o < to && o < st.prefetch_bytes; o += 64) __builtin_prefetch(pf + o, 0, 3);
+    };
+    prefetch(0, half);
     const std::size_t un = static_cast<std::size_t>(n);
     c.scores(kt, b, n, d, q, nq, st.s);
     for (int r = 0; r < nq; ++r)
@@ -1002,6 +1006,7 @@ void TokenStore::attend_blocks(const kernels::KernelTable& kt, const float* q, i
     kt.softmax_block(st.s, nq, n, st.m, st.l, st.o, d);
     if (st.probs)
       for (int r = 0; r < nq; ++r) std::copy(st.s + r * un, st.s + (r + 1) * un, st.probs + r * st.probs_stride);
+    prefetch(half, st.prefetch_bytes);
     float* pw = ws.merged_p.data();
     for (int r = 0; r < nq; ++r)
       for (int j = 0; j < n; ++j) pw[r * un + j] = st.s[r * un + j] * mp.mag[un + static_cast<std::size_t>(j)];
