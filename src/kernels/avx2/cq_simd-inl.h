@@ -490,7 +490,69 @@ void cq_accum_direct4(const float* p, const CqPage& pg, const float* vcen, int n
     }
   }
 }
+
+// The same for 8 channels per group (cq1: C 8, B 1), AVX-512 only: a zmm holds 2 rows x 8
+// channels, so a (token, group) is one 8-float centroid broadcast to both halves and two FMAs
+// with [p0 x8 | p1 x8] and [p2 x8 | p3 x8]. Passes of 2 groups (16 KB of centroids) with the
+// tokens taken in pairs keep 8 accumulators; the weight table it replaces cost a 4-float
+// read-modify-write per (token, group) plus cq_finish.
+template <int NG>
+inline void cq_direct8_pass(const float (*pp)[4], const int* live, int nl, const std::uint8_t* codes, int rb,
+                            const float* c0, float* o, int d) noexcept {
+  constexpr int kC = 8, kCount = 256;
+  const __m512i s01 = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  const __m512i s23 = _mm512_setr_epi32(2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+  __m512 a[2][NG], b[2][NG];  // [token parity][group]: rows 0-1 and rows 2-3
+  for (int u = 0; u < 2; ++u)
+    for (int h = 0; h < NG; ++h) a[u][h] = b[u][h] = _mm512_setzero_ps();
+  const auto add = [&](int u, int i) {
+    const std::uint8_t* c = codes + static_cast<std::ptrdiff_t>(live[i]) * rb;
+    const __m512 pb = _mm512_castps128_ps512(_mm_load_ps(pp[i]));
+    const __m512 p01 = _mm512_permutexvar_ps(s01, pb), p23 = _mm512_permutexvar_ps(s23, pb);
+#pragma GCC unroll 2
+    for (int h = 0; h < NG; ++h) {
+      const __m512 cen = _mm512_broadcast_f32x8(_mm256_loadu_ps(c0 + (h * kCount + c[h]) * kC));
+      a[u][h] = _mm512_fmadd_ps(p01, cen, a[u][h]);
+      b[u][h] = _mm512_fmadd_ps(p23, cen, b[u][h]);
+    }
+  };
+  int i = 0;
+  for (; i + 2 <= nl; i += 2) {
+    add(0, i);
+    add(1, i + 1);
+  }
+  if (i < nl) add(0, i);
+  for (int h = 0; h < NG; ++h) {
+    const __m512 x = _mm512_add_ps(a[0][h], a[1][h]), y = _mm512_add_ps(b[0][h], b[1][h]);
+    const __m256 v[4] = {_mm512_castps512_ps256(x), _mm512_extractf32x8_ps(x, 1), _mm512_castps512_ps256(y),
+                         _mm512_extractf32x8_ps(y, 1)};
+    for (int q = 0; q < 4; ++q) {
+      float* r = o + static_cast<std::ptrdiff_t>(q) * d + h * kC;
+      _mm256_storeu_ps(r, _mm256_add_ps(_mm256_loadu_ps(r), v[q]));
+    }
+  }
+}
+
+void cq_accum_direct8(const float* p, const CqPage& pg, const float* vcen, int ntok, float* o, int d) noexcept {
+  constexpr int kC = 8, kCount = 256;
+  const int groups = pg.vgroups, rb = groups;
+  alignas(16) float pp[kGmTile][4];
+  int live[kGmTile];
+  for (int j0 = 0; j0 < ntok; j0 += kGmTile) {
+    const int nj = ntok - j0 < kGmTile ? ntok - j0 : kGmTile;
+    const int nl = cq_live4(p, ntok, j0, nj, live, [&](int n, __m128 pj) { _mm_store_ps(pp[n], pj); });
+    const std::uint8_t* codes = pg.vcodes + static_cast<std::ptrdiff_t>(j0) * rb;
+    int g = 0;
+    for (; g + 2 <= groups; g += 2)
+      cq_direct8_pass<2>(pp, live, nl, codes + g, rb, vcen + static_cast<std::ptrdiff_t>(g) * kCount * kC, o + g * kC, d);
+    for (; g < groups; ++g)
+      cq_direct8_pass<1>(pp, live, nl, codes + g, rb, vcen + static_cast<std::ptrdiff_t>(g) * kCount * kC, o + g * kC, d);
+  }
+}
+constexpr bool kCqDirect8 = true;
 #else
+constexpr bool kCqDirect8 = false;
+void cq_accum_direct8(const float*, const CqPage&, const float*, int, float*, int) noexcept {}
 // One pass of cq_accum_direct4 over groups [g, g + NG): its accumulators are locals of this
 // function (in a lambda capturing them GCC stored all 8 to the stack on every token).
 template <int NG>
@@ -553,6 +615,13 @@ void attend_cq_k(int nq, const CqPage& pg, const CqTables& t, int ntok, int d, c
         nq, ntok, mask, st, [&](float* s) { cq_scores_k(nq, pg, t, ntok, s); },
         [&](float* s, float* m, float* l, float* o) { softmax_block_k(s, nq, ntok, m, l, o, d); },
         [&](const float* p, float* o) { cq_accum_direct4(p, pg, t.vcen, ntok, o, d); });
+    return;
+  }
+  if (kCqDirect8 && t.vcen && t.vchannels == 8 && pg.vcbits == 8 && nq == 4 && ntok >= kGmMin) {
+    fused_block(
+        nq, ntok, mask, st, [&](float* s) { cq_scores_k(nq, pg, t, ntok, s); },
+        [&](float* s, float* m, float* l, float* o) { softmax_block_k(s, nq, ntok, m, l, o, d); },
+        [&](const float* p, float* o) { cq_accum_direct8(p, pg, t.vcen, ntok, o, d); });
     return;
   }
   fused_block(
