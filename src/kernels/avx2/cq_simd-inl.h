@@ -438,6 +438,32 @@ inline int cq_live4(const float* p, int ntok, int j0, int nj, int* live, Put put
   return nl;
 }
 
+// The walk the direct value paths with a pass function share: tiles of kGmTile tokens, whose
+// live tokens and probabilities (4 floats each) are gathered once, then passes of NG groups
+// and single groups over them. pass(std::integral_constant<int, n>, pp, live, nl, codes,
+// rb, centroids, o) handles n groups from `codes` on (their 256-centroid slices of C
+// channels at `centroids`, their output channels at `o`).
+template <int C, int NG, class Pass>
+inline void cq_direct_walk(const float* p, const CqPage& pg, const float* vcen, int ntok, float* o,
+                           Pass&& pass) noexcept {
+  constexpr int kCount = 256;
+  const int groups = pg.vgroups, rb = groups;
+  alignas(16) float pp[kGmTile][4];
+  int live[kGmTile];
+  for (int j0 = 0; j0 < ntok; j0 += kGmTile) {
+    const int nj = ntok - j0 < kGmTile ? ntok - j0 : kGmTile;
+    const int nl = cq_live4(p, ntok, j0, nj, live, [&](int n, __m128 pj) { _mm_store_ps(pp[n], pj); });
+    const std::uint8_t* codes = pg.vcodes + static_cast<std::ptrdiff_t>(j0) * rb;
+    int g = 0;
+    for (; g + NG <= groups; g += NG)
+      pass(std::integral_constant<int, NG>{}, pp, live, nl, codes + g, rb,
+           vcen + static_cast<std::ptrdiff_t>(g) * kCount * C, o + g * C);
+    for (; g < groups; ++g)
+      pass(std::integral_constant<int, 1>{}, pp, live, nl, codes + g, rb,
+           vcen + static_cast<std::ptrdiff_t>(g) * kCount * C, o + g * C);
+  }
+}
+
 #if defined(__AVX512F__)
 // The value side straight into o (kernel_table.h, attend_cq) at 256 centroids of 4 channels
 // and 4 rows: one zmm holds a group's 4 rows x 4 channels, so a (token, group) is one
@@ -534,20 +560,7 @@ inline void cq_direct8_pass(const float (*pp)[4], const int* live, int nl, const
 }
 
 void cq_accum_direct8(const float* p, const CqPage& pg, const float* vcen, int ntok, float* o, int d) noexcept {
-  constexpr int kC = 8, kCount = 256;
-  const int groups = pg.vgroups, rb = groups;
-  alignas(16) float pp[kGmTile][4];
-  int live[kGmTile];
-  for (int j0 = 0; j0 < ntok; j0 += kGmTile) {
-    const int nj = ntok - j0 < kGmTile ? ntok - j0 : kGmTile;
-    const int nl = cq_live4(p, ntok, j0, nj, live, [&](int n, __m128 pj) { _mm_store_ps(pp[n], pj); });
-    const std::uint8_t* codes = pg.vcodes + static_cast<std::ptrdiff_t>(j0) * rb;
-    int g = 0;
-    for (; g + 2 <= groups; g += 2)
-      cq_direct8_pass<2>(pp, live, nl, codes + g, rb, vcen + static_cast<std::ptrdiff_t>(g) * kCount * kC, o + g * kC, d);
-    for (; g < groups; ++g)
-      cq_direct8_pass<1>(pp, live, nl, codes + g, rb, vcen + static_cast<std::ptrdiff_t>(g) * kCount * kC, o + g * kC, d);
-  }
+  cq_direct_walk<8, 2>(p, pg, vcen, ntok, o, [d](auto ng, auto&&... a) { cq_direct8_pass<decltype(ng)::value>(a..., d); });
 }
 constexpr bool kCqDirect8 = true;
 #else
@@ -591,37 +604,19 @@ inline void cq_direct4_pass(const float (*pp)[4], const int* live, int nl, const
 // [p2 x4 | p3 x4]. A pass of 4 groups keeps 8 accumulators. On Zen 2 the weight table's
 // read-modify-write cost about 2.4 cycles per (token, group) plus cq_finish.
 void cq_accum_direct4(const float* p, const CqPage& pg, const float* vcen, int ntok, float* o, int d) noexcept {
-  constexpr int kC = 4, kCount = 256;
-  const int groups = pg.vgroups, rb = groups;
-  alignas(16) float pp[kGmTile][4];
-  int live[kGmTile];
-  for (int j0 = 0; j0 < ntok; j0 += kGmTile) {
-    const int nj = ntok - j0 < kGmTile ? ntok - j0 : kGmTile;
-    const int nl = cq_live4(p, ntok, j0, nj, live, [&](int n, __m128 pj) { _mm_store_ps(pp[n], pj); });
-    const std::uint8_t* codes = pg.vcodes + static_cast<std::ptrdiff_t>(j0) * rb;
-    int g = 0;
-    for (; g + 4 <= groups; g += 4)
-      cq_direct4_pass<4>(pp, live, nl, codes + g, rb, vcen + static_cast<std::ptrdiff_t>(g) * kCount * kC, o + g * kC, d);
-    for (; g < groups; ++g)
-      cq_direct4_pass<1>(pp, live, nl, codes + g, rb, vcen + static_cast<std::ptrdiff_t>(g) * kCount * kC, o + g * kC, d);
-  }
+  cq_direct_walk<4, 4>(p, pg, vcen, ntok, o, [d](auto ng, auto&&... a) { cq_direct4_pass<decltype(ng)::value>(a..., d); });
 }
 #endif
 
 void attend_cq_k(int nq, const CqPage& pg, const CqTables& t, int ntok, int d, const BlockMask& mask,
                  OnlineState& st) noexcept {
-  if (t.vcen && t.vchannels == 4 && pg.vcbits == 8 && nq == 4 && ntok >= kGmMin) {
+  if (t.vcen && (t.vchannels == 4 || (kCqDirect8 && t.vchannels == 8)) && pg.vcbits == 8 && nq == 4 &&
+      ntok >= kGmMin) {
+    const auto direct = t.vchannels == 4 ? cq_accum_direct4 : cq_accum_direct8;
     fused_block(
         nq, ntok, mask, st, [&](float* s) { cq_scores_k(nq, pg, t, ntok, s); },
         [&](float* s, float* m, float* l, float* o) { softmax_block_k(s, nq, ntok, m, l, o, d); },
-        [&](const float* p, float* o) { cq_accum_direct4(p, pg, t.vcen, ntok, o, d); });
-    return;
-  }
-  if (kCqDirect8 && t.vcen && t.vchannels == 8 && pg.vcbits == 8 && nq == 4 && ntok >= kGmMin) {
-    fused_block(
-        nq, ntok, mask, st, [&](float* s) { cq_scores_k(nq, pg, t, ntok, s); },
-        [&](float* s, float* m, float* l, float* o) { softmax_block_k(s, nq, ntok, m, l, o, d); },
-        [&](const float* p, float* o) { cq_accum_direct8(p, pg, t.vcen, ntok, o, d); });
+        [&](const float* p, float* o) { direct(p, pg, t.vcen, ntok, o, d); });
     return;
   }
   fused_block(
