@@ -7,6 +7,7 @@
 
 #include "cache/rope.h"
 #include "check.h"
+#include "util/dot.h"
 #include "kvslim/kernels/kernel_table.h"
 #include "kvslim/policy/merge/minicache.h"
 #include "kvslim/policy/policy.h"
@@ -325,6 +326,7 @@ void TokenStore::seal_merged(const kernels::KernelTable& kt, const MiniCache& mc
     }
   const std::size_t ud = static_cast<std::size_t>(d_), n = static_cast<std::size_t>(g) * ud;
   std::vector<float> dk(n), dv(n), qk(n), qv(n);
+  std::vector<double> dn(static_cast<std::size_t>(2 * g));
   std::vector<int> ret;
   std::int64_t sealed = 0;
   while (window_ - sealed - g >= residual_) {
@@ -341,6 +343,11 @@ void TokenStore::seal_merged(const kernels::KernelTable& kt, const MiniCache& mc
     // The directions as stored (quantized by the codec): a layer's magnitude is its norm over
     // the stored direction's, so that restoring gives the original norm exactly.
     codec.decode(kt, dir->data(), static_cast<int>(g), d_, qk.data(), qv.data());
+    // The stored directions' norms, once for both layers.
+    for (std::int64_t j = 0; j < g; ++j) {
+      dn[static_cast<std::size_t>(j)] = detail::norm_f64(qk.data() + j * d_, d_);
+      dn[static_cast<std::size_t>(g + j)] = detail::norm_f64(qv.data() + j * d_, d_);
+    }
     for (TokenStore* st : {&lo, this}) {
       const float* k = st == this ? k1 : k0;
       const float* v = st == this ? v1 : v0;
@@ -348,15 +355,11 @@ void TokenStore::seal_merged(const kernels::KernelTable& kt, const MiniCache& mc
       part->dir = dir;
       part->mag.resize(static_cast<std::size_t>(2 * g));
       for (std::int64_t j = 0; j < g; ++j) {
-        const std::size_t o = static_cast<std::size_t>(j) * ud;
-        auto norm = [&](const float* x) {
-          double a = 0.0;
-          for (std::size_t c = 0; c < ud; ++c) a += static_cast<double>(x[o + c]) * x[o + c];
-          return std::sqrt(a);
-        };
-        const double sk = norm(qk.data()), sv = norm(qv.data());
-        part->mag[static_cast<std::size_t>(j)] = sk > 0.0 ? static_cast<float>(norm(k) / sk) : 0.0f;
-        part->mag[static_cast<std::size_t>(g + j)] = sv > 0.0 ? static_cast<float>(norm(v) / sv) : 0.0f;
+        const double sk = dn[static_cast<std::size_t>(j)], sv = dn[static_cast<std::size_t>(g + j)];
+        part->mag[static_cast<std::size_t>(j)] =
+            sk > 0.0 ? static_cast<float>(detail::norm_f64(k + j * d_, d_) / sk) : 0.0f;
+        part->mag[static_cast<std::size_t>(g + j)] =
+            sv > 0.0 ? static_cast<float>(detail::norm_f64(v + j * d_, d_) / sv) : 0.0f;
       }
       part->slot.assign(ret.begin(), ret.end());
       part->ret.resize(ret.size() * 2 * ud);

@@ -9,6 +9,7 @@
 #include "kvslim/policy/merge/kvmerger.h"
 #include "kvslim/policy/merge/minicache.h"
 #include "policy/codecs.h"
+#include "util/dot.h"
 
 namespace kvslim {
 
@@ -21,16 +22,8 @@ std::shared_ptr<const Scorer> KVMerger::implied_scorer() const { return std::mak
 
 namespace {
 
-// In double, as four independent partial sums: the compiler vectorizes those (it may not
-// reorder a single sum), and the merge step computes two of these per candidate per step.
-double dot(const float* a, const float* b, int d) {
-  double s[4] = {0.0, 0.0, 0.0, 0.0};
-  int c = 0;
-  for (; c + 4 <= d; c += 4)
-    for (int u = 0; u < 4; ++u) s[u] += static_cast<double>(a[c + u]) * b[c + u];
-  for (; c < d; ++c) s[0] += static_cast<double>(a[c]) * b[c];
-  return (s[0] + s[1]) + (s[2] + s[3]);
-}
+using detail::dot_f64;
+using detail::norm_f64;
 
 // One entry of the merge step: an ordinary candidate or an earlier merged state, in position
 // order.
@@ -81,11 +74,11 @@ void KVMerger::merge(const kernels::KernelTable& kt, TokenStore& store) const {
   // are taken (ties: the older edge). Each taken edge joins two neighbours, so the head loses
   // exactly one entry per edge and ends at its budget when there are enough edges.
   std::vector<double> norm(n);
-  for (std::size_t i = 0; i < n; ++i) norm[i] = std::sqrt(dot(e[i].k, e[i].k, d));
+  for (std::size_t i = 0; i < n; ++i) norm[i] = norm_f64(e[i].k, d);
   std::vector<std::pair<double, std::size_t>> edges;  // (cosine, i): entries i - 1 and i
   for (std::size_t i = 1; i < n; ++i) {
     if (norm[i] == 0.0 || norm[i - 1] == 0.0) continue;  // a zero key is parallel to nothing
-    const double c = dot(e[i].k, e[i - 1].k, d) / (norm[i] * norm[i - 1]);
+    const double c = dot_f64(e[i].k, e[i - 1].k, d) / (norm[i] * norm[i - 1]);
     if (c >= o_.threshold) edges.emplace_back(c, i);
   }
   const std::size_t take = std::min(edges.size(), static_cast<std::size_t>(excess));
@@ -198,14 +191,14 @@ namespace {
 // SLERP of the directions of a and b at t into out (unit, or zero if both are zero); returns
 // the cosine of a and b (0 if either is zero).
 double slerp(const float* a, const float* b, int d, double t, float* out) {
-  const double na = std::sqrt(dot(a, a, d)), nb = std::sqrt(dot(b, b, d));
+  const double na = norm_f64(a, d), nb = norm_f64(b, d);
   if (na == 0.0 || nb == 0.0) {
     const float* x = na == 0.0 ? b : a;
     const double nx = na == 0.0 ? nb : na;
     for (int c = 0; c < d; ++c) out[c] = nx == 0.0 ? 0.0f : static_cast<float>(x[c] / nx);
     return 0.0;
   }
-  const double cosv = std::clamp(dot(a, b, d) / (na * nb), -1.0, 1.0);
+  const double cosv = std::clamp(dot_f64(a, b, d) / (na * nb), -1.0, 1.0);
   const double omega = std::acos(cosv), so = std::sin(omega);
   // Nearly parallel: SLERP tends to the normalized linear interpolation.
   const double wa = so < 1e-6 ? 1.0 - t : std::sin((1.0 - t) * omega) / so;
