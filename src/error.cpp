@@ -15,6 +15,8 @@ const char* error_code_name(ErrorCode code) noexcept {
     case ErrorCode::kIo: return "io";
     case ErrorCode::kFormat: return "format";
     case ErrorCode::kInvalidState: return "invalid_state";
+    case ErrorCode::kVersion: return "version";
+    case ErrorCode::kMismatch: return "mismatch";
   }
   return "unknown";
 }

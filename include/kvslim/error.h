@@ -21,6 +21,8 @@ enum class ErrorCode {
   kIo,                // file could not be read or written
   kFormat,            // corrupted, truncated or unknown file contents
   kInvalidState,      // the object cannot take this call now (e.g. a moved-from KVCache)
+  kVersion,           // a saved cache written by a newer format version than this library reads
+  kMismatch,          // a saved cache whose config, recipe or codebooks disagree with the target's
 };
 
 /// Returns a stable lowercase name for a code ("shape_mismatch", ...).

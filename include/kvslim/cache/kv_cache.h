@@ -16,6 +16,7 @@
 #pragma once
 
 #include <cstdint>
+#include <iosfwd>
 #include <memory>
 #include <span>
 #include <string>
@@ -150,6 +151,21 @@ class KVCache {
   std::string recipe_for(int layer, int kv_head) const;
   /// Drop every token; keep configuration and pipelines.
   void reset();
+
+  /// Write everything the cache holds, as stored (compressed pages, masks, demoted tiers,
+  /// special tokens, scores, positions), in the versioned format of docs/formats.md. Runs
+  /// flush() first, so what is saved is the steady state. Throws Error(kIo) if the stream
+  /// fails.
+  void save(std::ostream& os);
+  void save(const std::string& path);
+  /// Replace the cache's contents with a saved cache's. The file's config, recipe and
+  /// codebook identities must equal this cache's (Error(kMismatch) names the first field that
+  /// differs; threads may differ). Everything is read and checked before anything is
+  /// replaced: on any error the cache is left as it was. Errors: kFormat (bad magic,
+  /// truncation, checksum mismatch, inconsistent contents, naming the section), kVersion (a
+  /// newer format), kMismatch, kIo (file cannot be opened or read).
+  void load(std::istream& is);
+  void load(const std::string& path);
 
   /// Advanced: the store of one head (for policy authors and tests).
   TokenStore& store(int layer, int kv_head);
