@@ -215,8 +215,10 @@ void TokenStore::load_state(detail::StateReader& r, detail::SharedPages& shared,
     k.swap(win_k_);
     v.swap(win_v_);
     grow_window(window_);
-    std::memcpy(win_k_.data(), k.data(), k.size() * sizeof(float));
-    std::memcpy(win_v_.data(), v.data(), v.size() * sizeof(float));
+    if (!k.empty()) {  // an empty window may have null data; memcpy forbids that
+      std::memcpy(win_k_.data(), k.data(), k.size() * sizeof(float));
+      std::memcpy(win_v_.data(), v.data(), v.size() * sizeof(float));
+    }
   }
   load_runs(r, runs_, true, ordinary(), "positions");
 
