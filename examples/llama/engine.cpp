@@ -94,6 +94,15 @@ void Engine::reset() {
   position_ = 0;
 }
 
+void Engine::resume(std::int64_t position) {
+  KVSLIM_CHECK(position >= 0 && position <= max_positions_, ErrorCode::kCapacity,
+               "resume at position {}: outside [0, {}] positions of this engine", position, max_positions_);
+  const std::int64_t seen = cache_.stats().heads.at(0).seen;
+  KVSLIM_CHECK(seen == position, ErrorCode::kMismatch,
+               "resume at position {}: the cache has seen {} tokens, not {}", position, seen, position);
+  position_ = position;
+}
+
 void Engine::rope(float* x, int n, int heads) const {
   const ModelConfig& c = model_->config;
   const int hd = c.head_dim, half = hd / 2;

@@ -82,6 +82,11 @@ class Engine {
   /// Forgets the sequence (empties the cache, position back to 0).
   void reset();
 
+  /// After cache().load() of a cache that saw tokens 0 .. position-1 of one sequence:
+  /// continue at `position`. Throws Error(kMismatch) if the cache saw another number of
+  /// tokens, Error(kCapacity) past max_positions().
+  void resume(std::int64_t position);
+
   std::int64_t position() const noexcept { return position_; }
   std::int64_t max_positions() const noexcept { return max_positions_; }
   const Model& model() const noexcept { return *model_; }

@@ -6,10 +6,13 @@
 #include <filesystem>
 #include <limits>
 #include <memory>
+#include <span>
+#include <sstream>
 
 #include "check.h"
 #include "engine.h"
 #include "file_io.h"
+#include "kvslim/policy/codebook.h"
 #include "util/json.h"
 
 namespace kvslim::llama {
@@ -389,20 +392,130 @@ double write_dump(const Model& model, std::string_view text, std::int64_t offset
   return std::exp(mean_nll);
 }
 
+namespace {
+
+constexpr char kSessionMagic[8] = {'K', 'V', 'S', 'L', 'L', 'M', 'S', '1'};
+
+// The model's identity: xxHash64 of its weights file and its tokenizer file.
+std::uint64_t model_fingerprint(const Model& model) {
+  const std::string w = read_file(model.weights_path, "weights");
+  const std::string t = read_file(model.tokenizer_path, "tokenizer");
+  return xxhash64(t.data(), t.size(), xxhash64(w.data(), w.size()));
+}
+
+struct Session {
+  std::uint64_t model = 0;
+  std::string model_name, recipe;
+  bool pre_rope = false;
+  std::vector<int> tokens;   // forwarded: the cache saw exactly these
+  std::vector<float> logits;  // of the last of them
+  std::string cache;          // KVCache::save's bytes
+};
+
+void put_u64(std::string& s, std::uint64_t v) { s.append(reinterpret_cast<const char*>(&v), 8); }
+void put_str(std::string& s, std::string_view x) {
+  put_u64(s, x.size());
+  s.append(x);
+}
+
+void write_session(const std::string& path, const Model& model, const std::string& recipe, bool pre_rope,
+                   std::span<const int> tokens, std::span<const float> logits, KVCache& cache) {
+  std::string s(kSessionMagic, sizeof(kSessionMagic));
+  put_u64(s, model_fingerprint(model));
+  put_str(s, model.name);
+  put_str(s, recipe);
+  s.push_back(pre_rope ? 1 : 0);
+  put_u64(s, tokens.size());
+  s.append(reinterpret_cast<const char*>(tokens.data()), tokens.size_bytes());
+  put_u64(s, logits.size());
+  s.append(reinterpret_cast<const char*>(logits.data()), logits.size_bytes());
+  put_u64(s, xxhash64(s.data(), s.size()));
+  std::ostringstream os(std::ios::binary);
+  cache.save(os);
+  s += os.str();
+  write_file(path, s.data(), s.size());
+}
+
+Session read_session(const std::string& path, const Model& model) {
+  const std::string file = read_file(path, "session");
+  ByteReader r(file, path);
+  KVSLIM_CHECK(file.size() >= sizeof(kSessionMagic) && file.compare(0, 8, kSessionMagic, 8) == 0, ErrorCode::kFormat,
+               "'{}' is not a kvslim-llama session (no magic \"KVSLLMS1\"; written by generate --save-cache)", path);
+  r.bytes(8, "magic");
+  Session s;
+  s.model = r.u64("model fingerprint");
+  s.model_name = std::string(r.bytes(r.u64("model name length"), "model name"));
+  s.recipe = std::string(r.bytes(r.u64("recipe length"), "recipe"));
+  const std::string_view flag = r.bytes(1, "pre_rope");
+  KVSLIM_CHECK(flag[0] == 0 || flag[0] == 1, ErrorCode::kFormat, "'{}': pre_rope flag {} is not 0 or 1", path,
+               static_cast<int>(flag[0]));
+  s.pre_rope = flag[0] == 1;
+  const std::uint64_t nt = r.u64("token count");
+  KVSLIM_CHECK(nt >= 1 && nt <= r.remaining() / 4, ErrorCode::kFormat, "'{}': {} tokens do not fit in the file", path, nt);
+  s.tokens.resize(nt);
+  for (auto& t : s.tokens) t = r.i32("token");
+  const std::uint64_t nl = r.u64("logit count");
+  KVSLIM_CHECK(nl <= r.remaining() / 4, ErrorCode::kFormat, "'{}': {} logits do not fit in the file", path, nl);
+  s.logits.resize(nl);
+  for (auto& x : s.logits) x = r.f32("logit");
+  const std::size_t body = r.offset();
+  const std::uint64_t sum = r.u64("checksum");
+  KVSLIM_CHECK(sum == xxhash64(file.data(), body), ErrorCode::kFormat,
+               "'{}': the session header fails its checksum (the file is corrupted)", path);
+  const std::uint64_t here = model_fingerprint(model);
+  KVSLIM_CHECK(s.model == here, ErrorCode::kMismatch,
+               "'{}' was saved with model '{}' (fingerprint {:016x}), but this is '{}' ({:016x}): different weights or "
+               "tokenizer",
+               path, s.model_name, s.model, model.name, here);
+  KVSLIM_CHECK(nl == static_cast<std::uint64_t>(model.config.vocab_size), ErrorCode::kFormat,
+               "'{}' holds {} logits; the model's vocabulary has {} tokens", path, nl, model.config.vocab_size);
+  for (int t : s.tokens)
+    KVSLIM_CHECK(t >= 0 && t < model.config.vocab_size, ErrorCode::kFormat, "'{}': token id {} is outside the vocabulary",
+                 path, t);
+  s.cache = file.substr(r.offset());
+  return s;
+}
+
+}  // namespace
+
 GenerateResult generate(const Model& model, const std::string& recipe, std::string_view prompt,
-                        int max_new, const std::function<void(std::string_view)>& on_text, bool pre_rope) {
+                        int max_new, const std::function<void(std::string_view)>& on_text, bool pre_rope,
+                        const SessionFiles& files) {
   const Tokenizer& tok = *model.tokenizer;
   const int ctx = model.config.seq_len;
   GenerateResult res;
-  res.tokens.push_back(tok.bos_id());
-  const std::vector<int> p = tok.encode(prompt);
-  res.tokens.insert(res.tokens.end(), p.begin(), p.end());
+  std::string rec = recipe;
+  Session session;
+  if (!files.load.empty()) {
+    KVSLIM_CHECK(prompt.empty(), ErrorCode::kInvalidArgument,
+                 "a resumed session continues its own prompt; no other prompt can be given");
+    session = read_session(files.load, model);
+    KVSLIM_CHECK(rec.empty() || rec == session.recipe, ErrorCode::kMismatch,
+                 "'{}' was saved with the recipe '{}', not '{}'", files.load, session.recipe, rec);
+    KVSLIM_CHECK(!pre_rope || session.pre_rope, ErrorCode::kMismatch,
+                 "'{}' was saved without pre-RoPE keys; --pre-rope cannot resume it", files.load);
+    rec = session.recipe;
+    pre_rope = session.pre_rope;
+    res.tokens = session.tokens;
+  } else {
+    res.tokens.push_back(tok.bos_id());
+    const std::vector<int> p = tok.encode(prompt);
+    res.tokens.insert(res.tokens.end(), p.begin(), p.end());
+  }
   KVSLIM_CHECK(static_cast<int>(res.tokens.size()) < ctx, ErrorCode::kInvalidArgument,
                "the prompt has {} tokens with BOS; the model's context is {} tokens",
                res.tokens.size(), ctx);
 
-  Engine engine(model, recipe, ctx, pre_rope);
-  std::span<const float> logits = engine.forward(res.tokens, Logits::kLast);
+  Engine engine(model, rec, ctx, pre_rope);
+  std::span<const float> logits;
+  if (!files.load.empty()) {
+    std::istringstream is(session.cache, std::ios::binary);
+    engine.cache().load(is);
+    engine.resume(static_cast<std::int64_t>(res.tokens.size()));
+    logits = session.logits;
+  } else {
+    logits = engine.forward(res.tokens, Logits::kLast);
+  }
   res.text = tok.decode(res.tokens);
   if (on_text && !res.text.empty()) on_text(res.text);
 
@@ -431,6 +544,12 @@ GenerateResult generate(const Model& model, const std::string& recipe, std::stri
     ++steps;
   }
   res.tokens_per_s = secs > 0.0 ? steps / secs : 0.0;
+  // The session holds the tokens the cache saw and the logits of the last: the token they
+  // pick (generated above if max_new allowed, not yet forwarded) is picked again on resume.
+  if (!files.save.empty())
+    write_session(files.save, model, rec, pre_rope,
+                  std::span<const int>(res.tokens.data(), static_cast<std::size_t>(engine.position())), logits,
+                  engine.cache());
   const CacheStats st = engine.cache().stats();
   res.kv_bytes = st.total_bytes;
   res.bytes_per_token = bytes_per_token(st);

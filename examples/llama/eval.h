@@ -110,11 +110,24 @@ struct GenerateResult {
   double ratio_vs_f32 = 0.0;
 };
 
+/// Saved generation sessions (docs/formats.md, "kvslim-llama session"): the model's
+/// fingerprint, the recipe, the tokens forwarded and the logits of the last one, then the
+/// KV cache as KVCache::save writes it.
+struct SessionFiles {
+  std::string save;  // write the session here when generation ends (after prefill for max_new 0)
+  std::string load;  // resume from this session instead of encoding a prompt
+};
+
 /// Greedy generation: BOS + encode(prompt), prefill, then up to `max_new` tokens (stops at
 /// BOS/EOS or the context end). `on_text` receives each piece as it is produced.
+/// With files.load, the prompt must be empty and the session's tokens, logits and cache take
+/// the prefill's place: the text and tokens produced are exactly those of the run that saved
+/// it, continued (on the same ISA). recipe "" then means the session's; another recipe, a
+/// different model (weights or tokenizer) or pre_rope setting is Error(kMismatch).
 GenerateResult generate(const Model& model, const std::string& recipe, std::string_view prompt,
                         int max_new,
-                        const std::function<void(std::string_view)>& on_text = nullptr, bool pre_rope = false);
+                        const std::function<void(std::string_view)>& on_text = nullptr, bool pre_rope = false,
+                        const SessionFiles& files = {});
 
 /// total_bytes / (total_tokens / (layers * kv_heads)): cache bytes per token of the
 /// sequence, all layers and kv heads together; 0 for an empty cache.

@@ -38,10 +38,16 @@ constexpr const char* kUsage = R"(usage: kvslim-llama <command> [options]
 
 commands:
   generate --model PATH [--prompt TEXT] [--tokens N] [--recipe R] [--pre-rope]
+      [--save-cache FILE] [--load-cache FILE]
       Greedy generation from BOS + prompt (default: empty prompt, 256 tokens, recipe f32).
       Prints the text on stdout; then on stderr the tokens generated, why generation stopped
       (EOS token, token limit or full context), the decode speed, the KV cache's bytes,
       bytes per token and compression ratio vs f32.
+      --save-cache FILE writes the session when generation ends (with --tokens 0: right
+      after the prefill): the model's fingerprint, the recipe, the tokens and last logits,
+      and the compressed KV cache (docs/formats.md). --load-cache FILE resumes one instead
+      of a prompt (no --prompt; the recipe is the session's, a --recipe must match it): it
+      prints the same text the saving run's prompt with more --tokens would have printed.
 
   ppl --model PATH --text FILE --recipe R [--recipe R2 ...] [--windows N] [--prefill N]
       [--pre-rope] [--json] [--no-progress]
@@ -155,6 +161,8 @@ struct Args {
   std::int64_t tokens = 256, windows = 0, offset = -1, prefill = 0;
   bool json = false, progress = true;
   bool pre_rope = false;  // --pre-rope: the caches take keys before RoPE
+  bool prompt_given = false;
+  kvslim::llama::SessionFiles session;  // generate --save-cache / --load-cache
   kvslim::llama::CalibrateOptions calibrate;
   kvslim::llama::CodebookCalibrationOptions codebooks;
 };
@@ -228,6 +236,11 @@ Args parse_args(int argc, char** argv) {
       a.model = value();
     } else if (opt == "--prompt" && a.command == "generate") {
       a.prompt = value();
+      a.prompt_given = true;
+    } else if (opt == "--save-cache" && a.command == "generate") {
+      a.session.save = value();
+    } else if (opt == "--load-cache" && a.command == "generate") {
+      a.session.load = value();
     } else if (opt == "--tokens" && a.command == "calibrate-codebooks") {
       a.codebooks.tokens = parse_int(opt, value(), 2);
     } else if (opt == "--skip-bytes" && a.command == "calibrate-codebooks") {
@@ -314,6 +327,8 @@ Args parse_args(int argc, char** argv) {
   }
   if (a.command == "generate" && a.recipes.size() > 1)
     throw UsageError{"generate takes one --recipe"};
+  if (!a.session.load.empty() && a.prompt_given)
+    throw UsageError{"--load-cache resumes the prompt saved in the session; it takes no --prompt"};
   return a;
 }
 
@@ -336,8 +351,10 @@ void warn_unknown(const Model& model, const Tokenizer::UnknownCount& before,
 
 int run_generate(const Args& a) {
   const Model model = load_model(a.model);
-  const std::string label = a.recipes.empty() ? "f32" : a.recipes[0];
-  const std::string recipe = kvslim::resolve_recipe(label);
+  // A resumed session brings its recipe (a --recipe given too must be the same).
+  const bool resume = !a.session.load.empty();
+  const std::string label = a.recipes.empty() ? (resume ? "of the session" : "f32") : a.recipes[0];
+  const std::string recipe = a.recipes.empty() && resume ? std::string() : kvslim::resolve_recipe(label);
   const Tokenizer::UnknownCount before = model.tokenizer->unknown();
   bool warned = false;
   const GenerateResult r =
@@ -348,7 +365,7 @@ int run_generate(const Args& a) {
         }
         std::fwrite(s.data(), 1, s.size(), stdout);
         std::fflush(stdout);
-      }, a.pre_rope);
+      }, a.pre_rope, a.session);
   if (!warned) warn_unknown(model, before, "the prompt");
   std::fputc('\n', stdout);
   std::fflush(stdout);

@@ -9,6 +9,7 @@
 #include <mutex>
 #include <thread>
 
+#include "cache/persist.h"
 #include "cache/recipe_text.h"
 #include "cache/rope.h"
 #include "check.h"
@@ -729,6 +730,19 @@ void KVCache::reset() {
 void KVCache::flush() {
   Impl& m = impl();
   for (TokenStore* s : m.stores) s->flush(*m.kt);
+}
+
+void KVCache::save(std::ostream& os) {
+  Impl& m = impl();
+  flush();
+  const detail::CacheParts parts{m.cfg, *m.kt, m.stores, m.shared, m.codebooks, m.rope.get()};
+  detail::save_cache(parts, os);
+}
+
+void KVCache::load(std::istream& is) {
+  Impl& m = impl();
+  detail::CacheParts parts{m.cfg, *m.kt, m.stores, m.shared, m.codebooks, m.rope.get()};
+  detail::load_cache(parts, is);
 }
 
 TokenStore& KVCache::checked_store(int layer, int kv_head) const {

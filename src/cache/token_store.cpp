@@ -145,6 +145,12 @@ void TokenStore::PositionRuns::for_each_run(F&& f) const {
   if (open_count_ > 0) f(open_first_, open_count_);
 }
 
+std::vector<std::pair<std::int64_t, std::int64_t>> TokenStore::PositionRuns::runs() const {
+  std::vector<std::pair<std::int64_t, std::int64_t>> out;
+  for_each_run([&](std::int64_t first, std::int64_t count) { out.emplace_back(first, count); });
+  return out;
+}
+
 void TokenStore::PositionRuns::erase(const std::vector<std::int64_t>& idx) {
   std::vector<std::pair<std::int64_t, std::int64_t>> pieces;
   std::size_t x = 0;
@@ -222,8 +228,12 @@ void TokenStore::grow_window(std::int64_t rows) {
   win_v_.resize(n);
 }
 
+std::size_t TokenStore::page_alloc_bytes(int ntok, const Codec& codec) const {
+  return round16(codec.page_bytes(ntok, d_));
+}
+
 TokenStore::Page TokenStore::make_page(int ntok, const Codec& codec) {
-  Page p{Bytes(round16(codec.page_bytes(ntok, d_)), std::byte{0}, TrackedAllocator<std::byte>(&counter_)),
+  Page p{Bytes(page_alloc_bytes(ntok, codec), std::byte{0}, TrackedAllocator<std::byte>(&counter_)),
          Words(TrackedAllocator<std::uint64_t>(&counter_)), ntok, ntok, nullptr};
   return p;
 }
@@ -337,7 +347,7 @@ void TokenStore::seal_merged(const kernels::KernelTable& kt, const MiniCache& mc
     const float* v1 = win_v_.data() + off;
     mc.merge_rows(k0, v0, k1, v1, static_cast<int>(g), d_, dk.data(), dv.data(), ret);
     auto dir = std::allocate_shared<Bytes>(TrackedAllocator<Bytes>(shared_counter_),
-                                           round16(codec.page_bytes(static_cast<int>(g), d_)), std::byte{0},
+                                           page_alloc_bytes(static_cast<int>(g), codec), std::byte{0},
                                            TrackedAllocator<std::byte>(shared_counter_));
     codec.encode(kt, dk.data(), dv.data(), static_cast<int>(g), d_, dir->data());
     // The directions as stored (quantized by the codec): a layer's magnitude is its norm over

@@ -81,6 +81,17 @@ class KiviCodec final : public Codec {
   int sinks() const override { return o_.sinks; }
   RotationSpec rotation() const override { return o_.rotation; }
   std::size_t page_bytes(int ntok, int d) const override { return layout(ntok, d).bytes; }
+  bool page_ok(const std::byte* page, int ntok, int d) const override {
+    if (outliers_ <= 0) return true;
+    const Layout l = layout(ntok, d);
+    const std::uint16_t* kidx = u16(page + l.kidx);
+    for (int e = 0; e < l.nk; ++e)
+      if (kidx[2 * e] >= ntok || kidx[2 * e + 1] >= d) return false;
+    const std::uint16_t* vidx = u16(page + l.vidx);
+    for (std::size_t e = 0; e < static_cast<std::size_t>(ntok) * l.nv; ++e)
+      if (vidx[e] >= d) return false;
+    return true;
+  }
   std::size_t outlier_bytes(int ntok, int d) const override {
     const Layout l = layout(ntok, d);
     return outliers_ > 0 ? l.bytes - l.kidx : 0;

@@ -282,5 +282,77 @@ TEST(Cli, BadRecipeIsReported) {
   EXPECT_NE(r.out.find("nosuchcodec"), std::string::npos) << r.out;
 }
 
+
+// generate --save-cache / --load-cache (issue 15): a prompt prefilled and saved, then resumed
+// for N tokens, prints exactly what one run of the prompt for N tokens prints, on both models
+// and for compressed recipes with eviction; a session saved mid-generation resumes where it
+// stopped; a different recipe, model, a truncated or flipped file fails with a message.
+TEST(Cli, GenerateSaveAndResumeIsExact) {
+  KVSLIM_REQUIRE_SHARED(test::kStoriesBin);
+  KVSLIM_REQUIRE_SHARED(test::kTinyWeights);
+  const std::string dir = ::testing::TempDir();
+  for (const char* model : {test::kStories, test::kTiny})
+    for (const char* recipe : {"h2o:budget=48 | kivi:kbits=4,vbits=2,residual=16", "kivi:kbits=2,vbits=2",
+                               "mikv:budget=32,lo=(kivi:kbits=2,vbits=2) | f16"}) {
+      SCOPED_TRACE(std::string(model) + " " + recipe);
+      const std::string m = kvslim::test::shared_path(model), f = dir + "cli_session.kvs";
+      const RunResult full = run({"generate", "--model", m, "--prompt", "Once upon a time", "--tokens", "80",
+                                  "--recipe", recipe},
+                                 false);
+      ASSERT_EQ(full.status, 0) << full.out;
+      const RunResult saved = run({"generate", "--model", m, "--prompt", "Once upon a time", "--tokens", "0",
+                                   "--recipe", recipe, "--save-cache", f},
+                                  false);
+      ASSERT_EQ(saved.status, 0) << saved.out;
+      const RunResult resumed = run({"generate", "--model", m, "--load-cache", f, "--tokens", "80"}, false);
+      ASSERT_EQ(resumed.status, 0) << resumed.out;
+      EXPECT_EQ(resumed.out, full.out);
+      // Saved after 50 generated tokens, resumed for 31 more: the 50th is picked again.
+      const RunResult mid = run({"generate", "--model", m, "--prompt", "Once upon a time", "--tokens", "50",
+                                 "--recipe", recipe, "--save-cache", f},
+                                false);
+      ASSERT_EQ(mid.status, 0) << mid.out;
+      const RunResult rest = run({"generate", "--model", m, "--load-cache", f, "--tokens", "31", "--recipe", recipe},
+                                 false);
+      ASSERT_EQ(rest.status, 0) << rest.out;
+      EXPECT_EQ(rest.out, full.out);
+      std::remove(f.c_str());
+    }
+  const std::string m = kvslim::test::shared_path(test::kStories), f = dir + "cli_session2.kvs";
+  ASSERT_EQ(run({"generate", "--model", m, "--prompt", "Once", "--tokens", "0", "--recipe", "kivi:kbits=4,vbits=4",
+                 "--save-cache", f})
+                .status,
+            0);
+  RunResult r = run({"generate", "--model", m, "--load-cache", f, "--recipe", "f16"});
+  EXPECT_NE(r.status, 0);
+  EXPECT_TRUE(has(r.out, "was saved with the recipe 'kivi:kbits=4,vbits=4', not 'f16'")) << r.out;
+  r = run({"generate", "--model", kvslim::test::shared_path(test::kTiny), "--load-cache", f});
+  EXPECT_NE(r.status, 0);
+  EXPECT_TRUE(has(r.out, "was saved with model 'stories260K'")) << r.out;
+  r = run({"generate", "--model", m, "--load-cache", f, "--prompt", "x"});
+  EXPECT_NE(r.status, 0);
+  EXPECT_TRUE(has(r.out, "takes no --prompt")) << r.out;
+  std::string bytes;
+  {
+    std::FILE* in = std::fopen(f.c_str(), "rb");
+    ASSERT_NE(in, nullptr);
+    char buf[4096];
+    for (std::size_t n; (n = std::fread(buf, 1, sizeof buf, in)) > 0;) bytes.append(buf, n);
+    std::fclose(in);
+  }
+  for (const std::size_t cut : {bytes.size() / 3, bytes.size() - 1}) {
+    const std::string t = dir + "cli_session_cut.kvs";
+    std::FILE* out = std::fopen(t.c_str(), "wb");
+    ASSERT_NE(out, nullptr);
+    std::fwrite(bytes.data(), 1, cut, out);
+    std::fclose(out);
+    r = run({"generate", "--model", m, "--load-cache", t});
+    EXPECT_NE(r.status, 0);
+    EXPECT_TRUE(has(r.out, "error (format)")) << r.out;
+    std::remove(t.c_str());
+  }
+  std::remove(f.c_str());
+}
+
 }  // namespace
 }  // namespace kvslim::llama

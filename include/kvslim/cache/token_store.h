@@ -30,6 +30,7 @@
 #include <cstdint>
 #include <memory>
 #include <span>
+#include <utility>
 #include <vector>
 
 #include "kvslim/cache/memory.h"
@@ -39,6 +40,10 @@ namespace kvslim {
 
 namespace detail {
 class RopeTable;
+class StateWriter;
+class StateReader;
+struct SharedPages;
+struct StoreLimits;
 }
 namespace kernels {
 struct KernelTable;
@@ -230,6 +235,16 @@ class TokenStore {
   /// True while this store's sealing waits for its MiniCache upper layer.
   bool held_for_merge() const noexcept { return held_; }
 
+  /// Saved caches (KVCache::save / load, docs/formats.md "Saved cache"). save_state writes
+  /// everything the store holds, as stored: pages as their codec's bytes, masks, the window,
+  /// demoted tokens, specials, positions, scores and counters. load_state fills a store that
+  /// was just constructed with the saved store's pipeline and set up like it (set_rope,
+  /// pair_with_lower; a MiniCache lower layer is loaded before its upper one). It checks
+  /// every invariant that attention and later calls rely on and throws Error(kFormat) naming
+  /// the first that fails; a store that threw is garbage and must be destroyed.
+  void save_state(detail::StateWriter& w, detail::SharedPages& shared) const;
+  void load_state(detail::StateReader& r, detail::SharedPages& shared, const detail::StoreLimits& limits);
+
  private:
   using Bytes = std::vector<std::byte, TrackedAllocator<std::byte>>;
   /// Positions of the ordinary tokens in index order, as runs of consecutive positions.
@@ -243,6 +258,8 @@ class TokenStore {
     explicit PositionRuns(ByteCounter* c, bool signed_gaps = false)
         : counter_(c), signed_(signed_gaps), blocks_(TrackedAllocator<Block>(c)) {}
     void push_run(std::int64_t first, std::int64_t count);
+    /// Every run (first, count) in index order (saved caches).
+    std::vector<std::pair<std::int64_t, std::int64_t>> runs() const;
     template <class F>
     void for_each_run(F&& f) const;  // f(first, count) in index order
     /// Remove the tokens at `idx` (sorted, unique, all < the number of positions held).
@@ -304,6 +321,12 @@ class TokenStore {
   using PageList = std::vector<Page, TrackedAllocator<Page>>;
   void repack(const kernels::KernelTable& kt, PageList& pages, const Codec& codec);
   Page make_page(int ntok, const Codec& codec);
+  /// Bytes a page of ntok tokens is allocated (the codec's bytes rounded up to 16).
+  std::size_t page_alloc_bytes(int ntok, const Codec& codec) const;
+  void save_page(detail::StateWriter& w, detail::SharedPages& shared, const Page& p) const;
+  Page load_page(detail::StateReader& r, detail::SharedPages& shared, const Codec& codec, bool merged_ok,
+                 std::size_t index);
+  void load_runs(detail::StateReader& r, PositionRuns& runs, bool sorted, std::int64_t expect, const char* what);
   /// A sealed page's rows, decoded (and for a MiniCache page restored) into k, v [ntok][d].
   void decode_page(const kernels::KernelTable& kt, const Page& p, const Codec& codec, float* k, float* v) const;
   /// Removes the first n rows of the window (sealed into a page).

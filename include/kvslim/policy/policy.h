@@ -137,6 +137,16 @@ class Codec {
     (void)head_dim;
     return 0;
   }
+  /// False if a page read from outside the process (a saved cache, KVCache::load) would make
+  /// this codec read out of bounds: an index stored in the page (an outlier's token or
+  /// channel) that points past it. Default true: every bit pattern of page_bytes() bytes is a
+  /// page the kernels can read (codes always index inside their tables).
+  virtual bool page_ok(const std::byte* page, int ntok, int head_dim) const {
+    (void)page;
+    (void)ntok;
+    (void)head_dim;
+    return true;
+  }
 };
 
 /// Per-token importance. Scores live in TokenStore::importance(), one float per kept token,
