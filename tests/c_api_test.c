@@ -7,7 +7,8 @@
  * here (f32: 1e-4, the float accumulation of a 16-channel dot product and a softmax over
  * < 64 tokens is ~1e-6, so 1e-4 leaves room for any summation order; 4-bit KIVI: 0.1, see
  * kKiviTolerance), pre-RoPE keys against a RoPE applied here, stats, every error code the
- * calls can produce, NULL arguments, save -> load -> bit-identical attention, failed loads
+ * calls can produce, NULL arguments, save -> load -> bit-identical attention and a saved-again
+ * file of the same bytes, failed loads
  * leaving the cache as it was, and that kvslim_last_error is per thread.
  *
  * Usage: c_api_test [DIR]: save files go to DIR (default: $TMPDIR, else /tmp). */
@@ -630,13 +631,32 @@ static void check_same_next_token(kvslim_cache* a, kvslim_cache* b, int layer) {
   CHECK(memcmp(out_a, out_b, sizeof out_a) == 0);
 }
 
-static void check_same_stats(const kvslim_cache* a, const kvslim_cache* b) {
+/* b was loaded from a's file: the same tokens; its containers are rebuilt at their size, so
+ * right after the load it never allocates more than a (later they grow apart). */
+static void check_same_stats(const kvslim_cache* a, const kvslim_cache* b, int just_loaded) {
   kvslim_cache_stats sa, sb;
   sa.struct_size = sizeof sa;
   sb.struct_size = sizeof sb;
   CHECK_STATUS(kvslim_stats(a, &sa), KVSLIM_OK);
   CHECK_STATUS(kvslim_stats(b, &sb), KVSLIM_OK);
-  CHECK(sa.total_tokens == sb.total_tokens && sa.total_seen == sb.total_seen && sa.total_bytes == sb.total_bytes);
+  CHECK(sa.total_tokens == sb.total_tokens && sa.total_seen == sb.total_seen && sa.kept == sb.kept);
+  CHECK(sa.outlier_bytes == sb.outlier_bytes);
+  if (just_loaded) CHECK(sb.total_bytes <= sa.total_bytes);
+}
+
+/* Both files exist and hold the same bytes. */
+static int same_file(const char* p1, const char* p2) {
+  FILE* f1 = fopen(p1, "rb");
+  FILE* f2 = fopen(p2, "rb");
+  int same = f1 != NULL && f2 != NULL;
+  while (same) {
+    const int c1 = fgetc(f1), c2 = fgetc(f2);
+    if (c1 != c2) same = 0;
+    if (c1 == EOF || c2 == EOF) break;
+  }
+  if (f1) fclose(f1);
+  if (f2) fclose(f2);
+  return same;
 }
 
 static void test_save_load(void) {
@@ -645,11 +665,12 @@ static void test_save_load(void) {
   kvslim_config cfg = base_config(recipe);
   kvslim_cache *a = NULL, *b = NULL, *other = NULL;
   history ha[kLayers];
-  char path[600], cut[600], missing[600];
+  char path[600], again[600], cut[600], missing[600];
   long size;
   int layer, i;
   kvslim_status s;
   snprintf(path, sizeof path, "%s/kvslim_c_api_test_%ld.kvs", g_dir, (long)getpid());
+  snprintf(again, sizeof again, "%s/kvslim_c_api_test_%ld_again.kvs", g_dir, (long)getpid());
   snprintf(cut, sizeof cut, "%s/kvslim_c_api_test_%ld_cut.kvs", g_dir, (long)getpid());
   snprintf(missing, sizeof missing, "%s/kvslim_c_api_test_%ld_missing/none.kvs", g_dir, (long)getpid());
 
@@ -676,7 +697,9 @@ static void test_save_load(void) {
   s = kvslim_load(b, path);
   CHECK_STATUS(s, KVSLIM_OK);
   if (s != KVSLIM_OK) goto done;
-  check_same_stats(a, b);
+  check_same_stats(a, b, 1);
+  CHECK_STATUS(kvslim_save(b, again), KVSLIM_OK); /* saved again: the same bytes */
+  CHECK(same_file(path, again));
   for (layer = 0; layer < kLayers; ++layer) check_same_next_token(a, b, layer);
 
   /* Failed loads leave b as it was: a truncated file (FORMAT), an empty one, a missing one
@@ -694,20 +717,21 @@ static void test_save_load(void) {
   CHECK_STATUS(kvslim_cache_create(&cfg, &other), KVSLIM_OK);
   if (other != NULL) {
     CHECK_STATUS(kvslim_load(other, path), KVSLIM_ERR_MISMATCH);
-    CHECK_MESSAGE("recipe");
+    CHECK_MESSAGE("chain");
   }
-  check_same_stats(a, b);
+  check_same_stats(a, b, 0);
   for (layer = 0; layer < kLayers; ++layer) check_same_next_token(a, b, layer);
 
   /* Saved after a reset: an empty cache round-trips too. */
   CHECK_STATUS(kvslim_reset(a), KVSLIM_OK);
   CHECK_STATUS(kvslim_save(a, path), KVSLIM_OK);
   CHECK_STATUS(kvslim_load(b, path), KVSLIM_OK);
-  check_same_stats(a, b);
+  check_same_stats(a, b, 1);
   check_same_next_token(a, b, 0);
 
 done:
   remove(path);
+  remove(again);
   remove(cut);
   kvslim_cache_destroy(a);
   kvslim_cache_destroy(b);
