@@ -7,9 +7,9 @@
  * here (f32: 1e-4, the float accumulation of a 16-channel dot product and a softmax over
  * < 64 tokens is ~1e-6, so 1e-4 leaves room for any summation order; 4-bit KIVI: 0.1, see
  * kKiviTolerance), pre-RoPE keys against a RoPE applied here, stats, every error code the
- * calls can produce, NULL arguments, save -> load -> bit-identical attention and a saved-again
- * file of the same bytes, failed loads
- * leaving the cache as it was, and that kvslim_last_error is per thread.
+ * calls can produce, NULL arguments, save -> load -> bit-identical attention and a file saved
+ * again with the same bytes, failed loads leaving the cache as it was, and that
+ * kvslim_last_error is per thread.
  *
  * Usage: c_api_test [DIR]: save files go to DIR (default: $TMPDIR, else /tmp). */
 #define _POSIX_C_SOURCE 200809L
