@@ -1,5 +1,6 @@
-# Install the library, headers, tools and a namespaced CMake package:
+# Install the library, headers, tools, a namespaced CMake package and a pkg-config file:
 #   find_package(kvslim CONFIG REQUIRED)  ->  target kvslim::kvslim
+#   pkg-config --cflags --libs kvslim     (C programs: kvslim/kvslim_c.h)
 include(GNUInstallDirs)
 include(CMakePackageConfigHelpers)
 
@@ -18,3 +19,23 @@ write_basic_package_version_file(${PROJECT_BINARY_DIR}/kvslim-config-version.cma
         VERSION ${PROJECT_VERSION} COMPATIBILITY SameMinorVersion)
 install(FILES ${PROJECT_BINARY_DIR}/kvslim-config.cmake ${PROJECT_BINARY_DIR}/kvslim-config-version.cmake
         DESTINATION ${CMAKE_INSTALL_LIBDIR}/cmake/kvslim)
+
+# kvslim.pc: the prefix is relative to the .pc file's directory (${pcfiledir}), so that
+# `cmake --install --prefix P` with any P gives a working file (an absolute
+# CMAKE_INSTALL_LIBDIR falls back to the configured prefix).
+if(IS_ABSOLUTE "${CMAKE_INSTALL_LIBDIR}")
+  set(KVSLIM_PC_PREFIX "${CMAKE_INSTALL_PREFIX}")
+else()
+  file(RELATIVE_PATH up "/root/${CMAKE_INSTALL_LIBDIR}/pkgconfig" "/root")
+  string(REGEX REPLACE "/$" "" up "${up}")
+  set(KVSLIM_PC_PREFIX "\${pcfiledir}/${up}")
+endif()
+foreach(kind LIBDIR INCLUDEDIR)
+  if(IS_ABSOLUTE "${CMAKE_INSTALL_${kind}}")
+    set(KVSLIM_PC_${kind} "${CMAKE_INSTALL_${kind}}")
+  else()
+    set(KVSLIM_PC_${kind} "\${prefix}/${CMAKE_INSTALL_${kind}}")
+  endif()
+endforeach()
+configure_file(${PROJECT_SOURCE_DIR}/cmake/kvslim.pc.in ${PROJECT_BINARY_DIR}/kvslim.pc @ONLY)
+install(FILES ${PROJECT_BINARY_DIR}/kvslim.pc DESTINATION ${CMAKE_INSTALL_LIBDIR}/pkgconfig)
